@@ -1,0 +1,9 @@
+"""`python -m agent` is the same as the `tofu-agent` command."""
+
+from __future__ import annotations
+
+import sys
+
+from agent.cli import main
+
+sys.exit(main())

@@ -1,0 +1,332 @@
+"""This device's identity: ECDSA P-256 key, self-signed certificate, device id, fingerprints.
+
+The pure helpers (fingerprints, signatures, certificate parsing) take bytes and `now` and touch no
+disk; `load_or_create` is the disk edge. The fingerprint is SHA-256 over the DER
+SubjectPublicKeyInfo, so renewing the certificate with the same key keeps it.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import hashlib
+import logging
+import os
+import re
+import secrets
+import socket
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from agent.errors import IdentityError, InsecureKeyError
+from agent.paths import Paths
+
+log = logging.getLogger(__name__)
+
+CERT_VALIDITY = dt.timedelta(days=365)
+# Renew this long before expiry, so a machine that sleeps for weeks still wakes with a valid cert.
+CERT_RENEW_BEFORE = dt.timedelta(days=30)
+DEVICE_ID_BYTES = 20  # 160 bits, 32 base32 characters
+_DEVICE_ID_RE = re.compile(r"^[A-Z2-7]{32}$")
+_FINGERPRINT_RE = re.compile(r"^[0-9a-f]{64}$")
+MAX_NAME_LEN = 64
+
+
+# -- pure helpers ---------------------------------------------------------------------------------
+
+
+def new_device_id() -> str:
+    """A fresh random device id: 160 bits as 32 upper-case base32 characters."""
+    return base64.b32encode(secrets.token_bytes(DEVICE_ID_BYTES)).decode("ascii").rstrip("=")
+
+
+def is_device_id(value: object) -> bool:
+    """True if `value` has the form of a device id."""
+    return isinstance(value, str) and _DEVICE_ID_RE.match(value) is not None
+
+
+def is_fingerprint(value: object) -> bool:
+    """True if `value` is 64 lower-case hex characters."""
+    return isinstance(value, str) and _FINGERPRINT_RE.match(value) is not None
+
+
+def clean_name(name: str) -> str:
+    """A display name safe to show and advertise: printable, trimmed, at most 64 characters."""
+    cleaned = "".join(ch for ch in name if ch.isprintable()).strip()
+    return cleaned[:MAX_NAME_LEN] or "unnamed"
+
+
+def fingerprint_of_public_key(key: ec.EllipticCurvePublicKey) -> str:
+    """SHA-256 of the DER SubjectPublicKeyInfo, as 64 lower-case hex characters."""
+    spki = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return hashlib.sha256(spki).hexdigest()
+
+
+def load_certificate(cert_der: bytes) -> x509.Certificate:
+    """Parse a DER certificate whose key is ECDSA P-256; IdentityError otherwise."""
+    try:
+        cert = x509.load_der_x509_certificate(cert_der)
+        key = cert.public_key()
+    except (ValueError, TypeError) as exc:
+        raise IdentityError(f"not a usable certificate: {exc}") from exc
+    if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
+        raise IdentityError("certificate key is not ECDSA P-256")
+    return cert
+
+
+def public_key_of_cert(cert_der: bytes) -> ec.EllipticCurvePublicKey:
+    """The P-256 public key in a DER certificate; IdentityError if there is none."""
+    key = load_certificate(cert_der).public_key()
+    assert isinstance(key, ec.EllipticCurvePublicKey)  # checked in load_certificate
+    return key
+
+
+def fingerprint_of_cert(cert_der: bytes) -> str:
+    """Fingerprint of the key inside a DER certificate; IdentityError if it cannot be parsed."""
+    return fingerprint_of_public_key(public_key_of_cert(cert_der))
+
+
+def format_fingerprint(fingerprint: str) -> str:
+    """The fingerprint for people: colon-separated groups of four hex digits."""
+    return ":".join(fingerprint[i : i + 4] for i in range(0, len(fingerprint), 4))
+
+
+def parse_fingerprint(text: str) -> str:
+    """Accept a fingerprint with or without separators; IdentityError if it is not one."""
+    compact = re.sub(r"[\s:-]", "", text).lower()
+    if not is_fingerprint(compact):
+        raise IdentityError(f"not a SHA-256 fingerprint: {text!r}")
+    return compact
+
+
+def sign(key: ec.EllipticCurvePrivateKey, data: bytes) -> bytes:
+    """ECDSA-SHA256 signature (DER) of `data`."""
+    return key.sign(data, ec.ECDSA(hashes.SHA256()))
+
+
+def verify_signature(key: ec.EllipticCurvePublicKey, signature: bytes, data: bytes) -> bool:
+    """True if `signature` is a valid ECDSA-SHA256 signature of `data` by `key`."""
+    try:
+        key.verify(signature, data, ec.ECDSA(hashes.SHA256()))
+    except (InvalidSignature, ValueError):
+        return False
+    return True
+
+
+def make_certificate(key: ec.EllipticCurvePrivateKey, device_id: str, now: dt.datetime) -> x509.Certificate:
+    """A self-signed certificate for `key`, valid from an hour before `now` for CERT_VALIDITY."""
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"tofu-agent {device_id}")])
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        # An hour of slack for peers whose clocks run a little behind ours.
+        .not_valid_before(now - dt.timedelta(hours=1))
+        .not_valid_after(now + CERT_VALIDITY)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+
+
+def needs_renewal(cert: x509.Certificate, now: dt.datetime) -> bool:
+    """True if `cert` expires within CERT_RENEW_BEFORE of `now` (or is not yet valid)."""
+    return cert.not_valid_after_utc - now < CERT_RENEW_BEFORE or cert.not_valid_before_utc > now
+
+
+# -- the identity and its disk edge ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """This device's key, certificate and ids. The private key never leaves this object."""
+
+    device_id: str
+    name: str
+    key: ec.EllipticCurvePrivateKey
+    cert_der: bytes
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint_of_public_key(self.key.public_key())
+
+    @property
+    def cert_pem(self) -> bytes:
+        return x509.load_der_x509_certificate(self.cert_der).public_bytes(serialization.Encoding.PEM)
+
+    def key_pem(self) -> bytes:
+        """The private key as unencrypted PKCS#8 PEM (for the TLS context only)."""
+        return self.key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+
+    def sign(self, data: bytes) -> bytes:
+        """Sign `data` with this device's key."""
+        return sign(self.key, data)
+
+    def __repr__(self) -> str:  # never show the key, even in a traceback
+        return f"Identity(device_id={self.device_id!r}, name={self.name!r}, fp={self.fingerprint[:16]}...)"
+
+
+def default_name() -> str:
+    """The host name, which is what people call their machines."""
+    return clean_name(socket.gethostname() or "unnamed")
+
+
+def write_private_file(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Atomically write `data` to `path` with `mode`: temp file, fsync, rename, fsync dir."""
+    tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def check_private(path: Path) -> None:
+    """Refuse a secret file (or its directory) that other users can read or write."""
+    for p in (path, path.parent):
+        st = p.stat()
+        if st.st_mode & 0o077:
+            kind = "directory" if stat.S_ISDIR(st.st_mode) else "private key file"
+            raise InsecureKeyError(
+                f"{kind} {p} is accessible by other users (mode {stat.S_IMODE(st.st_mode):04o}); "
+                f"refusing to use it. Fix with: chmod {'700' if kind == 'directory' else '600'} {p}"
+            )
+        if st.st_uid != os.getuid():
+            raise InsecureKeyError(f"{p} is owned by another user (uid {st.st_uid}); refusing to use it")
+
+
+def _load_device_id(paths: Paths) -> str | None:
+    try:
+        text = paths.device_id_file.read_text("ascii").strip()
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise IdentityError(f"cannot read device id {paths.device_id_file}: {exc}") from exc
+    if not is_device_id(text):
+        raise IdentityError(f"{paths.device_id_file} does not hold a device id")
+    return text
+
+
+def _load_key(paths: Paths) -> ec.EllipticCurvePrivateKey:
+    check_private(paths.key_file)
+    try:
+        key = serialization.load_pem_private_key(paths.key_file.read_bytes(), password=None)
+    except (OSError, ValueError, TypeError) as exc:
+        raise IdentityError(f"cannot load private key {paths.key_file}: {exc}") from exc
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(key.curve, ec.SECP256R1):
+        raise IdentityError(f"{paths.key_file} is not an ECDSA P-256 key")
+    return key
+
+
+def _store_key(paths: Paths, key: ec.EllipticCurvePrivateKey) -> None:
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    write_private_file(paths.key_file, pem, 0o600)
+
+
+def _store_cert(paths: Paths, cert: x509.Certificate) -> None:
+    write_private_file(paths.cert_file, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+
+
+def load_or_create(paths: Paths, name: str | None, now: dt.datetime) -> Identity:
+    """Load this device's identity, creating what is missing and renewing an expiring certificate.
+
+    :raises InsecureKeyError: the key file or its directory is readable by others.
+    :raises IdentityError: a file exists but cannot be used.
+    """
+    paths.ensure()
+    device_id = _load_device_id(paths)
+    have_key = paths.key_file.exists()
+    if device_id is None:
+        if have_key:
+            raise IdentityError(
+                f"{paths.key_file} exists but {paths.device_id_file} is missing; "
+                "restore the device id or remove the key to start as a new device"
+            )
+        device_id = new_device_id()
+        write_private_file(paths.device_id_file, (device_id + "\n").encode("ascii"), 0o600)
+        log.info("created device id %s", device_id)
+    if have_key:
+        key = _load_key(paths)
+    else:
+        key = ec.generate_private_key(ec.SECP256R1())
+        _store_key(paths, key)
+        if paths.cert_file.exists():
+            paths.cert_file.unlink()
+        if _is_known_device(paths):
+            log.warning(
+                "generated a NEW key for existing device %s: peers that pinned the old key will "
+                "see a key change and refuse this device until they run `tofu-agent trust retrust %s`",
+                device_id,
+                device_id,
+            )
+        else:
+            log.info("generated a new ECDSA P-256 key for device %s", device_id)
+    cert = _load_or_renew_cert(paths, key, device_id, now)
+    return Identity(
+        device_id=device_id,
+        name=clean_name(name) if name else default_name(),
+        key=key,
+        cert_der=cert.public_bytes(serialization.Encoding.DER),
+    )
+
+
+def _is_known_device(paths: Paths) -> bool:
+    # A trust database means this device has run before, so its old key may be pinned by peers.
+    return paths.trust_db.exists()
+
+
+def _load_or_renew_cert(
+    paths: Paths, key: ec.EllipticCurvePrivateKey, device_id: str, now: dt.datetime
+) -> x509.Certificate:
+    cert: x509.Certificate | None = None
+    if paths.cert_file.exists():
+        try:
+            cert = x509.load_pem_x509_certificate(paths.cert_file.read_bytes())
+        except ValueError:
+            log.warning("certificate %s is unreadable; making a new one for the same key", paths.cert_file)
+            cert = None
+    if cert is not None and fingerprint_of_public_key(cert.public_key()) != fingerprint_of_public_key(  # type: ignore[arg-type]
+        key.public_key()
+    ):
+        log.warning("certificate %s does not match the private key; making a new one", paths.cert_file)
+        cert = None
+    if cert is None or needs_renewal(cert, now):
+        if cert is not None:
+            log.info("renewing certificate (same key, same fingerprint)")
+        cert = make_certificate(key, device_id, now)
+        _store_cert(paths, cert)
+    return cert
+
+
+def replace_key(paths: Paths, key: ec.EllipticCurvePrivateKey, device_id: str, now: dt.datetime) -> bytes:
+    """Store `key` as this device's key with a fresh certificate; returns the certificate DER."""
+    cert = make_certificate(key, device_id, now)
+    # Certificate first: a crash between the two leaves a cert that does not match the key, which
+    # load_or_create detects and repairs; the reverse order would too, but this keeps the key last.
+    _store_cert(paths, cert)
+    _store_key(paths, key)
+    return cert.public_bytes(serialization.Encoding.DER)

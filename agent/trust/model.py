@@ -1,0 +1,93 @@
+"""Trust levels, device records and trust events: the data the trust store keeps (pure)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+
+class TrustLevel(StrEnum):
+    """How far a device is trusted; only TOFU and VERIFIED may sync."""
+
+    UNKNOWN = "unknown"
+    TOFU = "tofu"
+    VERIFIED = "verified"
+    KEY_CHANGED = "key_changed"
+    REVOKED = "revoked"
+    PENDING = "pending"
+
+    @property
+    def may_sync(self) -> bool:
+        return self in (TrustLevel.TOFU, TrustLevel.VERIFIED)
+
+
+class TrustPolicy(StrEnum):
+    """What happens on first sight of a device: pin it (`auto`), or wait for a person."""
+
+    AUTO = "auto"  # trust on first use
+    MANUAL = "manual"  # new devices wait as `pending` until `trust accept`
+    CODE = "code"  # new devices are refused; only pairing, `trust add` or `accept` admit them
+
+
+class EventKind(StrEnum):
+    """Every kind of entry in the append-only trust event log."""
+
+    FIRST_USE = "first_use"  # a new device was pinned (tofu) or put in pending
+    MATCH = "match"  # a known device showed its pinned key
+    KEY_CHANGED = "key_changed"  # a known device showed another key (old and new fingerprints)
+    REFUSED = "refused"  # a revoked or pending device tried to connect
+    VERIFIED = "verified"  # a person confirmed the key (safety number, QR, pairing)
+    REVOKED = "revoked"  # a person or the anomaly policy blocked the device
+    RETRUSTED = "retrusted"  # the pending key after a change was pinned
+    ACCEPTED = "accepted"  # a pending device was admitted
+    FORGOTTEN = "forgotten"  # the device record was deleted
+    ADDED = "added"  # pre-pinned from a URI or an import before first contact
+    ROTATED = "rotated"  # the pin moved along a valid signed rotation chain
+    ANOMALY = "anomaly"  # an anomaly rule fired (detail holds the code)
+    ANOMALY_CLEARED = "anomaly_cleared"  # a person acknowledged the anomalies
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceRecord:
+    """One row of the trust table."""
+
+    device_id: str
+    name: str
+    fingerprint: str
+    trust: TrustLevel
+    first_seen: float
+    last_seen: float
+    sync_count: int = 0
+    addresses: tuple[str, ...] = ()
+    notes: str = ""
+    pending_fingerprint: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TrustEvent:
+    """One entry of the event log; times are Unix seconds."""
+
+    seq: int
+    time: float
+    device_id: str
+    kind: EventKind
+    fingerprint: str | None = None
+    old_fingerprint: str | None = None
+    address: str | None = None
+    detail: str = ""
+    trust_after: TrustLevel | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The outcome of `verify_device`: the level now in force, and what happened."""
+
+    level: TrustLevel
+    event: EventKind
+    record: DeviceRecord
+    previous: DeviceRecord | None = None
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def may_sync(self) -> bool:
+        return self.level.may_sync
