@@ -1,0 +1,10 @@
+"""Subcommands for anomalies, key rotation, verification and pairing (registered by cli.py)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def register(sub: argparse._SubParsersAction[Any], common: argparse.ArgumentParser) -> None:
+    """Add this module's subcommands to the `tofu-agent` parser."""

@@ -1,0 +1,195 @@
+"""`config.toml`: schema, defaults and validation with messages a user can act on (pure)."""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from agent.errors import ConfigError
+from agent.trust.model import TrustPolicy
+
+DEFAULT_PORT = 39001
+
+
+@dataclass(frozen=True, slots=True)
+class FolderConfig:
+    """One shared folder: devices sync a folder when both have one with the same id."""
+
+    id: str
+    path: Path
+
+
+@dataclass(frozen=True, slots=True)
+class AnomalyConfig:
+    """Thresholds for the anomaly rules and which anomalies block a device."""
+
+    repeated_key_change_threshold: int = 3
+    window_seconds: float = 24 * 3600.0
+    block_on: frozenset[str] = frozenset({"repeated_key_change", "cloned_key"})
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """Everything `tofu-agent run` can be told, from config.toml and then the command line."""
+
+    name: str | None = None
+    port: int = DEFAULT_PORT
+    bind: str = "0.0.0.0"  # noqa: S104 - a LAN agent listens on the LAN by design
+    peers: tuple[tuple[str, int], ...] = ()
+    mdns: bool = True
+    trust_policy: TrustPolicy = TrustPolicy.AUTO
+    folders: tuple[FolderConfig, ...] = ()
+    anomaly: AnomalyConfig = field(default_factory=AnomalyConfig)
+    keepalive_idle: float = 15.0
+    keepalive_timeout: float = 10.0
+
+    def with_overrides(self, **changes: Any) -> Config:
+        """A copy with the options the command line set (None means not set)."""
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+def parse_peer(text: str) -> tuple[str, int]:
+    """Parse `HOST:PORT` (or `[V6]:PORT`); ConfigError if it is not one."""
+    host, sep, port_text = text.strip().rpartition(":")
+    if not sep or not host:
+        raise ConfigError(f"peer {text!r} is not HOST:PORT")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, _port(port_text, f"peer {text!r}")
+
+
+def _port(value: object, what: str, *, allow_zero: bool = False) -> int:
+    try:
+        port: int = int(value)  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        raise ConfigError(f"{what}: port must be a number, got {value!r}") from None
+    if not (0 if allow_zero else 1) <= port <= 65535:
+        raise ConfigError(f"{what}: port {port} is out of range")
+    return port
+
+
+def _expect(data: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
+    value = data[key]
+    # bool is an int in Python; a port of `true` is a mistake worth naming.
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
+        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise ConfigError(f"{where}: `{key}` must be {names}, got {value!r}")
+    return value
+
+
+def from_mapping(data: Mapping[str, Any], base_dir: Path, default_folder: Path) -> Config:
+    """Validate a parsed config.toml; relative folder paths are taken from `base_dir`."""
+    where = "config.toml"
+    known = {
+        "name",
+        "port",
+        "bind",
+        "peers",
+        "mdns",
+        "trust_policy",
+        "folder",
+        "anomaly",
+        "keepalive_idle",
+        "keepalive_timeout",
+    }
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown setting(s): {', '.join(unknown)}")
+    cfg = Config()
+    changes: dict[str, Any] = {}
+    if "name" in data:
+        changes["name"] = _expect(data, "name", str, where)
+    if "port" in data:
+        changes["port"] = _port(_expect(data, "port", int, where), where, allow_zero=True)
+    if "bind" in data:
+        changes["bind"] = _expect(data, "bind", str, where)
+    if "peers" in data:
+        peers = _expect(data, "peers", list, where)
+        changes["peers"] = tuple(parse_peer(str(p)) for p in peers)
+    if "mdns" in data:
+        changes["mdns"] = _expect(data, "mdns", bool, where)
+    if "trust_policy" in data:
+        changes["trust_policy"] = parse_policy(_expect(data, "trust_policy", str, where))
+    for key in ("keepalive_idle", "keepalive_timeout"):
+        if key in data:
+            value = float(_expect(data, key, (int, float), where))
+            if not 0.5 <= value <= 3600:
+                raise ConfigError(f"{where}: `{key}` must be between 0.5 and 3600 seconds")
+            changes[key] = value
+    if "anomaly" in data:
+        changes["anomaly"] = _anomaly(_expect(data, "anomaly", dict, where))
+    if "folder" in data:
+        changes["folders"] = _folders(_expect(data, "folder", list, where), base_dir)
+    else:
+        changes["folders"] = (FolderConfig("default", default_folder),)
+    return replace(cfg, **changes)
+
+
+def parse_policy(text: str) -> TrustPolicy:
+    """Parse a trust policy name; ConfigError lists the valid ones."""
+    try:
+        return TrustPolicy(text)
+    except ValueError:
+        valid = ", ".join(p.value for p in TrustPolicy)
+        raise ConfigError(f"trust_policy must be one of {valid}; got {text!r}") from None
+
+
+def _anomaly(data: Mapping[str, Any]) -> AnomalyConfig:
+    where = "config.toml [anomaly]"
+    known = {"repeated_key_change_threshold", "window_hours", "block_on"}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown setting(s): {', '.join(unknown)}")
+    cfg = AnomalyConfig()
+    if "repeated_key_change_threshold" in data:
+        n = _expect(data, "repeated_key_change_threshold", int, where)
+        if n < 2:
+            raise ConfigError(f"{where}: repeated_key_change_threshold must be at least 2")
+        cfg = replace(cfg, repeated_key_change_threshold=n)
+    if "window_hours" in data:
+        hours = float(_expect(data, "window_hours", (int, float), where))
+        if hours <= 0:
+            raise ConfigError(f"{where}: window_hours must be positive")
+        cfg = replace(cfg, window_seconds=hours * 3600.0)
+    if "block_on" in data:
+        codes = _expect(data, "block_on", list, where)
+        if not all(isinstance(c, str) for c in codes):
+            raise ConfigError(f"{where}: block_on must be a list of anomaly codes")
+        cfg = replace(cfg, block_on=frozenset(codes))
+    return cfg
+
+
+def _folders(items: list[Any], base_dir: Path) -> tuple[FolderConfig, ...]:
+    folders: list[FolderConfig] = []
+    seen: set[str] = set()
+    for i, item in enumerate(items):
+        where = f"config.toml [[folder]] #{i + 1}"
+        if not isinstance(item, dict) or "id" not in item or "path" not in item:
+            raise ConfigError(f"{where}: needs `id` and `path`")
+        folder_id = _expect(item, "id", str, where)
+        if not folder_id or len(folder_id) > 64 or not folder_id.isprintable():
+            raise ConfigError(f"{where}: `id` must be 1-64 printable characters")
+        if folder_id in seen:
+            raise ConfigError(f"{where}: folder id {folder_id!r} is used twice")
+        seen.add(folder_id)
+        path = Path(_expect(item, "path", str, where)).expanduser()
+        folders.append(FolderConfig(folder_id, path if path.is_absolute() else base_dir / path))
+    return tuple(folders)
+
+
+def load(path: Path, default_folder: Path) -> Config:
+    """Read config.toml at `path`; a missing file means all defaults."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return from_mapping({}, path.parent, default_folder)
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
+    return from_mapping(data, path.parent, default_folder)
