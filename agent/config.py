@@ -73,8 +73,9 @@ def _port(value: object, what: str, *, allow_zero: bool = False) -> int:
 
 def _expect(data: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
     value = data[key]
-    # bool is an int in Python; a port of `true` is a mistake worth naming.
-    if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    # bool is an int in Python; a port (or a timeout) of `true` is a mistake worth naming.
+    if not isinstance(value, kind) or (isinstance(value, bool) and bool not in kinds):
         names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
         raise ConfigError(f"{where}: `{key}` must be {names}, got {value!r}")
     return value
@@ -151,8 +152,8 @@ def _anomaly(data: Mapping[str, Any]) -> AnomalyConfig:
         cfg = replace(cfg, repeated_key_change_threshold=n)
     if "window_hours" in data:
         hours = float(_expect(data, "window_hours", (int, float), where))
-        if hours <= 0:
-            raise ConfigError(f"{where}: window_hours must be positive")
+        if not 0 < hours < float("inf"):  # also refuses nan
+            raise ConfigError(f"{where}: window_hours must be a positive number")
         cfg = replace(cfg, window_seconds=hours * 3600.0)
     if "block_on" in data:
         codes = _expect(data, "block_on", list, where)

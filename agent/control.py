@@ -34,7 +34,7 @@ SERVER_READ_TIMEOUT = 5.0
 Handler = Callable[[str, dict[str, Any]], Awaitable[Any]]
 
 
-class AgentNotRunning(TofuError):  # noqa: N818 - a state, not a fault
+class AgentNotRunning(TofuError):
     """No agent answers on the control socket."""
 
 
@@ -143,22 +143,25 @@ async def _serve_one(stream: anyio.abc.ByteStream, handler: Handler) -> None:
 
 async def serve(path: Path, handler: Handler, *, task_status: anyio.abc.TaskStatus[None]) -> None:
     """Listen on `path` (mode 0600) and answer requests with `handler` until cancelled."""
-    if path.exists() or path.is_symlink():
-        # A stale socket from a crashed agent; a live one would have answered `status`.
-        path.unlink()
+    _remove_stale(path)
     old = os.umask(0o177)
     try:
         listener = await anyio.create_unix_listener(path)
     finally:
         os.umask(old)
-    path.chmod(0o600)
+    os.chmod(path, 0o600)
     try:
         async with listener:
             task_status.started()
             await listener.serve(lambda s: _serve_one(s, handler))
     finally:
-        with contextlib.suppress(OSError):
-            path.unlink()
+        _remove_stale(path)
+
+
+def _remove_stale(path: Path) -> None:
+    # A socket left by a crashed agent; `run` has checked that no live agent answers on it.
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
 
 
 def agent_running(path: Path) -> bool:

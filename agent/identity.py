@@ -259,6 +259,7 @@ def load_or_create(paths: Paths, name: str | None, now: dt.datetime) -> Identity
     """
     paths.ensure()
     device_id = _load_device_id(paths)
+    existing_id = device_id is not None
     have_key = paths.key_file.exists()
     if device_id is None:
         if have_key:
@@ -276,7 +277,9 @@ def load_or_create(paths: Paths, name: str | None, now: dt.datetime) -> Identity
         _store_key(paths, key)
         if paths.cert_file.exists():
             paths.cert_file.unlink()
-        if _is_known_device(paths):
+        if existing_id:
+            # The id outlived its key (a reinstall, a restored backup, or a test playing an
+            # impersonator): any peer that met this device has the old key pinned.
             log.warning(
                 "generated a NEW key for existing device %s: peers that pinned the old key will "
                 "see a key change and refuse this device until they run `tofu-agent trust retrust %s`",
@@ -292,11 +295,6 @@ def load_or_create(paths: Paths, name: str | None, now: dt.datetime) -> Identity
         key=key,
         cert_der=cert.public_bytes(serialization.Encoding.DER),
     )
-
-
-def _is_known_device(paths: Paths) -> bool:
-    # A trust database means this device has run before, so its old key may be pinned by peers.
-    return paths.trust_db.exists()
 
 
 def _load_or_renew_cert(

@@ -80,14 +80,25 @@ class Paths:
 
 
 def ensure_private_dir(d: Path) -> None:
-    """Make `d` (and parents) exist, owned by us, with mode 0700."""
-    d.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if d.stat().st_mode & 0o077:
-        d.chmod(0o700)
+    """Make `d` (and parents) exist, owned by us, with mode 0700.
+
+    :raises ConfigError: the directory cannot be made (a file is in the way, no permission).
+    """
+    try:
+        d.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if d.stat().st_mode & 0o077:
+            d.chmod(0o700)
+    except OSError as exc:
+        raise ConfigError(f"cannot create directory {d}: {exc.strerror or exc}") from exc
 
 
 def resolve_paths(home: str | os.PathLike[str] | None = None) -> Paths:
-    """Paths for `--home` if given, else `$TOFU_AGENT_HOME`, else the XDG defaults."""
+    """Paths for `--home` if given, else `$TOFU_AGENT_HOME`, else the XDG defaults.
+
+    :raises ConfigError: `--home` is the empty string (which must not fall back to the real home).
+    """
+    if home is not None and not os.fspath(home):
+        raise ConfigError("--home needs a directory")
     chosen = os.fspath(home) if home is not None else os.environ.get(HOME_ENV) or None
     if chosen:
         root = Path(chosen).expanduser().absolute()

@@ -165,8 +165,8 @@ def parse_identity_uri(text: str) -> ParsedIdentity:
     text = text.strip()
     if len(text) > MAX_URI_LEN:
         raise _bad(f"it is longer than {MAX_URI_LEN} characters")
-    if not text.isascii() or not text.isprintable():
-        raise _bad("it holds characters a link cannot hold")
+    if not text.isprintable():
+        raise _bad("it holds control characters")
     try:
         parts = urlsplit(text)
     except ValueError as exc:
@@ -201,7 +201,9 @@ def parse_identity_uri(text: str) -> ParsedIdentity:
     if not is_fingerprint(fingerprint):
         raise _bad("the fingerprint (fp=) is missing or is not 64 hex digits")
     # Unknown fields are ignored so a later version can add some without breaking this one.
-    return ParsedIdentity(device_id=device_id, name=_display_name(fields.get("name", "")), fingerprint=fingerprint)
+    return ParsedIdentity(
+        device_id=device_id, name=_display_name(fields.get("name", "")), fingerprint=fingerprint
+    )
 
 
 def qr_text(uri: str) -> str:

@@ -26,9 +26,9 @@ MAX_ADDRESSES = 8
 
 def _seen(record: DeviceRecord, name: str, now: float, address: str | None) -> DeviceRecord:
     addresses = record.addresses
-    if address and address not in addresses:
+    if address:
         # Most recent first, bounded: a device that roams should not grow the row forever.
-        addresses = (address, *addresses)[:MAX_ADDRESSES]
+        addresses = (address, *(a for a in addresses if a != address))[:MAX_ADDRESSES]
     return replace(
         record, name=name or record.name, last_seen=max(record.last_seen, now), addresses=addresses
     )

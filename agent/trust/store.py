@@ -408,7 +408,8 @@ class TrustStore:
                 return "conflict"
             stronger = {TrustLevel.REVOKED: 3, TrustLevel.VERIFIED: 2}
             if stronger.get(record.trust, 0) > stronger.get(existing.trust, 0):
-                self._put(db, replace(existing, trust=record.trust))
+                pending = None if record.trust is TrustLevel.VERIFIED else existing.pending_fingerprint
+                self._put(db, replace(existing, trust=record.trust, pending_fingerprint=pending))
                 self._log(
                     db,
                     now,

@@ -1,0 +1,566 @@
+"""The agent: wires listener, dialers, discovery, control socket and trust in one task group.
+
+Theory of operation: every connection, inbound or outbound, runs the same `PeerLink` pump. When
+a peer has proven its key, `authenticated` asks the trust store (`verify_device`, the one
+decision point) and either accepts or refuses with the reason code. At most one link per device
+survives: if two exist, the one dialled by the lower device id wins, on both sides alike. mDNS
+only tells us where to dial (the lower device id dials); static peers are always dialled.
+Liveness comes from the links' keepalives, never from mDNS. Nothing outlives `Agent.run`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import random
+import signal
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import anyio.abc
+from anyio.streams.tls import TLSStream
+
+from agent import control, identity, sdnotify
+from agent.config import Config
+from agent.errors import ConnectionLost, ErrorCode, TofuError, UserError
+from agent.identity import Identity, format_fingerprint
+from agent.net import transport
+from agent.net.discovery import Discovery, PeerGone, PeerSeen, ZeroconfDiscovery
+from agent.net.link import PeerLink, Verdict
+from agent.paths import Paths
+from agent.trust.model import DeviceRecord, EventKind, TrustLevel
+from agent.trust.store import TrustStore
+from agent.wire.handshake import PeerAuthenticated, Role
+from agent.wire.messages import WireMessage
+
+log = logging.getLogger(__name__)
+
+BACKOFF_BASE = 0.5
+BACKOFF_CAP = 30.0
+# A peer that refused us (key changed, revoked) will not change its mind soon; don't hammer it.
+REFUSED_BACKOFF = 300.0
+SHUTDOWN_GRACE = 3.0
+
+_REFUSAL = {
+    TrustLevel.KEY_CHANGED: ErrorCode.KEY_CHANGED,
+    TrustLevel.REVOKED: ErrorCode.REVOKED,
+    TrustLevel.PENDING: ErrorCode.PENDING,
+}
+
+
+def backoff_delay(attempt: int, *, base: float = BACKOFF_BASE, cap: float = BACKOFF_CAP) -> float:
+    """Capped exponential backoff with full jitter in [d/2, d] (so restarts do not synchronise)."""
+    delay: float = min(cap, base * (2 ** min(attempt, 16)))
+    return delay / 2 + random.random() * delay / 2  # noqa: S311 - jitter, not secrecy
+
+
+@dataclass(eq=False)
+class Target:
+    """Somewhere to dial: a static peer, or a device seen over mDNS."""
+
+    addresses: tuple[str, ...]
+    port: int
+    device_id: str | None = None  # known for mDNS targets, learned for static ones
+    attempt: int = 0
+    kick: anyio.Event = field(default_factory=anyio.Event)
+    refused: bool = False
+    from_mdns: bool = False
+
+
+@dataclass(eq=False)
+class PeerView:
+    """What the agent knows live about one device (beyond the trust store)."""
+
+    device_id: str
+    name: str = ""
+    link: PeerLink | None = None
+    address: str | None = None
+    advertised_fp: str | None = None
+    mdns_addresses: tuple[str, ...] = ()
+    anomalies: list[dict[str, Any]] = field(default_factory=list)
+    disconnected: anyio.Event = field(default_factory=anyio.Event)
+
+
+class Agent:
+    """One running agent."""
+
+    def __init__(
+        self,
+        paths: Paths,
+        config: Config,
+        ident: Identity,
+        store: TrustStore,
+        *,
+        discovery_factory: Callable[[int], Discovery] | None = None,
+        notifier: sdnotify.Notifier | None = None,
+    ) -> None:
+        self.paths = paths
+        self.config = config
+        self.identity = ident
+        self.store = store
+        self.port = 0
+        self.started_at = time.time()
+        self.peers: dict[str, PeerView] = {}
+        self.targets: list[Target] = []
+        self.notifier = notifier or sdnotify.Notifier()
+        self._discovery_factory = discovery_factory
+        self.discovery: Discovery | None = None
+        self._client_ctx = transport.client_context()
+        self._server_ctx = transport.server_context(paths.cert_file, paths.key_file)
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._stopping = False
+        self.stop_requested = anyio.Event()
+
+    # -- life cycle ------------------------------------------------------------------------------
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Serve until cancelled or told to stop; then close links and withdraw the advert."""
+        try:
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                await tg.start(control.serve, self.paths.control_socket, self.handle_control)
+                self.port = await tg.start(self._serve)
+                log.info(
+                    "%s (%s) listening on %s:%d, fingerprint %s",
+                    self.identity.name,
+                    self.identity.device_id,
+                    self.config.bind,
+                    self.port,
+                    format_fingerprint(self.identity.fingerprint),
+                )
+                for host, port in self.config.peers:
+                    self._add_target(Target((host,), port))
+                if self.config.mdns:
+                    await self._start_discovery(tg)
+                tg.start_soon(self._watchdog)
+                self.notifier.notify("READY=1", f"STATUS=listening on port {self.port}")
+                task_status.started()
+        finally:
+            self._tg = None
+
+    def stop(self) -> None:
+        """Ask for a clean shutdown (what SIGTERM does)."""
+        self.stop_requested.set()
+
+    async def shutdown(self) -> None:
+        """Say goodbye: ERROR(shutting_down) on every link, wait for them, withdraw the mDNS record."""
+        self._stopping = True
+        self.notifier.notify("STOPPING=1")
+        self.targets.clear()
+        with anyio.move_on_after(SHUTDOWN_GRACE, shield=True):
+            views = [v for v in self.peers.values() if v.link is not None]
+            for view in views:
+                assert view.link is not None
+                view.link.close_soon(ErrorCode.SHUTTING_DOWN, "agent stopping")
+            for view in views:
+                await view.disconnected.wait()
+            if self.discovery is not None:
+                await self.discovery.stop()
+
+    async def _serve(self, *, task_status: anyio.abc.TaskStatus[int]) -> None:
+        await transport.serve(
+            self.config.bind,
+            self.config.port,
+            lambda: self._server_ctx,
+            self._inbound,
+            task_status=task_status,
+        )
+
+    async def _start_discovery(self, tg: anyio.abc.TaskGroup) -> None:
+        factory = self._discovery_factory or self._zeroconf
+        self.discovery = factory(self.port)
+        await self.discovery.start()
+        tg.start_soon(self._discovery_events, self.discovery)
+
+    def _zeroconf(self, port: int) -> Discovery:
+        return ZeroconfDiscovery(
+            device_id=self.identity.device_id,
+            name=self.identity.name,
+            fingerprint=self.identity.fingerprint,
+            port=port,
+        )
+
+    async def _watchdog(self) -> None:
+        interval = self.notifier.watchdog_interval()
+        if interval is None:
+            return
+        while True:
+            self.notifier.notify("WATCHDOG=1")
+            await anyio.sleep(interval)
+
+    # -- dialling --------------------------------------------------------------------------------
+
+    def _add_target(self, target: Target) -> None:
+        self.targets.append(target)
+        assert self._tg is not None
+        self._tg.start_soon(self._dial_loop, target)
+
+    async def _dial_loop(self, target: Target) -> None:
+        while any(t is target for t in self.targets):
+            view = self.peers.get(target.device_id) if target.device_id else None
+            if view is not None and view.link is not None:
+                # Connected (either direction): nothing to do until that link ends.
+                await view.disconnected.wait()
+                target.attempt = 0
+                continue
+            ok = await self._dial_once(target)
+            if not any(t is target for t in self.targets):
+                return
+            target.attempt = 0 if ok else target.attempt + 1
+            delay = REFUSED_BACKOFF if target.refused else backoff_delay(target.attempt)
+            if ok and not target.refused:
+                delay = backoff_delay(0)
+            target.kick = anyio.Event()
+            with anyio.move_on_after(delay):
+                await target.kick.wait()
+
+    async def _dial_once(self, target: Target) -> bool:
+        for host in target.addresses:
+            try:
+                async with transport.dial(host, target.port, self._client_ctx) as stream:
+                    cert = transport.peer_certificate(stream)
+                    try:
+                        server_fp = identity.fingerprint_of_cert(cert)
+                    except TofuError as exc:
+                        log.warning("peer at %s:%d presented an unusable certificate: %s", host, target.port, exc)
+                        continue
+                    link = self._make_link(stream, Role.CLIENT, host, server_fp)
+                    await link.run(self)
+                    if link.peer is not None:
+                        target.device_id = link.peer.device_id
+                    target.refused = link.peer is not None and not link.is_open and link.opened_at is None
+                    return link.opened_at is not None
+            except ConnectionLost as exc:
+                log.debug("dial %s:%d: %s", host, target.port, exc)
+        return False
+
+    def _make_link(self, stream: anyio.abc.ByteStream, role: Role, address: str, server_fp: str | None) -> PeerLink:
+        return PeerLink(
+            stream,
+            role,
+            self.identity,
+            address,
+            server_fp_tls=server_fp,
+            keepalive_idle=self.config.keepalive_idle,
+            keepalive_timeout=self.config.keepalive_timeout,
+        )
+
+    async def _inbound(self, stream: TLSStream, address: str) -> None:
+        link = self._make_link(stream, Role.SERVER, address, None)
+        await link.run(self)
+
+    async def _discovery_events(self, discovery: Discovery) -> None:
+        async for event in discovery.events:
+            match event:
+                case PeerSeen():
+                    self._on_seen(event)
+                case PeerGone():
+                    self._on_gone(event)
+
+    def _on_gone(self, event: PeerGone) -> None:
+        # A goodbye is a hint: a live link stays (keepalives decide), but we stop dialling.
+        log.info("mDNS: %s withdrew its advertisement", event.device_id)
+        view = self.peers.get(event.device_id)
+        if view is not None:
+            view.advertised_fp = None
+            view.mdns_addresses = ()
+        for t in [t for t in self.targets if t.from_mdns and t.device_id == event.device_id]:
+            self.targets.remove(t)
+            t.kick.set()
+
+    def _on_seen(self, event: PeerSeen) -> None:
+        view = self.peers.setdefault(event.device_id, PeerView(event.device_id))
+        view.advertised_fp = event.fingerprint_hint
+        view.mdns_addresses = event.addresses
+        view.name = view.name or event.name
+        for t in self.targets:
+            if t.device_id == event.device_id:
+                # Follow address changes; a waiting dialler retries at once.
+                t.addresses, t.port = event.addresses, event.port
+                t.kick.set()
+                return
+        if self.identity.device_id < event.device_id:
+            log.info("mDNS: found %s (%s) at %s; dialling", event.name, event.device_id, ", ".join(event.addresses))
+            self._add_target(Target(event.addresses, event.port, event.device_id, from_mdns=True))
+        else:
+            log.info("mDNS: found %s (%s); it will dial us (higher device id)", event.name, event.device_id)
+
+    # -- link hooks ------------------------------------------------------------------------------
+
+    async def authenticated(self, link: PeerLink, peer: PeerAuthenticated) -> Verdict:
+        """Decide whether an authenticated peer may stay: trust store, then duplicate rule."""
+        if self._stopping:
+            return Verdict(False, ErrorCode.SHUTTING_DOWN, "agent stopping")
+        decision = await anyio.to_thread.run_sync(
+            self.store.verify_device, peer.device_id, peer.name, peer.fingerprint, time.time(), link.address
+        )
+        view = self.peers.setdefault(peer.device_id, PeerView(peer.device_id))
+        view.name = peer.name
+        self._check_advert(view, peer, link.address)
+        if not decision.may_sync:
+            self._log_refusal(decision.record, peer, link.address)
+            code = _REFUSAL.get(decision.level, ErrorCode.NOT_TRUSTED)
+            return Verdict(False, code, _refusal_reason(code))
+        if decision.event is EventKind.FIRST_USE:
+            log.info(
+                "new device %s (%s) at %s: pinned its key %s (trust on first use)",
+                peer.name,
+                peer.device_id,
+                link.address,
+                format_fingerprint(peer.fingerprint),
+            )
+        existing = view.link
+        if existing is not None and existing is not link:
+            if self._keep_new(existing, link):
+                existing.close_soon(ErrorCode.DUPLICATE_CONNECTION, "a newer connection replaces this one")
+            else:
+                return Verdict(False, ErrorCode.DUPLICATE_CONNECTION, "already connected")
+        view.link = link
+        view.address = link.address
+        view.disconnected = anyio.Event()
+        return Verdict(True)
+
+    def _keep_new(self, old: PeerLink, new: PeerLink) -> bool:
+        """Both sides agree: keep the link dialled by the lower device id; same dialler: the newer."""
+        peer_id = new.device_id or ""
+
+        def dialler(link: PeerLink) -> str:
+            return self.identity.device_id if link.role is Role.CLIENT else peer_id
+
+        if dialler(old) == dialler(new):
+            return True
+        return dialler(new) < dialler(old)
+
+    def _check_advert(self, view: PeerView, peer: PeerAuthenticated, address: str) -> None:
+        if view.advertised_fp and view.advertised_fp != peer.fingerprint:
+            log.warning(
+                "ANOMALY advert_mismatch: %s (%s) advertises fingerprint %s over mDNS but proved %s",
+                peer.name,
+                peer.device_id,
+                format_fingerprint(view.advertised_fp),
+                format_fingerprint(peer.fingerprint),
+            )
+            now = time.time()
+            view.anomalies.append(
+                {
+                    "code": "advert_mismatch",
+                    "severity": "warning",
+                    "advertised": view.advertised_fp,
+                    "proven": peer.fingerprint,
+                    "address": address,
+                    "time": now,
+                }
+            )
+            self.store.record_event(
+                peer.device_id,
+                EventKind.ANOMALY,
+                now,
+                fingerprint=peer.fingerprint,
+                old_fingerprint=view.advertised_fp,
+                address=address,
+                detail="advert_mismatch",
+            )
+
+    def _cli(self, command: str, device_id: str) -> str:
+        """The exact command a person types to act on `device_id` (with --home if we use one)."""
+        home = f" --home {self.paths.home}" if self.paths.home else ""
+        return f"tofu-agent{home} {command} {device_id}"
+
+    def _log_refusal(self, record: DeviceRecord, peer: PeerAuthenticated, address: str) -> None:
+        if record.trust is TrustLevel.KEY_CHANGED:
+            log.warning(
+                "KEY CHANGED for device %s (%s) at %s: expected fingerprint %s, received %s. "
+                "The device may have been reinstalled or reset, or someone may be impersonating it. "
+                "The connection was refused and the old key is kept. If you know why the key changed, "
+                "accept the new key with: %s",
+                record.name,
+                record.device_id,
+                address,
+                format_fingerprint(record.fingerprint),
+                format_fingerprint(peer.fingerprint),
+                self._cli("trust retrust", record.device_id),
+            )
+        elif record.trust is TrustLevel.PENDING:
+            log.warning(
+                "new device %s (%s) at %s waits for approval (fingerprint %s); admit it with: %s",
+                record.name,
+                record.device_id,
+                address,
+                format_fingerprint(peer.fingerprint),
+                self._cli("trust accept", record.device_id),
+            )
+        else:
+            log.info(
+                "refused %s (%s) at %s: trust is %s",
+                record.name,
+                record.device_id,
+                address,
+                record.trust.value,
+            )
+
+    async def opened(self, link: PeerLink) -> None:
+        """A link is open: the peer is connected."""
+        assert link.peer is not None
+        log.info("connected to %s (%s) at %s", link.peer.name, link.peer.device_id, link.address)
+
+    async def message(self, link: PeerLink, message: WireMessage) -> None:
+        """An application message from a connected peer."""
+        log.debug("message from %s: %s", link.device_id, type(message).__name__)
+
+    async def closed(self, link: PeerLink, reason: str) -> None:
+        """A link ended; forget it if it was the device's current one."""
+        device_id = link.device_id
+        if device_id is None:
+            log.info("connection from %s ended before authentication: %s", link.address, reason)
+            return
+        view = self.peers.get(device_id)
+        if view is not None and view.link is link:
+            view.link = None
+            view.disconnected.set()
+            if link.opened_at is not None:
+                log.info("disconnected from %s (%s): %s", view.name, device_id, reason)
+                await anyio.to_thread.run_sync(self.store.count_sync, device_id, time.time())
+        elif link.peer is not None and "refused" not in reason:
+            log.debug("connection to %s ended: %s", device_id, reason)
+        if link.peer is not None and reason.startswith("peer closed:"):
+            log.warning("%s (%s) refused us: %s", link.peer.name, device_id, reason.removeprefix("peer closed: "))
+
+    # -- control ---------------------------------------------------------------------------------
+
+    async def handle_control(self, cmd: str, args: dict[str, Any]) -> Any:
+        """Answer one control-socket command."""
+        match cmd:
+            case "ping":
+                return "pong"
+            case "status":
+                return await anyio.to_thread.run_sync(self.status)
+            case "trust_changed":
+                device_id = args.get("device_id")
+                if not isinstance(device_id, str):
+                    raise UserError("trust_changed needs a device_id")
+                self._trust_changed(device_id)
+                return {"ok": True}
+            case "stop":
+                self.stop()
+                return {"ok": True}
+        raise UserError(f"unknown control command {cmd!r}")
+
+    def _trust_changed(self, device_id: str) -> None:
+        record = self.store.get(device_id)
+        view = self.peers.get(device_id)
+        if view is not None and view.link is not None and (record is None or not record.trust.may_sync):
+            level = record.trust if record else TrustLevel.UNKNOWN
+            code = _REFUSAL.get(level, ErrorCode.NOT_TRUSTED)
+            log.info("dropping %s (%s): trust is now %s", view.name, device_id, level.value)
+            view.link.close_soon(code, _refusal_reason(code))
+        for t in self.targets:
+            if t.device_id == device_id or t.device_id is None:
+                # A retrust or accept may let a refused peer in: try again now, not in 5 minutes.
+                t.refused = False
+                t.attempt = 0
+                t.kick.set()
+
+    def status(self) -> dict[str, Any]:
+        """The `status --json` object."""
+        records = {r.device_id: r for r in self.store.all()}
+        peers = []
+        for device_id in sorted(set(records) | {d for d, v in self.peers.items() if v.link or v.advertised_fp}):
+            r = records.get(device_id)
+            v = self.peers.get(device_id)
+            link = v.link if v else None
+            peers.append(
+                {
+                    "device_id": device_id,
+                    "name": (r.name if r else "") or (v.name if v else ""),
+                    "trust": r.trust.value if r else TrustLevel.UNKNOWN.value,
+                    "connected": bool(link and link.is_open),
+                    "address": (link.address if link else None)
+                    or (v.address if v else None)
+                    or (r.addresses[0] if r and r.addresses else None),
+                    "fingerprint": r.fingerprint if r else (v.advertised_fp if v else None),
+                    "pending_fingerprint": r.pending_fingerprint if r else None,
+                    "last_seen": _rfc3339(time.time() if link and link.is_open else (r.last_seen if r else None)),
+                    "sync_count": r.sync_count if r else 0,
+                    "anomalies": list(v.anomalies) if v else [],
+                }
+            )
+        return {
+            "running": True,
+            "device_id": self.identity.device_id,
+            "name": self.identity.name,
+            "fingerprint": self.identity.fingerprint,
+            "bind": self.config.bind,
+            "port": self.port,
+            "pid": _pid(),
+            "started_at": _rfc3339(self.started_at),
+            "trust_policy": self.config.trust_policy.value,
+            "mdns": self.config.mdns,
+            "peers": peers,
+        }
+
+
+def _pid() -> int:
+    import os
+
+    return os.getpid()
+
+
+def _rfc3339(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _refusal_reason(code: ErrorCode) -> str:
+    return {
+        ErrorCode.KEY_CHANGED: "your key differs from the one pinned for your device id",
+        ErrorCode.REVOKED: "your device is revoked here",
+        ErrorCode.PENDING: "your device waits for approval here",
+        ErrorCode.NOT_TRUSTED: "your device is not trusted here",
+    }.get(code, code.value)
+
+
+async def serve_until_stopped(agent: Agent) -> None:
+    """Run `agent` until SIGTERM, SIGINT or a `stop` command, then shut it down cleanly."""
+    async with anyio.create_task_group() as tg:
+        await tg.start(agent.run)
+
+        async def on_signal() -> None:
+            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async for sig in signals:
+                    log.info("received %s, stopping", signal.Signals(sig).name)
+                    agent.stop()
+                    return
+
+        tg.start_soon(on_signal)
+        await agent.stop_requested.wait()
+        await agent.shutdown()
+        tg.cancel_scope.cancel()
+
+
+def run(paths: Paths, config: Config) -> int:
+    """`tofu-agent run`: load identity and store, serve until SIGTERM/SIGINT; the exit code."""
+    paths.ensure()
+    if control.agent_running(paths.control_socket):
+        raise UserError(f"an agent is already running with this home ({paths.control_socket})")
+    ident = identity.load_or_create(paths, config.name, dt.datetime.now(dt.UTC))
+    if config.name:
+        identity.write_private_file(paths.data_dir / "name", config.name.encode("utf-8"))
+    store = TrustStore(paths.trust_db, config.trust_policy)
+    try:
+        agent = Agent(paths, config, ident, store)
+        anyio.run(serve_until_stopped, agent, backend="asyncio")
+    except* ssl.SSLError as group:
+        raise TofuError(f"cannot set up TLS: {group.exceptions[0]}") from group
+    except* OSError as group:
+        exc = group.exceptions[0]
+        what = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise UserError(f"cannot listen on {config.bind}:{config.port}: {what}") from group
+    finally:
+        store.close()
+    log.info("stopped")
+    return 0

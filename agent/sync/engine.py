@@ -1,0 +1,505 @@
+"""The sync engine of one folder: feed it peer messages, local changes and time; it returns messages.
+
+Theory of operation. The shell calls, one at a time (from one worker thread if it likes):
+  start(now) once; peer_connected(peer) -> [FolderHello]; on_peer_message(peer, msg, now) for
+  every sync message; on_local_change(names, now) for file-system events; handle_timer(now) when
+  get_timer() says; peer_disconnected(peer). Each returns [(peer, message)] to send.
+On FolderHello the engine answers with its index: a full `Index` (then `IndexUpdate`s) if the peer
+holds nothing of our current index id, else only the changes after the sequence it holds. Every
+remote record is compared with ours by the planner; needed names queue up. Directories and
+metadata changes apply at once, files become pull jobs whose blocks are copied locally or
+requested (bounded bytes in flight), deletions wait until no pull is running (so renamed files
+can still copy their blocks from the old name). Finished files wait in a batch; `flush` makes
+their data durable (one syncfs for many files), checks each target is still what we planned
+against (else rescans: a local edit becomes a conflict), renames them into place, fsyncs each
+touched directory once, then records them in the index in one transaction and announces them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import deque
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from agent.errors import ErrorCode, RemoteProtocolError
+from agent.sync import puller
+from agent.sync.fs import FolderFS, temp_name_for
+from agent.sync.index import FolderIndex
+from agent.sync.messages import (
+    BlockError,
+    FolderHello,
+    Index,
+    IndexUpdate,
+    Progress,
+    Request,
+    Response,
+    SyncMessage,
+    batch_files,
+)  # fmt: skip
+from agent.sync.model import FileInfo, FileType
+from agent.sync.planner import Action, decide
+from agent.sync.scanner import Scanner
+from agent.sync.vectors import Vector
+
+log = logging.getLogger(__name__)
+Outgoing = tuple[str, SyncMessage]
+MAX_BAD_BLOCKS = 3
+
+
+@dataclass(slots=True)
+class Peer:
+    """A connected peer: whether it said hello, what we announced to it, what we asked of it."""
+
+    ready: bool = False
+    sent_seq: int = 0
+    inflight_bytes: int = 0
+    bad_blocks: int = 0
+    progress: tuple[int, int] | None = None  # its (need_files, need_bytes) as it reported
+
+
+@dataclass(slots=True)
+class Need:
+    """A version of a name that we lack, and the peers that announced it."""
+
+    target: FileInfo
+    sources: set[str] = field(default_factory=set)
+
+
+@dataclass(frozen=True, slots=True)
+class FolderStatus:
+    """What `status` shows for a folder."""
+
+    state: str  # idle, scanning, syncing
+    files: int
+    bytes: int
+    need_files: int
+    need_bytes: int
+    peers: dict[str, tuple[int, int] | None]
+
+
+class SyncEngine:
+    """Sync state of one folder shared with any number of peers."""
+
+    def __init__(
+        self, folder_id: str, root: Path, index: FolderIndex, device_id: str, *,
+        executor: Executor | None = None,
+        max_inflight_bytes: int = 32 * 1024 * 1024, max_jobs: int = 128, batch_files: int = 1000,
+        rescan_interval: float = 3600.0,
+    ) -> None:  # fmt: skip
+        self.folder_id = folder_id
+        self.index = index
+        self.device_id = device_id
+        self.fs = FolderFS(root)
+        self.scanner = Scanner(self.fs, index, device_id, executor)
+        self.peers: dict[str, Peer] = {}
+        self.need: dict[str, Need] = {}
+        self.queue: deque[str] = deque()
+        self.deletes: set[str] = set()
+        self.jobs: dict[str, puller.Job] = {}
+        self.requests: dict[int, tuple[str, str, int]] = {}  # request id -> (peer, name, block)
+        self.done: list[puller.Job] = []  # complete temp files waiting for `flush`
+        self.records: list[FileInfo] = []  # index records waiting for `flush`
+        self.dirty_dirs: set[str] = set()
+        self.max_inflight_bytes = max_inflight_bytes
+        self.max_jobs = max_jobs
+        self.batch_files = batch_files
+        self.rescan_interval = rescan_interval
+        self.next_scan = 0.0
+        self.requested_blocks = 0  # counters for tests and status
+        self.state = "idle"
+        self._next_request_id = 0
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def start(self, now: float) -> None:
+        """Find changes made while we were stopped, plan from stored peer indexes, drop stale temps."""
+        temps = self._scan(now, None)
+        for peer in self.index.peers():
+            self._consider(list(self.index.differing(peer)), peer)
+        wanted = {self._temp_of(name) for name in self.need}
+        for t in temps:
+            if t not in wanted:
+                self.fs.unlink(t)
+
+    def close(self) -> None:
+        """Close open files (temp files stay for resuming)."""
+        for job in self.jobs.values():
+            puller.abort_job(job)
+        self.fs.close()
+
+    def peer_connected(self, peer: str, now: float) -> list[Outgoing]:
+        """A session with `peer` that shares this folder is up: say hello."""
+        self.peers[peer] = Peer()
+        have_id, have_seq = self.index.peer_state(peer)
+        return [(peer, FolderHello(self.folder_id, self.index.index_id, have_id, have_seq))]
+
+    def peer_disconnected(self, peer: str) -> None:
+        """Forget in-flight requests to `peer`; their blocks will be asked of someone else."""
+        self.peers.pop(peer, None)
+        for rid, (p, name, i) in list(self.requests.items()):
+            if p == peer:
+                del self.requests[rid]
+                job = self.jobs.get(name)
+                if job is not None:
+                    job.outstanding.discard(i)
+                    job.fetch.appendleft(i)
+
+    # -- inputs --------------------------------------------------------------------------------
+
+    def on_peer_message(self, peer: str, msg: SyncMessage, now: float) -> list[Outgoing]:
+        """Handle one sync message from `peer`.
+
+        :raises RemoteProtocolError: the peer broke the protocol; close its connection with `code`.
+        """
+        state = self.peers.get(peer)
+        if state is None:
+            raise RemoteProtocolError(
+                "sync message before the session was set up", ErrorCode.UNEXPECTED_MESSAGE
+            )
+        out: list[Outgoing] = []
+        match msg:
+            case FolderHello():
+                out += self._on_hello(peer, state, msg)
+            case Index() if not state.ready:
+                raise RemoteProtocolError("index before folder hello", ErrorCode.UNEXPECTED_MESSAGE)
+            case IndexUpdate():
+                self._on_index(peer, list(msg.files))
+            case Index():
+                self.index.reset_peer(peer, self.index.peer_state(peer)[0])
+                self._forget_source(peer)
+                self._on_index(peer, list(msg.files))
+            case Request():
+                out.append((peer, self._serve(msg)))
+            case Response():
+                self._on_response(peer, state, msg)
+            case Progress():
+                state.progress = (msg.need_files, msg.need_bytes)
+        return out + self._pump(now)
+
+    def on_local_change(self, names: list[str], now: float) -> list[Outgoing]:
+        """Rescan `names` (relative paths from file-system events) and announce what changed."""
+        self._scan(now, names)
+        return self._pump(now)
+
+    def get_timer(self) -> float:
+        """When `handle_timer` wants to run next."""
+        return self.next_scan
+
+    def handle_timer(self, now: float) -> list[Outgoing]:
+        """Periodic full rescan (the safety net under file-system events) and batch flush."""
+        if now >= self.next_scan:
+            self._scan(now, None)
+        return self._pump(now, force_flush=True)
+
+    def flush(self, now: float) -> list[Outgoing]:
+        """Commit finished files durably, record them, and announce them to peers."""
+        jobs, self.done = self.done, []
+        if jobs:
+            self._sync_data(jobs)
+        rescan: list[str] = []
+        for job in jobs:
+            if not puller.unchanged(self.fs.lstat(job.name), job.expected):
+                rescan.append(job.name)  # changed locally while we fetched: keep both, decide again
+                continue
+            try:
+                st = self.fs.commit_temp(job.name)
+            except OSError as exc:
+                log.warning("cannot put %r in place: %s", job.name, exc)
+                continue
+            self.records.append(job.target.replace(inode=st.st_ino, mtime_ns=st.st_mtime_ns))
+            self.dirty_dirs.add(job.name.rpartition("/")[0])
+        for d in sorted(self.dirty_dirs):
+            self.fs.fsync_dir(d)
+        self.dirty_dirs.clear()
+        records, self.records = self.records, []
+        self.index.update_local(records)
+        if rescan:
+            self._scan(now, rescan)
+        return self._announce()
+
+    # -- status --------------------------------------------------------------------------------
+
+    def status(self) -> FolderStatus:
+        """Files, bytes and what is still needed, for `status`."""
+        files, size = self.index.totals()
+        need_bytes = sum(n.target.size for n in self.need.values() if not n.target.deleted)
+        state = "syncing" if self.need or self.jobs else self.state
+        peers = {p: s.progress for p, s in self.peers.items()}
+        return FolderStatus(state, files, size, len(self.need), need_bytes, peers)
+
+    # -- index exchange ------------------------------------------------------------------------
+
+    def _on_hello(self, peer: str, state: Peer, msg: FolderHello) -> list[Outgoing]:
+        if self.index.peer_state(peer)[0] != msg.index_id:
+            self.index.reset_peer(peer, msg.index_id)
+            self._forget_source(peer)
+        state.ready = True
+        full = msg.have_index_id != self.index.index_id
+        files = self.index.changes_since(0 if full else msg.have_sequence)
+        state.sent_seq = self.index.sequence
+        batches = batch_files(files)
+        out: list[Outgoing] = []
+        if full:
+            out.append((peer, Index(self.folder_id, tuple(batches.pop(0) if batches else ()))))
+        out += [(peer, IndexUpdate(self.folder_id, tuple(b))) for b in batches]
+        return out
+
+    def _announce(self) -> list[Outgoing]:
+        out: list[Outgoing] = []
+        for peer, state in self.peers.items():
+            if state.ready and state.sent_seq < self.index.sequence:
+                files = self.index.changes_since(state.sent_seq)
+                state.sent_seq = self.index.sequence
+                out += [(peer, IndexUpdate(self.folder_id, tuple(b))) for b in batch_files(files)]
+        return out
+
+    def _on_index(self, peer: str, files: list[FileInfo]) -> None:
+        self.index.apply_remote(peer, files)
+        self._consider(files, peer)
+
+    def _consider(self, files: list[FileInfo], peer: str) -> None:
+        """Queue what we need among `files` announced by `peer`."""
+        local = self.index.local_many(f.name for f in files)
+        for remote in files:
+            if self.scanner.ignore.matches(remote.name, remote.type is FileType.DIR):
+                continue
+            if decide(local.get(remote.name), remote).action is Action.NONE:
+                continue
+            cur = self.need.get(remote.name)
+            if cur is not None:
+                order = remote.version.compare(cur.target.version)
+                if order.name == "EQUAL":
+                    cur.sources.add(peer)
+                    continue
+                if order.name == "LESSER" or (order.name == "CONCURRENT" and decide(cur.target, remote).action
+                                              is Action.NONE):  # fmt: skip
+                    continue
+                self._drop_job(remote.name)
+            self.need[remote.name] = Need(remote, {peer})
+            if remote.deleted:
+                self.deletes.add(remote.name)
+            else:
+                self.queue.append(remote.name)
+
+    def _forget_source(self, peer: str) -> None:
+        for name, n in list(self.need.items()):
+            n.sources.discard(peer)
+            if not n.sources:
+                self._drop_job(name)
+                del self.need[name]
+
+    def _reconsider(self, names: list[str]) -> None:
+        for peer in self.index.peers():
+            files = [f for f in (self.index.remote(peer, n) for n in names) if f is not None]
+            self._consider(files, peer)
+
+    # -- scanning ------------------------------------------------------------------------------
+
+    def _scan(self, now: float, names: list[str] | None) -> list[str]:
+        self.state = "scanning"
+        result = self.scanner.scan(int(now), names)
+        for name, ino, mtime in result.refreshed:
+            self.index.set_inode(name, ino, mtime)
+        self.index.update_local(result.changed)
+        if names is None:
+            self.next_scan = now + self.rescan_interval
+        self.state = "idle"
+        changed = [f.name for f in result.changed]
+        if changed:
+            self._reconsider(changed)
+        return result.temp_files
+
+    # -- pulling -------------------------------------------------------------------------------
+
+    def _pump(self, now: float, force_flush: bool = False) -> list[Outgoing]:
+        out: list[Outgoing] = []
+        while self.queue and len(self.jobs) < self.max_jobs:
+            self._start(self.queue.popleft(), now)
+        out += self._issue_requests()
+        if self.done and (force_flush or len(self.done) >= self.batch_files or not self.requests):
+            out += self.flush(now)
+        if self.deletes and not self.jobs and not self.queue and not self.done:
+            self._apply_deletes()
+        if self.records or self.dirty_dirs:
+            out += self.flush(now)
+        return out
+
+    def _start(self, name: str, now: float) -> None:
+        n = self.need.get(name)
+        if n is None or name in self.jobs:
+            return
+        local = self.index.local(name)
+        d = decide(local, n.target)
+        if d.action is Action.NONE or d.target is None:
+            del self.need[name]
+            return
+        if not puller.unchanged(self.fs.lstat(name), local):
+            self._scan(now, [name])  # our disk moved on since the last scan: record that first
+            return
+        try:
+            if d.conflict_name is not None and local is not None:
+                self.fs.rename(name, d.conflict_name)
+                copy = local.replace(name=d.conflict_name, version=Vector().bump(self.device_id, int(now)),
+                                     modified_by=self.device_id)  # fmt: skip
+                self.records.append(copy)
+                self.dirty_dirs.update({name.rpartition("/")[0], d.conflict_name.rpartition("/")[0]})
+                local = None
+            if d.action is Action.MKDIR:
+                st = self.fs.mkdir(name)
+                self.records.append(d.target.replace(inode=st.st_ino))
+                self.dirty_dirs.add(name.rpartition("/")[0])
+            elif d.action is Action.RECORD:
+                self.records.append(d.target.replace(inode=local.inode if local else 0))
+            elif d.action is Action.METADATA:
+                self._set_metadata(d.target)
+            elif d.action is Action.PULL:
+                job = puller.Job(d.target, local, set(n.sources))
+                puller.open_job(self.fs, self.index, job)
+                self.jobs[name] = job
+                self._maybe_done(job)
+                return
+            del self.need[name]
+        except OSError as exc:
+            log.warning("cannot sync %r: %s", name, exc)
+            self.need.pop(name, None)
+
+    def _set_metadata(self, target: FileInfo) -> None:
+        fd = self.fs.open_read(target.name)
+        try:
+            os.fchmod(fd, 0o755 if target.executable else 0o644)
+            os.utime(fd, ns=(target.mtime_ns, target.mtime_ns))
+            self.records.append(target.replace(inode=os.fstat(fd).st_ino))
+        finally:
+            os.close(fd)
+
+    def _issue_requests(self) -> list[Outgoing]:
+        out: list[Outgoing] = []
+        for job in self.jobs.values():
+            while job.fetch:
+                peer = next((p for p in sorted(job.sources) if p in self.peers and self.peers[p].ready), None)
+                if peer is None:
+                    break
+                state = self.peers[peer]
+                i = job.fetch[0]
+                offset = i * job.target.block_size
+                size = min(job.target.block_size, job.target.size - offset)
+                if state.inflight_bytes + size > self.max_inflight_bytes and state.inflight_bytes:
+                    return out
+                job.fetch.popleft()
+                job.outstanding.add(i)
+                state.inflight_bytes += size
+                rid = self._next_request_id
+                self._next_request_id = (rid + 1) & 0xFFFFFFFF
+                self.requests[rid] = (peer, job.name, i)
+                self.requested_blocks += 1
+                out.append(
+                    (peer, Request(self.folder_id, job.name, offset, size, job.target.block_hash(i), rid))
+                )
+        return out
+
+    def _serve(self, req: Request) -> Response:
+        """Read a requested block of our current version; only indexed files, never through a symlink."""
+        if req.folder != self.folder_id:
+            return Response(req.request_id, b"", BlockError.INVALID)
+        rec = self.index.local(req.name)
+        if rec is None or rec.deleted or rec.type is not FileType.FILE or req.offset % rec.block_size:
+            return Response(req.request_id, b"", BlockError.NOT_FOUND)
+        i = req.offset // rec.block_size
+        if i >= rec.n_blocks or rec.block_hash(i) != req.hash:
+            return Response(req.request_id, b"", BlockError.NOT_FOUND)
+        if req.size != min(rec.block_size, rec.size - req.offset):
+            return Response(req.request_id, b"", BlockError.INVALID)
+        try:
+            fd = self.fs.open_read(req.name)
+        except OSError:
+            return Response(req.request_id, b"", BlockError.CHANGED)
+        try:
+            # The receiver verifies every block's hash; checking the stat here answers CHANGED honestly
+            # instead of sending bytes that would look corrupt.
+            if not puller.unchanged(os.fstat(fd), rec):
+                return Response(req.request_id, b"", BlockError.CHANGED)
+            data = os.pread(fd, req.size, req.offset)
+        finally:
+            os.close(fd)
+        if len(data) != req.size:
+            return Response(req.request_id, b"", BlockError.CHANGED)
+        return Response(req.request_id, data)
+
+    def _on_response(self, peer: str, state: Peer, msg: Response) -> None:
+        entry = self.requests.pop(msg.request_id, None)
+        if entry is None or entry[0] != peer:
+            raise RemoteProtocolError("response to no request of ours", ErrorCode.UNEXPECTED_MESSAGE)
+        _, name, i = entry
+        job = self.jobs.get(name)
+        t = job.target if job is not None else None
+        if t is not None:
+            state.inflight_bytes -= min(t.block_size, t.size - i * t.block_size)
+        if job is None:
+            return
+        job.outstanding.discard(i)
+        if msg.error is not BlockError.NONE:
+            job.sources.discard(peer)  # it no longer has this version; its index update will follow
+            job.fetch.appendleft(i)
+            if not job.sources:
+                self._drop_job(name)
+                self.need.pop(name, None)
+            return
+        if not puller.write_block(job, i, msg.data):
+            state.bad_blocks += 1
+            job.fetch.appendleft(i)
+            log.warning("peer %s sent a block of %r that does not match its hash", peer[:7], name)
+            if state.bad_blocks >= MAX_BAD_BLOCKS:
+                raise RemoteProtocolError(f"{state.bad_blocks} corrupt blocks", ErrorCode.BAD_BLOCK)
+            return
+        self._maybe_done(job)
+
+    def _maybe_done(self, job: puller.Job) -> None:
+        if job.done:
+            puller.finish_job(job)
+            del self.jobs[job.name]
+            self.need.pop(job.name, None)
+            self.done.append(job)
+
+    def _drop_job(self, name: str) -> None:
+        job = self.jobs.pop(name, None)
+        if job is not None:
+            puller.abort_job(job)
+            for rid, (_, n, _) in list(self.requests.items()):
+                if n == name:
+                    del self.requests[rid]
+
+    def _apply_deletes(self) -> None:
+        # deepest first, so a directory's files go before the directory itself
+        for name in sorted(self.deletes, key=lambda n: (-n.count("/"), n), reverse=False):
+            n = self.need.pop(name, None)
+            if n is None:
+                continue
+            local = self.index.local(name)
+            d = decide(local, n.target)
+            if d.target is None or d.action is Action.NONE:
+                continue
+            if d.action is Action.DELETE and local is not None:
+                if not puller.unchanged(self.fs.lstat(name), local):
+                    continue  # changed here since our last scan: the scan makes it a conflict
+                try:
+                    if local.type is FileType.DIR:
+                        if not self.fs.rmdir(name):
+                            continue  # holds files we keep (ignored or new): keep the directory
+                    else:
+                        self.fs.unlink(name)
+                except OSError as exc:
+                    log.warning("cannot delete %r: %s", name, exc)
+                    continue
+                self.dirty_dirs.add(name.rpartition("/")[0])
+            self.records.append(d.target)
+        self.deletes.clear()
+
+    def _sync_data(self, jobs: list[puller.Job]) -> None:
+        self.fs.sync_temps([j.name for j in jobs])
+
+    def _temp_of(self, name: str) -> str:
+        parent = name.rpartition("/")[0]
+        return f"{parent}/{temp_name_for(name)}" if parent else temp_name_for(name)

@@ -1,0 +1,226 @@
+"""The disk edge: every file operation on a synced folder, never through a symlink.
+
+Theory: names are validated before they get here (agent.sync.paths). Each operation walks from
+the folder's root directory fd one component at a time with O_NOFOLLOW|O_DIRECTORY and then acts
+relative to the parent's fd, so a symlink or a swapped directory anywhere on the way fails with
+ELOOP/ENOTDIR instead of escaping the folder. Writes go to `.tofu-tmp-*` files beside the target
+and are renamed over it only after their data is durable.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import hashlib
+import os
+import stat
+from pathlib import Path
+
+from agent.sync.paths import TEMP_PREFIX, split_name
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _load_syncfs() -> ctypes._NamedFuncPointer | None:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        return libc.syncfs
+    except (OSError, AttributeError):
+        return None
+
+
+_SYNCFS = _load_syncfs()
+
+
+def temp_name_for(name: str) -> str:
+    """The deterministic temp file name (in the same directory) used while fetching `name`."""
+    _, base = split_name(name)
+    return TEMP_PREFIX + hashlib.sha256(base.encode("utf-8")).hexdigest()[:24]
+
+
+class FolderFS:
+    """Safe file operations relative to one folder root."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._root_fd = os.open(root, _DIR_FLAGS)
+
+    def close(self) -> None:
+        """Release the root directory fd."""
+        os.close(self._root_fd)
+
+    def open_dir(self, dirname: str, create: bool = False) -> int:
+        """An fd of directory `dirname` ('' is the root), walked without following symlinks.
+
+        :raises OSError: ELOOP/ENOTDIR if a component is a symlink or not a directory.
+        """
+        fd = os.dup(self._root_fd)
+        if not dirname:
+            return fd
+        try:
+            for part in dirname.split("/"):
+                try:
+                    nfd = os.open(part, _DIR_FLAGS, dir_fd=fd)
+                except FileNotFoundError:
+                    if not create:
+                        raise
+                    try:
+                        os.mkdir(part, 0o755, dir_fd=fd)
+                    except FileExistsError:
+                        pass
+                    nfd = os.open(part, _DIR_FLAGS, dir_fd=fd)
+                os.close(fd)
+                fd = nfd
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def lstat(self, name: str) -> os.stat_result | None:
+        """lstat of `name`, or None if it or a parent does not exist (or a parent is not a real dir)."""
+        parent, base = split_name(name)
+        try:
+            fd = self.open_dir(parent)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                return None
+            raise
+        try:
+            return os.stat(base, dir_fd=fd, follow_symlinks=False)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        finally:
+            os.close(fd)
+
+    def open_read(self, name: str) -> int:
+        """An fd to read regular file `name`.
+
+        :raises OSError: if missing, a symlink, or not a regular file.
+        """
+        parent, base = split_name(name)
+        dfd = self.open_dir(parent)
+        try:
+            fd = os.open(base, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+        finally:
+            os.close(dfd)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise OSError(errno.EINVAL, f"{name} is not a regular file")
+        return fd
+
+    def open_temp(self, name: str) -> tuple[int, bool]:
+        """(fd, existed) of the temp file for `name`, creating parent directories as needed."""
+        parent, _ = split_name(name)
+        dfd = self.open_dir(parent, create=True)
+        try:
+            tmp = temp_name_for(name)
+            flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
+            try:
+                fd = os.open(tmp, flags, dir_fd=dfd)
+                existed = True
+            except FileNotFoundError:
+                fd = os.open(tmp, flags | os.O_CREAT | os.O_EXCL, 0o644, dir_fd=dfd)
+                existed = False
+        finally:
+            os.close(dfd)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise OSError(errno.EINVAL, f"temp file for {name} is not a regular file")
+        return fd, existed
+
+    def commit_temp(self, name: str) -> os.stat_result:
+        """Rename the temp file of `name` over `name` atomically; the stat of the result."""
+        parent, base = split_name(name)
+        dfd = self.open_dir(parent)
+        try:
+            os.rename(temp_name_for(name), base, src_dir_fd=dfd, dst_dir_fd=dfd)
+            return os.stat(base, dir_fd=dfd, follow_symlinks=False)
+        finally:
+            os.close(dfd)
+
+    def remove_temp(self, name: str) -> None:
+        """Delete the temp file of `name` if there is one."""
+        self.unlink(name, temp=True)
+
+    def unlink(self, name: str, temp: bool = False) -> None:
+        """Delete file `name` (or its temp file); missing is fine."""
+        parent, base = split_name(name)
+        try:
+            dfd = self.open_dir(parent)
+        except FileNotFoundError:
+            return
+        try:
+            os.unlink(temp_name_for(name) if temp else base, dir_fd=dfd)
+        except FileNotFoundError:
+            pass
+        finally:
+            os.close(dfd)
+
+    def rename(self, old: str, new: str) -> None:
+        """Rename file `old` to `new` (same folder), refusing to replace an existing `new`."""
+        op, ob = split_name(old)
+        np_, nb = split_name(new)
+        sfd = self.open_dir(op)
+        try:
+            dfd = self.open_dir(np_, create=True)
+            try:
+                try:
+                    os.stat(nb, dir_fd=dfd, follow_symlinks=False)
+                except FileNotFoundError:
+                    pass
+                else:
+                    raise FileExistsError(errno.EEXIST, f"{new} exists")
+                os.rename(ob, nb, src_dir_fd=sfd, dst_dir_fd=dfd)
+            finally:
+                os.close(dfd)
+        finally:
+            os.close(sfd)
+
+    def rmdir(self, name: str) -> bool:
+        """Remove empty directory `name`; False if it is not empty."""
+        parent, base = split_name(name)
+        dfd = self.open_dir(parent)
+        try:
+            os.rmdir(base, dir_fd=dfd)
+            return True
+        except FileNotFoundError:
+            return True
+        except OSError as exc:
+            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                return False
+            raise
+        finally:
+            os.close(dfd)
+
+    def mkdir(self, name: str) -> os.stat_result:
+        """Create directory `name` and its parents; the stat of the result."""
+        fd = self.open_dir(name, create=True)
+        try:
+            return os.fstat(fd)
+        finally:
+            os.close(fd)
+
+    def fsync_dir(self, dirname: str) -> None:
+        """Make renames and deletions in `dirname` durable."""
+        try:
+            fd = self.open_dir(dirname)
+        except FileNotFoundError:
+            return
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def sync_temps(self, names: list[str]) -> None:
+        """Make the data of the temp files of `names` durable: one syncfs for many, else fsync each."""
+        if len(names) > 8 and _SYNCFS is not None and _SYNCFS(self._root_fd) == 0:
+            return
+        for name in names:
+            fd, _ = self.open_temp(name)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)

@@ -1,0 +1,17 @@
+# Sourced by scripts/run and scripts/test: make sure .venv exists and holds the project.
+# $1: the pip extras to install ("" or "[test]").
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$ROOT/.venv"
+PY="${PYTHON:-python3}"
+if [ ! -x "$VENV/bin/python" ]; then
+    "$PY" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "tofu-agent needs Python 3.11 or newer")'
+    "$PY" -m venv "$VENV"
+fi
+# Reinstall only when pyproject.toml changed since the last install, so repeated runs are quick.
+STAMP="$VENV/.tofu-installed$1"
+if [ ! -f "$STAMP" ] || [ "$ROOT/pyproject.toml" -nt "$STAMP" ]; then
+    "$VENV/bin/python" -m pip install --quiet --upgrade pip
+    "$VENV/bin/python" -m pip install --quiet -e "$ROOT$1"
+    touch "$STAMP"
+fi

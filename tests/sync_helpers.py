@@ -1,0 +1,129 @@
+"""Engines over temp folders joined by an in-memory link that round-trips every message through msgpack."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import msgpack
+
+from agent.sync.engine import Outgoing, SyncEngine
+from agent.sync.index import FolderIndex
+from agent.sync.messages import PARSERS, Request, SyncMessage
+
+A_ID = "A" * 32
+B_ID = "B" * 32
+C_ID = "C" * 32
+
+
+def wire(msg: SyncMessage) -> SyncMessage:
+    """Encode and decode `msg` as the wire layer would."""
+    data = msgpack.packb(msg.to_fields())
+    assert len(data) < 4 * 1024 * 1024
+    return PARSERS[msg.KIND](msgpack.unpackb(data))
+
+
+class Net:
+    """Several engines and a queue of messages between them."""
+
+    def __init__(self, tmp: Path, ids: list[str]) -> None:
+        self.tmp = tmp
+        self.now = 1_700_000_000.0
+        self.engines: dict[str, SyncEngine] = {}
+        self.links: set[tuple[str, str]] = set()
+        self.queue: list[tuple[str, str, SyncMessage]] = []
+        self.sent: list[tuple[str, str, SyncMessage]] = []
+        for dev in ids:
+            (tmp / dev[:1]).mkdir(exist_ok=True)
+            self.open(dev)
+
+    def root(self, dev: str) -> Path:
+        return self.tmp / dev[:1]
+
+    def open(self, dev: str) -> SyncEngine:
+        index = FolderIndex(self.tmp / f"{dev[:1]}.db")
+        eng = SyncEngine("default", self.root(dev), index, dev, batch_files=50)
+        eng.start(self.now)
+        self.engines[dev] = eng
+        return eng
+
+    def crash(self, dev: str) -> None:
+        """Drop an engine without flushing, as SIGKILL would."""
+        eng = self.engines.pop(dev)
+        eng.close()
+        eng.index.close()
+        for a, b in list(self.links):
+            if dev in (a, b):
+                self.links.discard((a, b))
+                other = b if a == dev else a
+                if other in self.engines:
+                    self.engines[other].peer_disconnected(dev)
+        self.queue = [m for m in self.queue if dev not in m[:2]]
+
+    def connect(self, a: str, b: str) -> None:
+        self.links.add((a, b))
+        self.links.add((b, a))
+        self._send(a, self.engines[a].peer_connected(b, self.now))
+        self._send(b, self.engines[b].peer_connected(a, self.now))
+
+    def _send(self, src: str, out: list[Outgoing]) -> None:
+        for dst, msg in out:
+            if (src, dst) in self.links:
+                self.queue.append((src, dst, wire(msg)))
+
+    def step(self, limit: int = 100_000, drop: int | None = None) -> int:
+        """Deliver messages until quiet (or `limit` deliveries); returns how many were delivered."""
+        n = 0
+        while self.queue and n < limit:
+            src, dst, msg = self.queue.pop(0)
+            if (src, dst) not in self.links:
+                continue
+            self.sent.append((src, dst, msg))
+            n += 1
+            self._send(dst, self.engines[dst].on_peer_message(src, msg, self.now))
+        return n
+
+    def settle(self) -> None:
+        """Deliver everything, then let every engine notice its disk and flush, until quiet."""
+        for _ in range(20):
+            self.step()
+            for dev, eng in self.engines.items():
+                self._send(dev, eng.handle_timer(self.now))
+            if not self.queue:
+                return
+        raise AssertionError("engines did not settle")
+
+    def change(self, dev: str, names: list[str] | None = None) -> None:
+        """Tell `dev` its disk changed (a full scan if `names` is None)."""
+        self.now += 1
+        eng = self.engines[dev]
+        if names is None:
+            eng.next_scan = 0
+            self._send(dev, eng.handle_timer(self.now))
+        else:
+            self._send(dev, eng.on_local_change(names, self.now))
+
+    def requests(self, src: str | None = None) -> list[Request]:
+        return [m for s, _, m in self.sent if isinstance(m, Request) and (src is None or s == src)]
+
+
+def tree(root: Path) -> dict[str, tuple[bytes | None, bool]]:
+    """{relative path: (content or None for dirs, exec bit)} of a folder, temp files excluded."""
+    out: dict[str, tuple[bytes | None, bool]] = {}
+    for dirpath, dirs, files in os.walk(root):
+        rel = os.path.relpath(dirpath, root)
+        for d in dirs:
+            out[os.path.normpath(os.path.join(rel, d))] = (None, False)
+        for f in files:
+            if f.startswith(".tofu-tmp-"):
+                continue
+            p = os.path.join(dirpath, f)
+            out[os.path.normpath(os.path.join(rel, f))] = (Path(p).read_bytes(), os.access(p, os.X_OK))
+    return out
+
+
+def write(path: Path, data: bytes, mtime_s: float | None = None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    if mtime_s is not None:
+        os.utime(path, (mtime_s, mtime_s))

@@ -1,0 +1,111 @@
+"""Two or three engines over temp folders, joined in memory, converge."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from tests.sync_helpers import A_ID, B_ID, Net, tree, write
+
+
+def pair(tmp_path: Path) -> Net:
+    net = Net(tmp_path, [A_ID, B_ID])
+    net.connect(A_ID, B_ID)
+    net.settle()
+    return net
+
+
+def test_create_edit_delete_nested_empty(tmp_path: Path) -> None:
+    net = pair(tmp_path)
+    a, b = net.root(A_ID), net.root(B_ID)
+    write(a / "x.txt", b"hello")
+    write(a / "d1/d2/deep.bin", os.urandom(300_000))
+    write(a / "empty", b"")
+    (a / "emptydir").mkdir()
+    (a / "run.sh").write_bytes(b"#!/bin/sh\n")
+    (a / "run.sh").chmod(0o755)
+    net.change(A_ID)
+    net.settle()
+    assert tree(a) == tree(b)
+    assert (b / "run.sh").stat().st_mode & 0o100
+    assert (b / "x.txt").stat().st_mtime_ns == (a / "x.txt").stat().st_mtime_ns
+    write(b / "x.txt", b"edited on b")
+    net.change(B_ID, ["x.txt"])
+    net.settle()
+    assert (a / "x.txt").read_bytes() == b"edited on b"
+    (a / "d1/d2/deep.bin").unlink()
+    (a / "d1/d2").rmdir()
+    net.change(A_ID)
+    net.settle()
+    assert not (b / "d1/d2").exists() and (b / "d1").is_dir()
+    assert tree(a) == tree(b)
+
+
+def test_rename_reuses_blocks(tmp_path: Path) -> None:
+    net = pair(tmp_path)
+    a, b = net.root(A_ID), net.root(B_ID)
+    write(a / "big.bin", os.urandom(1_000_000))
+    net.change(A_ID)
+    net.settle()
+    before = len(net.requests(B_ID))
+    (a / "sub").mkdir()
+    (a / "big.bin").rename(a / "sub/moved.bin")
+    net.change(A_ID)
+    net.settle()
+    assert tree(a) == tree(b)
+    assert not (b / "big.bin").exists()
+    assert len(net.requests(B_ID)) == before
+
+
+def test_one_byte_edit_transfers_one_block(tmp_path: Path) -> None:
+    net = pair(tmp_path)
+    a, b = net.root(A_ID), net.root(B_ID)
+    data = bytearray(os.urandom(8 * 1024 * 1024))
+    write(a / "large", bytes(data))
+    net.change(A_ID)
+    net.settle()
+    first = len(net.requests(B_ID))
+    data[4 * 1024 * 1024 + 5] ^= 0xFF
+    write(a / "large", bytes(data))
+    net.change(A_ID, ["large"])
+    net.settle()
+    assert (b / "large").read_bytes() == bytes(data)
+    assert len(net.requests(B_ID)) - first == 1
+
+
+def test_conflict_keeps_both_with_same_names(tmp_path: Path) -> None:
+    net = pair(tmp_path)
+    a, b = net.root(A_ID), net.root(B_ID)
+    write(a / "doc.txt", b"base")
+    net.change(A_ID)
+    net.settle()
+    net.links.clear()  # offline: both edit
+    write(a / "doc.txt", b"from a", mtime_s=1_700_000_100)
+    write(b / "doc.txt", b"from b", mtime_s=1_700_000_200)
+    net.change(A_ID, ["doc.txt"])
+    net.change(B_ID, ["doc.txt"])
+    net.connect(A_ID, B_ID)
+    net.settle()
+    ta, tb = tree(a), tree(b)
+    assert ta == tb
+    assert ta["doc.txt"][0] == b"from b"  # newer mtime wins
+    conflicts = [n for n in ta if ".sync-conflict-" in n]
+    assert conflicts == ["doc.sync-conflict-20231114-222820-AAAAAAA.txt"]
+    assert ta[conflicts[0]][0] == b"from a"
+
+
+def test_delete_vs_edit_keeps_edit(tmp_path: Path) -> None:
+    net = pair(tmp_path)
+    a, b = net.root(A_ID), net.root(B_ID)
+    write(a / "f", b"v1")
+    net.change(A_ID)
+    net.settle()
+    net.links.clear()
+    (a / "f").unlink()
+    write(b / "f", b"v2 edited")
+    net.change(A_ID)
+    net.change(B_ID, ["f"])
+    net.connect(A_ID, B_ID)
+    net.settle()
+    assert (a / "f").read_bytes() == b"v2 edited" == (b / "f").read_bytes()
+    assert tree(a) == tree(b)
