@@ -41,8 +41,8 @@ log = logging.getLogger(__name__)
 
 BACKOFF_BASE = 0.5
 BACKOFF_CAP = 30.0
-# A peer that refused us (key changed, revoked) will not change its mind soon; don't hammer it.
-REFUSED_BACKOFF = 300.0
+# A peer that refused us (key changed, revoked) waits for a person; retry, but slowly.
+REFUSED_BACKOFF = 60.0
 SHUTDOWN_GRACE = 3.0
 
 _REFUSAL = {
@@ -427,7 +427,9 @@ class Agent:
         elif link.peer is not None and "refused" not in reason:
             log.debug("connection to %s ended: %s", device_id, reason)
         if link.peer is not None and reason.startswith("peer closed:"):
-            log.warning("%s (%s) refused us: %s", link.peer.name, device_id, reason.removeprefix("peer closed: "))
+            why = reason.removeprefix("peer closed: ")
+            refused = not why.startswith((ErrorCode.SHUTTING_DOWN.value, ErrorCode.DUPLICATE_CONNECTION.value))
+            log.log(logging.WARNING if refused else logging.INFO, "%s (%s) closed: %s", link.peer.name, device_id, why)
 
     # -- control ---------------------------------------------------------------------------------
 

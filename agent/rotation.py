@@ -29,7 +29,7 @@ MAX_SPKI = 128  # a P-256 SubjectPublicKeyInfo is 91 bytes
 MAX_SIGNATURE = 80  # a DER ECDSA P-256 signature is at most 72 bytes
 MAX_TIME = 2**63 - 1
 MAX_CHAIN = 16  # links from the pin to the proven key
-MAX_STATEMENTS = 16  # statements a peer may offer in one go; an agent sends its newest 16
+MAX_STATEMENTS = 16  # statements a peer may offer in one go (the HELLO field has the same cap)
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,9 +56,7 @@ class RotationStatement:
 
     def signed_bytes(self) -> bytes:
         """The exact bytes the old key signs."""
-        return signed_bytes(
-            self.device_id, self.old_fingerprint, self.new_fingerprint, self.new_public_key, self.time
-        )
+        return signed_bytes(self.device_id, self.old_fingerprint, self.new_fingerprint, self.new_public_key, self.time)
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,9 +92,7 @@ def _lp(field: bytes) -> bytes:
     return len(field).to_bytes(2, "big") + field
 
 
-def signed_bytes(
-    device_id: str, old_fingerprint: str, new_fingerprint: str, new_spki: bytes, time: int
-) -> bytes:
+def signed_bytes(device_id: str, old_fingerprint: str, new_fingerprint: str, new_spki: bytes, time: int) -> bytes:
     """Label and fields, each prefixed by its 2-byte big-endian length, so no two inputs share bytes."""
     fields = (
         LABEL,
@@ -217,9 +213,7 @@ def follow_chain(
     if pinned_fingerprint == proven_fingerprint:
         return ChainResult(ok=True, path=(pinned_fingerprint,))
     if len(statements) > MAX_STATEMENTS:
-        return ChainResult(
-            ok=False, reason=f"{len(statements)} statements is over the limit of {MAX_STATEMENTS}"
-        )
+        return ChainResult(ok=False, reason=f"{len(statements)} statements is over the limit of {MAX_STATEMENTS}")
     links: list[RotationStatement] = []
     ignored: list[str] = []
     for i, item in enumerate(statements):

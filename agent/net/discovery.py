@@ -671,16 +671,19 @@ class ZeroconfDiscovery(_EventPump):
 
     async def _resolve_worker(self) -> None:
         while True:
-            while not self._queue:
+            # One resolution per name at a time, so an older answer never lands after a newer one.
+            name = next((n for n in self._queue if n not in self._resolving), None)
+            if name is None:
                 self._wakeup.clear()
                 await self._wakeup.wait()
-            name = next(iter(self._queue))
+                continue
             del self._queue[name]
             self._resolving[name] = False
             try:
                 events = await self._resolve(name)
             finally:
                 removed = self._resolving.pop(name, False)
+                self._wakeup.set()  # the same name may have been queued again meanwhile
             if not removed:
                 self._emit(events)
 

@@ -80,7 +80,5 @@ def hash_fd(fd: int, size: int, bs: int, executor: Executor | None = None) -> by
         return _hash_range(fd, 0, size, bs)
     parts = 4
     step = block_count(block_count(size, bs), parts) * bs
-    futures = [
-        executor.submit(_hash_range, fd, start, min(start + step, size), bs) for start in range(0, size, step)
-    ]
+    futures = [executor.submit(_hash_range, fd, start, min(start + step, size), bs) for start in range(0, size, step)]
     return b"".join(f.result() for f in futures)

@@ -156,9 +156,7 @@ class SyncEngine:
         """
         state = self.peers.get(peer)
         if state is None:
-            raise RemoteProtocolError(
-                "sync message before the session was set up", ErrorCode.UNEXPECTED_MESSAGE
-            )
+            raise RemoteProtocolError("sync message before the session was set up", ErrorCode.UNEXPECTED_MESSAGE)
         out: list[Outgoing] = []
         match msg:
             case FolderHello():
@@ -325,7 +323,7 @@ class SyncEngine:
             self._apply_deletes()
         if self.records or self.dirty_dirs:
             out += self.flush(now)
-        return out
+        return out + self._announce()
 
     def _start(self, name: str, now: float) -> None:
         n = self.need.get(name)
@@ -395,9 +393,7 @@ class SyncEngine:
                 self._next_request_id = (rid + 1) & 0xFFFFFFFF
                 self.requests[rid] = (peer, job.name, i)
                 self.requested_blocks += 1
-                out.append(
-                    (peer, Request(self.folder_id, job.name, offset, size, job.target.block_hash(i), rid))
-                )
+                out.append((peer, Request(self.folder_id, job.name, offset, size, job.target.block_hash(i), rid)))
         return out
 
     def _serve(self, req: Request) -> Response:

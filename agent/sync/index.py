@@ -38,10 +38,7 @@ CREATE TABLE IF NOT EXISTS peers (
     device TEXT PRIMARY KEY, index_id BLOB NOT NULL, max_sequence INTEGER NOT NULL
 );
 """
-_COLUMNS = (
-    "name, type, size, mtime_ns, executable, deleted, version, sequence, block_size, hashes, "
-    "modified_by, inode"
-)
+_COLUMNS = "name, type, size, mtime_ns, executable, deleted, version, sequence, block_size, hashes, modified_by, inode"
 _LOCAL = ""  # the device column of our own rows
 _CHUNK = 500  # names per IN (...) query, below SQLite's variable limit
 
@@ -131,9 +128,7 @@ class FolderIndex:
             if not stored:
                 return stored
             rows = [(_LOCAL, *_to_row(f)) for f in stored]
-            self._db.executemany(
-                f"INSERT OR REPLACE INTO files (device, {_COLUMNS}) VALUES ({_qs(13)})", rows
-            )
+            self._db.executemany(f"INSERT OR REPLACE INTO files (device, {_COLUMNS}) VALUES ({_qs(13)})", rows)
             names = [(f.name,) for f in stored]
             self._db.executemany("DELETE FROM blocks WHERE name=?", names)
             self._db.executemany(
@@ -170,9 +165,7 @@ class FolderIndex:
 
     def peer_state(self, device: str) -> tuple[bytes, int]:
         """(index id, highest sequence) we hold of `device`'s index; (b'', 0) if nothing."""
-        row = self._db.execute(
-            "SELECT index_id, max_sequence FROM peers WHERE device=?", (device,)
-        ).fetchone()
+        row = self._db.execute("SELECT index_id, max_sequence FROM peers WHERE device=?", (device,)).fetchone()
         return (b"", 0) if row is None else (row[0], row[1])
 
     def reset_peer(self, device: str, index_id: bytes) -> None:
@@ -188,12 +181,8 @@ class FolderIndex:
             return
         top = max(r[8] for r in rows)
         with self._transaction():
-            self._db.executemany(
-                f"INSERT OR REPLACE INTO files (device, {_COLUMNS}) VALUES ({_qs(13)})", rows
-            )
-            self._db.execute(
-                "UPDATE peers SET max_sequence=max(max_sequence, ?) WHERE device=?", (top, device)
-            )
+            self._db.executemany(f"INSERT OR REPLACE INTO files (device, {_COLUMNS}) VALUES ({_qs(13)})", rows)
+            self._db.execute("UPDATE peers SET max_sequence=max(max_sequence, ?) WHERE device=?", (top, device))
 
     def remote(self, device: str, name: str) -> FileInfo | None:
         """What `device` announced for `name`."""
@@ -222,9 +211,7 @@ class FolderIndex:
     # -- helpers ---------------------------------------------------------------------------------
 
     def _get(self, device: str, name: str) -> FileInfo | None:
-        r = self._db.execute(
-            f"SELECT {_COLUMNS} FROM files WHERE device=? AND name=?", (device, name)
-        ).fetchone()
+        r = self._db.execute(f"SELECT {_COLUMNS} FROM files WHERE device=? AND name=?", (device, name)).fetchone()
         return None if r is None else _from_row(r)
 
     def _get_many(self, device: str, names: Iterable[str]) -> dict[str, FileInfo]:

@@ -78,9 +78,7 @@ def vector_from_wire(value: object) -> Vector:
         raise _malformed("version must be a map")
     if len(value) > MAX_VECTOR_ENTRIES:
         raise RemoteProtocolError("version vector too long", ErrorCode.LIMIT_EXCEEDED)
-    return Vector.of(
-        {_device(d, "version key"): _int(c, "version counter", 1, MAX_COUNTER) for d, c in value.items()}
-    )
+    return Vector.of({_device(d, "version key"): _int(c, "version counter", 1, MAX_COUNTER) for d, c in value.items()})
 
 
 def file_to_wire(f: FileInfo) -> list[object]:
@@ -272,9 +270,7 @@ class Progress:
 
 SyncMessage = FolderHello | Index | IndexUpdate | Request | Response | Progress
 MESSAGE_TYPES: tuple[type[SyncMessage], ...] = (FolderHello, Index, IndexUpdate, Request, Response, Progress)
-PARSERS: dict[str, Callable[[dict[str, object]], SyncMessage]] = {
-    t.KIND: t.from_fields for t in MESSAGE_TYPES
-}
+PARSERS: dict[str, Callable[[dict[str, object]], SyncMessage]] = {t.KIND: t.from_fields for t in MESSAGE_TYPES}
 
 
 def batch_files(files: list[FileInfo], budget: int = INDEX_BATCH_BYTES) -> list[list[FileInfo]]:

@@ -115,9 +115,7 @@ class BlockPlan:
     fetch: tuple[int, ...]  # target block indexes to request from a peer
 
 
-def plan_blocks(
-    target: FileInfo, have: set[int], lookup: Callable[[bytes], list[tuple[str, int]]]
-) -> BlockPlan:
+def plan_blocks(target: FileInfo, have: set[int], lookup: Callable[[bytes], list[tuple[str, int]]]) -> BlockPlan:
     """Split the blocks of `target` not in `have` into local copies and requests."""
     copy: list[tuple[int, str, int]] = []
     fetch: list[int] = []

@@ -67,10 +67,7 @@ def open_job(fs: FolderFS, index: FolderIndex, job: Job) -> None:
     if existed:
         tmp_size = os.fstat(job.fd).st_size
         for b in target.blocks():
-            if (
-                b.offset + b.size <= tmp_size
-                and hashlib.sha256(os.pread(job.fd, b.size, b.offset)).digest() == b.hash
-            ):
+            if b.offset + b.size <= tmp_size and hashlib.sha256(os.pread(job.fd, b.size, b.offset)).digest() == b.hash:
                 have.add(b.index)
         job.reused = len(have)
     os.ftruncate(job.fd, target.size)

@@ -55,9 +55,7 @@ def load_ignore(fs: FolderFS) -> Ignore:
 class Scanner:
     """Compares the folder on disk with our index records."""
 
-    def __init__(
-        self, fs: FolderFS, index: FolderIndex, device_id: str, executor: Executor | None = None
-    ) -> None:
+    def __init__(self, fs: FolderFS, index: FolderIndex, device_id: str, executor: Executor | None = None) -> None:
         self.fs = fs
         self.index = index
         self.device_id = device_id
@@ -131,16 +129,12 @@ class Scanner:
                     self._check_file(name, est, known.get(name), seen, now_s, result)
                 # symlinks, sockets, fifos and devices are never synced
 
-    def _check_dir(
-        self, name: str, old: FileInfo | None, seen: set[str], now_s: int, result: ScanResult
-    ) -> None:
+    def _check_dir(self, name: str, old: FileInfo | None, seen: set[str], now_s: int, result: ScanResult) -> None:
         seen.add(name)
         if old is not None and not old.deleted and old.type is FileType.DIR:
             return
         result.changed.append(
-            FileInfo(
-                name, FileType.DIR, 0, 0, False, False, self._bump(old, now_s), 0, 0, b"", self.device_id
-            )
+            FileInfo(name, FileType.DIR, 0, 0, False, False, self._bump(old, now_s), 0, 0, b"", self.device_id)
         )
 
     def _check_file(

@@ -236,6 +236,8 @@ class TrustStore:
             previous = self.get(device_id)
             decision = policy.decide(previous, device_id, name, fingerprint, now, self.policy, address)
             self._put(db, decision.record)
+            if self._repeats_refusal(db, device_id, decision.event, fingerprint):
+                return decision
             old = previous.fingerprint if previous and previous.fingerprint != fingerprint else None
             self._log(
                 db,
@@ -249,6 +251,17 @@ class TrustStore:
                 detail=f"name={name}" if decision.event is EventKind.FIRST_USE else "",
             )
         return decision
+
+    def _repeats_refusal(self, db: sqlite3.Connection, device_id: str, kind: EventKind, fingerprint: str) -> bool:
+        """True if this refusal repeats the device's last event exactly (a peer retrying)."""
+        if kind not in (EventKind.REFUSED, EventKind.KEY_CHANGED):
+            return False
+        # One entry per distinct refusal keeps the log readable while a refused peer keeps
+        # retrying; the row's last_seen still moves.
+        last = db.execute(
+            "SELECT kind, fingerprint FROM events WHERE device_id = ? ORDER BY seq DESC LIMIT 1", (device_id,)
+        ).fetchone()
+        return last is not None and last["kind"] == kind.value and last["fingerprint"] == fingerprint
 
     def _change(
         self,

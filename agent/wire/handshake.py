@@ -357,6 +357,8 @@ class Connection:
         self._enter(self._lookup(event), now)
 
     def _enter(self, state: State, now: float = 0.0) -> None:
+        if state is self._state:
+            return  # entry actions run once, not on every message in OPEN
         self._state = state
         if state is State.OPEN:
             self._deadline = None

@@ -144,12 +144,7 @@ def test_impersonator_with_three_new_keys_is_blocked_and_the_victim_flip_flops()
 
 
 def test_old_key_after_retrust_is_a_flip_flop() -> None:
-    log = (
-        Log()
-        .add(1, EventKind.FIRST_USE, A)
-        .add(2, EventKind.KEY_CHANGED, B, A)
-        .add(3, EventKind.RETRUSTED, B, A)
-    )
+    log = Log().add(1, EventKind.FIRST_USE, A).add(2, EventKind.KEY_CHANGED, B, A).add(3, EventKind.RETRUSTED, B, A)
     assert run(log.events) == []
     log.add(4, EventKind.KEY_CHANGED, A, B)
     [a] = run(log.events)
@@ -266,9 +261,7 @@ def test_sighting_raises_only_about_the_unknown_id_it_claims() -> None:
 
 
 def flipping() -> Log:
-    return (
-        Log().add(1, EventKind.FIRST_USE, A).add(2, EventKind.KEY_CHANGED, B, A).add(3, EventKind.REFUSED, A)
-    )
+    return Log().add(1, EventKind.FIRST_USE, A).add(2, EventKind.KEY_CHANGED, B, A).add(3, EventKind.REFUSED, A)
 
 
 def test_clear_hides_old_evidence_and_new_evidence_raises_again() -> None:
@@ -279,11 +272,7 @@ def test_clear_hides_old_evidence_and_new_evidence_raises_again() -> None:
 
 
 def test_clear_for_one_code_or_another_device() -> None:
-    log = (
-        flipping()
-        .add(5, EventKind.ANOMALY_CLEARED, detail="cloned_key")
-        .add(5, EventKind.ANOMALY_CLEARED, dev=W)
-    )
+    log = flipping().add(5, EventKind.ANOMALY_CLEARED, detail="cloned_key").add(5, EventKind.ANOMALY_CLEARED, dev=W)
     assert codes(run(log.events)) == [(V, AnomalyCode.KEY_FLIP_FLOP)]
     log.add(6, EventKind.ANOMALY_CLEARED, detail="key_flip_flop")
     assert run(log.events) == []

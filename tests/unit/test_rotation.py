@@ -171,12 +171,8 @@ def test_non_canonical_spki_is_refused() -> None:
     # The same key with a compressed point: a different hash, so it could never match a handshake.
     old, new = key(), key()
     stmt = rotate(old, new)
-    spki = new.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    point = new.public_key().public_bytes(
-        serialization.Encoding.X962, serialization.PublicFormat.CompressedPoint
-    )
+    spki = new.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    point = new.public_key().public_bytes(serialization.Encoding.X962, serialization.PublicFormat.CompressedPoint)
     algorithm = spki[2:23]  # the AlgorithmIdentifier SEQUENCE: ecPublicKey, prime256v1
     inner = algorithm + b"\x03\x22\x00" + point  # BIT STRING: no unused bits, 33-byte point
     compressed = b"\x30" + bytes([len(inner)]) + inner

@@ -90,7 +90,7 @@ def test_conflict_keeps_both_with_same_names(tmp_path: Path) -> None:
     assert ta == tb
     assert ta["doc.txt"][0] == b"from b"  # newer mtime wins
     conflicts = [n for n in ta if ".sync-conflict-" in n]
-    assert conflicts == ["doc.sync-conflict-20231114-222820-AAAAAAA.txt"]
+    assert conflicts == ["doc.sync-conflict-20231114-221500-AAAAAAA.txt"]
     assert ta[conflicts[0]][0] == b"from a"
 
 
@@ -109,3 +109,94 @@ def test_delete_vs_edit_keeps_edit(tmp_path: Path) -> None:
     net.settle()
     assert (a / "f").read_bytes() == b"v2 edited" == (b / "f").read_bytes()
     assert tree(a) == tree(b)
+
+
+def test_bad_block_is_refused(tmp_path: Path) -> None:
+    import dataclasses
+
+    from agent.sync.messages import Response
+
+    net = pair(tmp_path)
+    a, b = net.root(A_ID), net.root(B_ID)
+    write(a / "f.bin", os.urandom(200_000))
+    net.change(A_ID)
+    real = net.engines[A_ID]._serve
+    calls = []
+
+    def evil(req):  # type: ignore[no-untyped-def]
+        resp = real(req)
+        calls.append(req)
+        return dataclasses.replace(resp, data=b"x" * len(resp.data)) if len(calls) == 1 else resp
+
+    net.engines[A_ID]._serve = evil  # type: ignore[method-assign]
+    net.settle()
+    assert (b / "f.bin").read_bytes() == (a / "f.bin").read_bytes()
+    assert net.engines[B_ID].peers[A_ID].bad_blocks == 1
+    assert any(isinstance(m, Response) for _, _, m in net.sent)
+
+
+def test_resume_does_not_rerequest_finished_blocks(tmp_path: Path) -> None:
+    net = pair(tmp_path)
+    a, b = net.root(A_ID), net.root(B_ID)
+    write(a / "big", os.urandom(6 * 1024 * 1024))  # 48 blocks of 128 KiB
+    net.change(A_ID)
+    net.engines[B_ID].max_inflight_bytes = 256 * 1024
+    net.step(limit=40)  # index exchange plus some blocks, then the receiver dies
+    done_before = len(net.requests(B_ID))
+    answered = len([m for _, d, m in net.sent if d == B_ID and type(m).__name__ == "Response"])
+    assert 0 < answered < 48
+    net.crash(B_ID)
+    assert not (b / "big").exists()
+    net.open(B_ID)
+    net.connect(A_ID, B_ID)
+    net.settle()
+    assert (b / "big").read_bytes() == (a / "big").read_bytes()
+    # every block answered before the crash is reused from the temp file
+    assert len(net.requests(B_ID)) - done_before == 48 - answered
+    assert not [p for p in os.listdir(b) if p.startswith(".tofu-tmp-")]
+
+
+def test_local_change_during_download_is_a_conflict(tmp_path: Path) -> None:
+    net = pair(tmp_path)
+    a, b = net.root(A_ID), net.root(B_ID)
+    write(a / "f", b"one")
+    net.change(A_ID)
+    net.settle()
+    write(a / "f", os.urandom(1_000_000))
+    net.change(A_ID, ["f"])
+    net.step(limit=3)  # B learns of the new version and starts fetching
+    assert net.engines[B_ID].jobs
+    write(b / "f", b"edited on b during the download")  # not yet scanned by B
+    net.settle()
+    ta, tb = tree(a), tree(b)
+    assert ta == tb
+    contents = {v[0] for k, v in ta.items()}
+    assert b"edited on b during the download" in contents and (a / "f").stat().st_size in (1_000_000, 31)
+    assert len([n for n in ta if ".sync-conflict-" in n]) == 1
+
+
+def test_symlink_in_folder_is_not_written_through(tmp_path: Path) -> None:
+    net = pair(tmp_path)
+    a, b = net.root(A_ID), net.root(B_ID)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (b / "d").symlink_to(outside)
+    write(a / "d/evil.txt", b"pwned")
+    net.change(A_ID)
+    net.settle()
+    assert os.listdir(outside) == []
+    assert (b / "d").is_symlink()
+
+
+def test_three_devices_converge(tmp_path: Path) -> None:
+    from tests.sync_helpers import C_ID
+
+    net = Net(tmp_path, [A_ID, B_ID, C_ID])
+    net.connect(A_ID, B_ID)
+    net.connect(B_ID, C_ID)
+    for dev in (A_ID, B_ID, C_ID):
+        write(net.root(dev) / f"from-{dev[0]}/file", dev.encode())
+        net.change(dev)
+    net.settle()
+    assert tree(net.root(A_ID)) == tree(net.root(B_ID)) == tree(net.root(C_ID))
+    assert len(tree(net.root(C_ID))) == 6
