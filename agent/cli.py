@@ -16,13 +16,16 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
-from agent import __version__, config, identity, logs
+from agent import __version__, config, ids, logs
 from agent.errors import ConfigError, TofuError, UserError
-from agent.paths import Paths, resolve_paths
+from agent.paths import Paths, resolve_paths, write_private_file
 from agent.trust.model import DeviceRecord, TrustEvent
 from agent.trust.store import TrustStore
+
+if TYPE_CHECKING:
+    from agent.identity import Identity
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +56,9 @@ class Ctx:
         self.paths.ensure()
         return TrustStore(self.paths.trust_db, self.config().trust_policy)
 
-    def identity(self) -> identity.Identity:
+    def identity(self) -> Identity:
+        from agent import identity
+
         return identity.load_or_create(self.paths, self.config().name or _stored_name(self.paths), _utcnow())
 
     def out(self, data: Any, text: str) -> None:
@@ -147,7 +152,7 @@ def cmd_id(ctx: Ctx) -> int:
     ctx.out(
         data,
         f"Device id:   {ident.device_id}\nName:        {ident.name}\n"
-        f"Fingerprint: {identity.format_fingerprint(ident.fingerprint)}",
+        f"Fingerprint: {ids.format_fingerprint(ident.fingerprint)}",
     )
     return EXIT_OK
 
@@ -160,10 +165,10 @@ def format_peer_table(records: Sequence[DeviceRecord]) -> str:
     for r in records:
         lines.append(
             f"{r.name[:20]:<20} {r.device_id[:10] + '..':<12} {r.trust.value:<11} "
-            f"{local_time(r.last_seen):<16} {r.sync_count:>5}  {identity.format_fingerprint(r.fingerprint)[:19]}..."
+            f"{local_time(r.last_seen):<16} {r.sync_count:>5}  {ids.format_fingerprint(r.fingerprint)[:19]}..."
         )
         if r.pending_fingerprint:
-            lines.append(f"{'':<20} offered new key {identity.format_fingerprint(r.pending_fingerprint)}")
+            lines.append(f"{'':<20} offered new key {ids.format_fingerprint(r.pending_fingerprint)}")
     return "\n".join(lines)
 
 
@@ -250,7 +255,7 @@ def cmd_trust_export(ctx: Ctx) -> int:
         doc = export_document(store.all())
     text = json.dumps(doc, indent=2, sort_keys=True)
     if ctx.args.file and ctx.args.file != "-":
-        identity.write_private_file(Path(ctx.args.file), (text + "\n").encode("utf-8"), 0o600)
+        write_private_file(Path(ctx.args.file), (text + "\n").encode("utf-8"), 0o600)
         if not ctx.json:
             print(f"exported {len(doc['peers'])} device(s) to {ctx.args.file}")
             return EXIT_OK
@@ -269,12 +274,12 @@ def parse_export(doc: object) -> list[DeviceRecord]:
     records = []
     for device_id, entry in doc["peers"].items():
         where = f"peer {device_id!r}"
-        if not identity.is_device_id(device_id):
+        if not ids.is_device_id(device_id):
             raise UserError(f"{where}: not a device id")
         if not isinstance(entry, dict):
             raise UserError(f"{where}: expected an object")
         fp = entry.get("fingerprint")
-        if not identity.is_fingerprint(fp):
+        if not ids.is_fingerprint(fp):
             raise UserError(f"{where}: fingerprint must be 64 lower-case hex characters")
         try:
             trust = TrustLevel(entry.get("trust", "tofu"))
@@ -291,7 +296,7 @@ def parse_export(doc: object) -> list[DeviceRecord]:
         records.append(
             DeviceRecord(
                 device_id=device_id,
-                name=identity.clean_name(str(entry.get("name", ""))),
+                name=ids.clean_name(str(entry.get("name", ""))),
                 fingerprint=str(fp),
                 trust=trust,
                 first_seen=parse_rfc3339(entry.get("first_seen"), f"{where} first_seen"),

@@ -17,12 +17,12 @@ import socket
 import struct
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
-
-import anyio
-import anyio.abc
+from typing import TYPE_CHECKING, Any
 
 from agent.errors import TofuError, UserError
+
+if TYPE_CHECKING:
+    import anyio.abc
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,12 @@ def request(path: Path, cmd: str, args: dict[str, Any] | None = None, timeout: f
 # -- server (async; run by the daemon) -----------------------------------------------------------
 
 
+# The server half imports anyio inside its functions: the CLI's client half stays quick to start.
+
+
 async def _read_request(stream: anyio.abc.ByteStream) -> tuple[str, dict[str, Any]]:
+    import anyio
+
     buf = bytearray()
     with anyio.fail_after(SERVER_READ_TIMEOUT):
         while len(buf) < 4:
@@ -121,6 +126,8 @@ async def _read_request(stream: anyio.abc.ByteStream) -> tuple[str, dict[str, An
 
 
 async def _serve_one(stream: anyio.abc.ByteStream, handler: Handler) -> None:
+    import anyio
+
     async with stream:
         try:
             cmd, args = await _read_request(stream)
@@ -143,6 +150,8 @@ async def _serve_one(stream: anyio.abc.ByteStream, handler: Handler) -> None:
 
 async def serve(path: Path, handler: Handler, *, task_status: anyio.abc.TaskStatus[None]) -> None:
     """Listen on `path` (mode 0600) and answer requests with `handler` until cancelled."""
+    import anyio
+
     _remove_stale(path)
     old = os.umask(0o177)
     try:

@@ -7,13 +7,10 @@ SubjectPublicKeyInfo, so renewing the certificate with the same key keeps it.
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
 import hashlib
 import logging
 import os
-import re
-import secrets
 import socket
 import stat
 from dataclasses import dataclass
@@ -26,41 +23,39 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from agent.errors import IdentityError, InsecureKeyError
-from agent.paths import Paths
+from agent.ids import (
+    DEVICE_ID_BYTES,
+    MAX_NAME_LEN,
+    clean_name,
+    format_fingerprint,
+    is_device_id,
+    is_fingerprint,
+    new_device_id,
+    parse_fingerprint,
+)
+from agent.paths import Paths, write_private_file
 
 log = logging.getLogger(__name__)
+
+__all__ = [
+    "DEVICE_ID_BYTES",
+    "MAX_NAME_LEN",
+    "Identity",
+    "clean_name",
+    "format_fingerprint",
+    "is_device_id",
+    "is_fingerprint",
+    "new_device_id",
+    "parse_fingerprint",
+    "write_private_file",
+]
 
 CERT_VALIDITY = dt.timedelta(days=365)
 # Renew this long before expiry, so a machine that sleeps for weeks still wakes with a valid cert.
 CERT_RENEW_BEFORE = dt.timedelta(days=30)
-DEVICE_ID_BYTES = 20  # 160 bits, 32 base32 characters
-_DEVICE_ID_RE = re.compile(r"^[A-Z2-7]{32}$")
-_FINGERPRINT_RE = re.compile(r"^[0-9a-f]{64}$")
-MAX_NAME_LEN = 64
 
 
 # -- pure helpers ---------------------------------------------------------------------------------
-
-
-def new_device_id() -> str:
-    """A fresh random device id: 160 bits as 32 upper-case base32 characters."""
-    return base64.b32encode(secrets.token_bytes(DEVICE_ID_BYTES)).decode("ascii").rstrip("=")
-
-
-def is_device_id(value: object) -> bool:
-    """True if `value` has the form of a device id."""
-    return isinstance(value, str) and _DEVICE_ID_RE.match(value) is not None
-
-
-def is_fingerprint(value: object) -> bool:
-    """True if `value` is 64 lower-case hex characters."""
-    return isinstance(value, str) and _FINGERPRINT_RE.match(value) is not None
-
-
-def clean_name(name: str) -> str:
-    """A display name safe to show and advertise: printable, trimmed, at most 64 characters."""
-    cleaned = "".join(ch for ch in name if ch.isprintable()).strip()
-    return cleaned[:MAX_NAME_LEN] or "unnamed"
 
 
 def fingerprint_of_public_key(key: ec.EllipticCurvePublicKey) -> str:
@@ -91,19 +86,6 @@ def public_key_of_cert(cert_der: bytes) -> ec.EllipticCurvePublicKey:
 def fingerprint_of_cert(cert_der: bytes) -> str:
     """Fingerprint of the key inside a DER certificate; IdentityError if it cannot be parsed."""
     return fingerprint_of_public_key(public_key_of_cert(cert_der))
-
-
-def format_fingerprint(fingerprint: str) -> str:
-    """The fingerprint for people: colon-separated groups of four hex digits."""
-    return ":".join(fingerprint[i : i + 4] for i in range(0, len(fingerprint), 4))
-
-
-def parse_fingerprint(text: str) -> str:
-    """Accept a fingerprint with or without separators; IdentityError if it is not one."""
-    compact = re.sub(r"[\s:-]", "", text).lower()
-    if not is_fingerprint(compact):
-        raise IdentityError(f"not a SHA-256 fingerprint: {text!r}")
-    return compact
 
 
 def sign(key: ec.EllipticCurvePrivateKey, data: bytes) -> bytes:
@@ -183,26 +165,6 @@ def default_name() -> str:
     return clean_name(socket.gethostname() or "unnamed")
 
 
-def write_private_file(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Atomically write `data` to `path` with `mode`: temp file, fsync, rename, fsync dir."""
-    tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
-
-
 def check_private(path: Path) -> None:
     """Refuse a secret file (or its directory) that other users can read or write."""
     for p in (path, path.parent):
@@ -241,9 +203,7 @@ def _load_key(paths: Paths) -> ec.EllipticCurvePrivateKey:
 
 
 def _store_key(paths: Paths, key: ec.EllipticCurvePrivateKey) -> None:
-    pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     write_private_file(paths.key_file, pem, 0o600)
 
 

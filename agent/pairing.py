@@ -74,8 +74,7 @@ class WrongCodeError(PairingError):
 
     def __init__(self) -> None:
         super().__init__(
-            "the pairing code was wrong (or someone tampered with the connection); "
-            "ask for a new code and try again"
+            "the pairing code was wrong (or someone tampered with the connection); ask for a new code and try again"
         )
 
 
@@ -295,9 +294,7 @@ class PairingSession:
             if not is_device_id(peer_device_id) or not is_fingerprint(peer_fingerprint):
                 raise BadPairingMessage("the other device's id or fingerprint is malformed")
             if peer_device_id == self.our_device_id:
-                raise BadPairingMessage(
-                    "the other device has this device's id; a device cannot pair with itself"
-                )
+                raise BadPairingMessage("the other device has this device's id; a device cannot pair with itself")
             key = self._spake.finish(msg)
         except PairingError:
             self._fail()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,8 +75,7 @@ class Paths:
             ensure_private_dir(d)
         if len(os.fsencode(self.control_socket)) > _MAX_SOCKET_PATH:
             raise ConfigError(
-                f"control socket path is too long for a Unix socket ({self.control_socket}); "
-                "use a shorter --home"
+                f"control socket path is too long for a Unix socket ({self.control_socket}); use a shorter --home"
             )
 
 
@@ -109,3 +109,23 @@ def resolve_paths(home: str | os.PathLike[str] | None = None) -> Paths:
         data_dir=Path(platformdirs.user_data_dir(APP)),
         runtime_dir=Path(runtime),
     )
+
+
+def write_private_file(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Atomically write `data` to `path` with `mode`: temp file, fsync, rename, fsync dir."""
+    tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)

@@ -73,9 +73,7 @@ def _half_hash(device_id: str, fingerprint: str) -> bytes:
 
 def _half_digits(digest: bytes) -> str:
     # Signal's encoding: six 5-byte chunks, each reduced mod 10^5 (the bias, 10^5 / 2^40, is negligible).
-    return "".join(
-        f"{int.from_bytes(digest[i : i + 5], 'big') % 100_000:05d}" for i in range(0, DIGITS_PER_HALF, 5)
-    )
+    return "".join(f"{int.from_bytes(digest[i : i + 5], 'big') % 100_000:05d}" for i in range(0, DIGITS_PER_HALF, 5))
 
 
 def _half_words(digest: bytes) -> tuple[str, ...]:
@@ -182,9 +180,7 @@ def parse_identity_uri(text: str) -> ParsedIdentity:
     if not is_device_id(device_id):
         raise _bad("the device id is missing or malformed")
     try:
-        pairs = parse_qsl(
-            parts.query, keep_blank_values=True, strict_parsing=True, errors="strict", max_num_fields=16
-        )
+        pairs = parse_qsl(parts.query, keep_blank_values=True, strict_parsing=True, errors="strict", max_num_fields=16)
     except ValueError as exc:  # includes UnicodeDecodeError from a bad %-escape
         raise _bad("the part after '?' is malformed") from exc
     fields: dict[str, str] = {}
@@ -201,9 +197,7 @@ def parse_identity_uri(text: str) -> ParsedIdentity:
     if not is_fingerprint(fingerprint):
         raise _bad("the fingerprint (fp=) is missing or is not 64 hex digits")
     # Unknown fields are ignored so a later version can add some without breaking this one.
-    return ParsedIdentity(
-        device_id=device_id, name=_display_name(fields.get("name", "")), fingerprint=fingerprint
-    )
+    return ParsedIdentity(device_id=device_id, name=_display_name(fields.get("name", "")), fingerprint=fingerprint)
 
 
 def qr_text(uri: str) -> str:

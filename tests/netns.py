@@ -81,9 +81,7 @@ class Lan:
         self.third_octet = subnet if subnet is not None else 1 + secrets.randbelow(254)
         self.prefix = f"10.231.{self.third_octet}"
         self.hub = f"{PREFIX}-{suffix}-hub"
-        self.hosts = [
-            Host(i, f"{PREFIX}-{suffix}-h{i}", f"{self.prefix}.{i + 1}", HOST_IF, f"p{i}") for i in range(n)
-        ]
+        self.hosts = [Host(i, f"{PREFIX}-{suffix}-h{i}", f"{self.prefix}.{i + 1}", HOST_IF, f"p{i}") for i in range(n)]
         self._namespaces: list[str] = []
         self._procs: list[subprocess.Popen[Any]] = []
 

@@ -29,9 +29,7 @@ def _seen(record: DeviceRecord, name: str, now: float, address: str | None) -> D
     if address:
         # Most recent first, bounded: a device that roams should not grow the row forever.
         addresses = (address, *(a for a in addresses if a != address))[:MAX_ADDRESSES]
-    return replace(
-        record, name=name or record.name, last_seen=max(record.last_seen, now), addresses=addresses
-    )
+    return replace(record, name=name or record.name, last_seen=max(record.last_seen, now), addresses=addresses)
 
 
 def decide(
@@ -100,8 +98,7 @@ def retrust(record: DeviceRecord) -> tuple[DeviceRecord, EventKind]:
     if record.trust in (TrustLevel.REVOKED, TrustLevel.KEY_CHANGED):
         return replace(record, trust=TrustLevel.TOFU, notes=""), EventKind.RETRUSTED
     raise UserError(
-        f"device {record.device_id} ({record.name}) has no changed key to trust; its level is "
-        f"{record.trust.value}"
+        f"device {record.device_id} ({record.name}) has no changed key to trust; its level is {record.trust.value}"
     )
 
 
@@ -109,7 +106,6 @@ def accept(record: DeviceRecord) -> tuple[DeviceRecord, EventKind]:
     """Admit a device waiting under the manual or code policy."""
     if record.trust is not TrustLevel.PENDING:
         raise UserError(
-            f"device {record.device_id} ({record.name}) is not waiting for approval; its level is "
-            f"{record.trust.value}"
+            f"device {record.device_id} ({record.name}) is not waiting for approval; its level is {record.trust.value}"
         )
     return replace(record, trust=TrustLevel.TOFU, notes=""), EventKind.ACCEPTED

@@ -50,8 +50,7 @@ CREATE TRIGGER IF NOT EXISTS events_append_only_delete BEFORE DELETE ON events
 BEGIN SELECT RAISE(ABORT, 'the trust event log is append-only'); END;
 """
 _COLUMNS = (
-    "device_id, name, fingerprint, trust, first_seen, last_seen, sync_count, addresses, notes, "
-    "pending_fingerprint"
+    "device_id, name, fingerprint, trust, first_seen, last_seen, sync_count, addresses, notes, pending_fingerprint"
 )
 
 
@@ -391,8 +390,7 @@ class TrustStore:
         """Count one completed sync session with the device."""
         with self._transaction() as db:
             db.execute(
-                "UPDATE devices SET sync_count = sync_count + 1, last_seen = MAX(last_seen, ?)"
-                " WHERE device_id = ?",
+                "UPDATE devices SET sync_count = sync_count + 1, last_seen = MAX(last_seen, ?) WHERE device_id = ?",
                 (now, device_id),
             )
 

@@ -29,9 +29,7 @@ def frame_header(size: int) -> bytes:
     if size <= 0:
         raise LocalProtocolError("refusing to send an empty frame", ErrorCode.MALFORMED)
     if size > MAX_FRAME:
-        raise LocalProtocolError(
-            f"refusing to send a {size}-byte frame (limit {MAX_FRAME})", ErrorCode.FRAME_TOO_LARGE
-        )
+        raise LocalProtocolError(f"refusing to send a {size}-byte frame (limit {MAX_FRAME})", ErrorCode.FRAME_TOO_LARGE)
     return _HEADER.pack(size)
 
 

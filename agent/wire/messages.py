@@ -192,9 +192,7 @@ def _get(fields: dict[str, object], name: str) -> object:
         malformed(f"missing field {name!r}")
 
 
-def field_bytes(
-    fields: dict[str, object], name: str, *, max_len: int = MAX_FRAME, exact: int | None = None
-) -> bytes:
+def field_bytes(fields: dict[str, object], name: str, *, max_len: int = MAX_FRAME, exact: int | None = None) -> bytes:
     """Field `name` as bytes (see `as_bytes`)."""
     return as_bytes(_get(fields, name), name, max_len=exact if exact is not None else max_len, exact=exact)
 
@@ -272,9 +270,7 @@ def decode_message(body: bytes) -> WireMessage:
             ext_hook=_no_ext,
         )
     except Exception as exc:  # msgpack raises a zoo (ValueError, TypeError, StackError, ...)
-        raise RemoteProtocolError(
-            f"undecodable message ({type(exc).__name__}: {exc})", ErrorCode.MALFORMED
-        ) from exc
+        raise RemoteProtocolError(f"undecodable message ({type(exc).__name__}: {exc})", ErrorCode.MALFORMED) from exc
     if not isinstance(obj, dict):
         malformed("message is not a map")
     type_name = obj.pop("t", None)

@@ -110,9 +110,7 @@ class Agent(Probe):
 
     def wait_seen(self, other: Agent, fp: str | None = None) -> Event:
         return self.wait_for(
-            lambda e: (
-                e["ev"] == "seen" and e["device_id"] == other.device_id and (fp is None or e["fp"] == fp)
-            ),
+            lambda e: e["ev"] == "seen" and e["device_id"] == other.device_id and (fp is None or e["fp"] == fp),
             f"PeerSeen for host {other.host}",
         )
 

@@ -70,9 +70,7 @@ def test_long_name_is_truncated_on_a_character_boundary() -> None:
     assert next(iter(txt)) == b"v"
 
 
-@pytest.mark.parametrize(
-    ("device_id", "fp"), [("short", FP), (ID, "AB" * 32), (ID.lower(), FP), (ID, FP[:-1])]
-)
+@pytest.mark.parametrize(("device_id", "fp"), [("short", FP), (ID, "AB" * 32), (ID.lower(), FP), (ID, FP[:-1])])
 def test_encode_rejects_malformed_identity(device_id: str, fp: str) -> None:
     with pytest.raises(ValueError):
         encode_txt(device_id, fp, "x")
@@ -219,9 +217,7 @@ def test_table_is_bounded_under_a_flood() -> None:
 
 @given(
     name=st.one_of(st.text(max_size=300), st.just(svc("ok"))),
-    properties=st.dictionaries(
-        st.binary(max_size=8), st.one_of(st.none(), st.binary(max_size=80)), max_size=6
-    ),
+    properties=st.dictionaries(st.binary(max_size=8), st.one_of(st.none(), st.binary(max_size=80)), max_size=6),
     addresses=st.lists(st.one_of(st.text(max_size=50), st.ip_addresses().map(str)), max_size=20),
     port=st.one_of(st.none(), st.integers(min_value=-(2**40), max_value=2**40)),
 )
@@ -246,9 +242,7 @@ def test_event_validation() -> None:
 
 
 def fake(bus: FakeBus, name: str, port: int = 22000) -> FakeDiscovery:
-    return FakeDiscovery(
-        bus, device_id=new_device_id(), name=name, fingerprint=secrets.token_hex(32), port=port
-    )
+    return FakeDiscovery(bus, device_id=new_device_id(), name=name, fingerprint=secrets.token_hex(32), port=port)
 
 
 def drain(d: FakeDiscovery) -> list[PeerSeen | PeerGone]:
