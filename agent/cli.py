@@ -449,9 +449,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_extensions(sub: argparse._SubParsersAction[_Parser], common: _Parser) -> None:
     """Commands that live in their own modules register here."""
-    from agent import cli_extra
+    from agent import cli_keys, cli_pairing
 
-    cli_extra.register(sub, common)
+    cli_keys.register(sub, common)  # anomalies, rotate-key
+    cli_pairing.register(sub, common)  # verify, pair
 
 
 def _positive_int(text: str) -> int:

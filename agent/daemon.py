@@ -26,12 +26,13 @@ from anyio.streams.tls import TLSStream
 
 from agent import control, identity, sdnotify
 from agent.config import Config
-from agent.errors import ConnectionLost, ErrorCode, TofuError, UserError
+from agent.errors import ConnectionLost, ErrorCode, RemoteProtocolError, TofuError, UserError
 from agent.identity import Identity, format_fingerprint
 from agent.net import transport
-from agent.net.discovery import Discovery, PeerGone, PeerSeen, ZeroconfDiscovery
+from agent.net.discovery import Discovery, DiscoveryError, PeerGone, PeerSeen, ZeroconfDiscovery
 from agent.net.link import PeerLink, Verdict
 from agent.paths import Paths
+from agent.sync.service import SyncService
 from agent.trust.model import DeviceRecord, EventKind, TrustLevel
 from agent.trust.store import TrustStore
 from agent.wire.handshake import PeerAuthenticated, Role
@@ -68,7 +69,7 @@ class Target:
     attempt: int = 0
     kick: anyio.Event = field(default_factory=anyio.Event)
     refused: bool = False
-    from_mdns: bool = False
+    service_name: str | None = None  # the mDNS record this target came from
 
 
 @dataclass(eq=False)
@@ -113,6 +114,7 @@ class Agent:
         self._server_ctx = transport.server_context(paths.cert_file, paths.key_file)
         self._tg: anyio.abc.TaskGroup | None = None
         self._stopping = False
+        self.sync: SyncService | None = SyncService(paths, config, ident) if config.folders else None
         self.stop_requested = anyio.Event()
 
     # -- life cycle ------------------------------------------------------------------------------
@@ -123,6 +125,8 @@ class Agent:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
                 await tg.start(control.serve, self.paths.control_socket, self.handle_control)
+                if self.sync is not None:
+                    await tg.start(self.sync.run)
                 self.port = await tg.start(self._serve)
                 log.info(
                     "%s (%s) listening on %s:%d, fingerprint %s",
@@ -172,9 +176,15 @@ class Agent:
 
     async def _start_discovery(self, tg: anyio.abc.TaskGroup) -> None:
         factory = self._discovery_factory or self._zeroconf
-        self.discovery = factory(self.port)
-        await self.discovery.start()
-        tg.start_soon(self._discovery_events, self.discovery)
+        discovery = factory(self.port)
+        try:
+            await discovery.start()
+        except DiscoveryError as exc:
+            # No multicast here (no interface, a firewall): static peers still work.
+            log.warning("mDNS discovery is unavailable, using static peers only: %s", exc)
+            return
+        self.discovery = discovery
+        tg.start_soon(self._discovery_events, discovery)
 
     def _zeroconf(self, port: int) -> Discovery:
         return ZeroconfDiscovery(
@@ -268,7 +278,8 @@ class Agent:
         if view is not None:
             view.advertised_fp = None
             view.mdns_addresses = ()
-        for t in [t for t in self.targets if t.from_mdns and t.device_id == event.device_id]:
+        # Only the record that created a target may end it: anyone can forge a goodbye for an id.
+        for t in [t for t in self.targets if t.service_name == event.service_name]:
             self.targets.remove(t)
             t.kick.set()
 
@@ -278,14 +289,15 @@ class Agent:
         view.mdns_addresses = event.addresses
         view.name = view.name or event.name
         for t in self.targets:
-            if t.device_id == event.device_id:
-                # Follow address changes; a waiting dialler retries at once.
-                t.addresses, t.port = event.addresses, event.port
+            if t.device_id == event.device_id and t.service_name in (None, event.service_name):
+                # Follow address changes of the record we dial from; a waiting dialler retries at once.
+                if t.service_name is not None:
+                    t.addresses, t.port = event.addresses, event.port
                 t.kick.set()
                 return
         if self.identity.device_id < event.device_id:
             log.info("mDNS: found %s (%s) at %s; dialling", event.name, event.device_id, ", ".join(event.addresses))
-            self._add_target(Target(event.addresses, event.port, event.device_id, from_mdns=True))
+            self._add_target(Target(event.addresses, event.port, event.device_id, service_name=event.service_name))
         else:
             log.info("mDNS: found %s (%s); it will dial us (higher device id)", event.name, event.device_id)
 
@@ -406,10 +418,16 @@ class Agent:
         """A link is open: the peer is connected."""
         assert link.peer is not None
         log.info("connected to %s (%s) at %s", link.peer.name, link.peer.device_id, link.address)
+        if self.sync is not None:
+            await self.sync.peer_opened(link)
 
     async def message(self, link: PeerLink, message: WireMessage) -> None:
-        """An application message from a connected peer."""
-        log.debug("message from %s: %s", link.device_id, type(message).__name__)
+        """An application message from a connected peer: sync is the only consumer."""
+        if self.sync is None:
+            raise RemoteProtocolError(
+                f"unexpected {type(message).__name__}: no folders here", ErrorCode.UNEXPECTED_MESSAGE
+            )
+        await self.sync.message(link, message)
 
     async def closed(self, link: PeerLink, reason: str) -> None:
         """A link ended; forget it if it was the device's current one."""
@@ -423,6 +441,8 @@ class Agent:
             view.disconnected.set()
             if link.opened_at is not None:
                 log.info("disconnected from %s (%s): %s", view.name, device_id, reason)
+                if self.sync is not None:
+                    await self.sync.peer_closed(link)
                 await anyio.to_thread.run_sync(self.store.count_sync, device_id, time.time())
         elif link.peer is not None and "refused" not in reason:
             log.debug("connection to %s ended: %s", device_id, reason)
@@ -502,6 +522,7 @@ class Agent:
             "trust_policy": self.config.trust_policy.value,
             "mdns": self.config.mdns,
             "peers": peers,
+            "folders": self.sync.status() if self.sync is not None else [],
         }
 
 

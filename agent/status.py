@@ -35,7 +35,7 @@ def _ago(stamp: str | None) -> str:
 
 
 def _bar(fraction: float, width: int = 20) -> str:
-    filled = int(round(max(0.0, min(1.0, fraction)) * width))
+    filled = round(max(0.0, min(1.0, fraction)) * width)
     return "[" + "#" * filled + "." * (width - filled) + "]"
 
 
@@ -47,12 +47,13 @@ def render(st: dict[str, Any]) -> str:
     else:
         lines.append("tofu-agent is not running; showing what the trust store knows.")
     if st.get("device_id"):
-        lines.append(f"This device: {st.get('name')}  {st['device_id']}")
+        lines.append(f"This device: {st.get('name') or '(name not set)'}  {st['device_id']}")
         lines.append(f"Fingerprint: {format_fingerprint(st.get('fingerprint') or '')}")
     for f in st.get("folders", []):
         need = f.get("need_bytes", 0)
         lines.append(
-            f"Folder {f['id']}: {f['path']}  {f.get('state', '?')}  {f.get('files', 0)} files, {f.get('bytes', 0)} bytes"
+            f"Folder {f['id']}: {f['path']}  {f.get('state', '?')}  "
+            f"{f.get('files', 0)} files, {f.get('bytes', 0)} bytes"
             + (f"  needs {f.get('need_files', 0)} files / {need} bytes" if need or f.get("need_files") else "")
         )
         for p in f.get("peers", []):
@@ -96,7 +97,17 @@ def offline_status(paths: Paths) -> dict[str, Any]:
         device_id = paths.device_id_file.read_text("ascii").strip()
         if is_device_id(device_id):
             result["device_id"] = device_id
-    except OSError:
+        result["name"] = (
+            (paths.data_dir / "name").read_text("utf-8").strip() if (paths.data_dir / "name").exists() else None
+        )
+        if paths.cert_file.exists():
+            from cryptography import x509
+
+            from agent.identity import fingerprint_of_public_key
+
+            key = x509.load_pem_x509_certificate(paths.cert_file.read_bytes()).public_key()
+            result["fingerprint"] = fingerprint_of_public_key(key)  # type: ignore[arg-type]
+    except (OSError, ValueError):
         pass
     if paths.trust_db.exists():
         with TrustStore(paths.trust_db) as store:

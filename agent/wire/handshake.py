@@ -265,15 +265,19 @@ class Connection:
             return self._events.popleft()
 
     def accept(self, now: float) -> None:
-        """The caller trusts the authenticated peer: queue READY."""
+        """The caller trusts the authenticated peer: queue READY. A no-op if the peer already closed."""
         with self._guard():
+            if self._state is State.CLOSED:
+                return  # the peer's ERROR overtook our decision; PeerClosed tells the caller
             next_state = self._lookup(ACCEPT)
             self._queue(Ready(self._version))
             self._enter(next_state, now)
 
     def refuse(self, code: ErrorCode, reason: str, now: float) -> None:
-        """The caller does not trust the authenticated peer: queue ERROR(code) and close."""
+        """The caller does not trust the authenticated peer: queue ERROR(code) and close (no-op if closed)."""
         with self._guard():
+            if self._state is State.CLOSED:
+                return
             self._go(REFUSE, now)
             self._queue(Error(code, clean_reason(reason)))
 

@@ -137,7 +137,9 @@ def _mutate(wire: bytes, positions: list[int], value: int) -> bytes:
     return bytes(data)
 
 
-mutated = st.builds(_mutate, messages.map(encode_message), st.lists(st.integers(0, 10_000), max_size=3), st.integers(0, 255))
+mutated = st.builds(
+    _mutate, messages.map(encode_message), st.lists(st.integers(0, 10_000), max_size=3), st.integers(0, 255)
+)
 
 
 @settings(max_examples=600, deadline=None)

@@ -1,4 +1,4 @@
-"""Subcommands for anomalies, key rotation, verification and pairing (registered by cli.py)."""
+"""Subcommands registered into `tofu-agent` by cli.py (placeholder until filled)."""
 
 from __future__ import annotations
 
