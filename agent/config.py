@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import ConfigError
+from agent.trust.anomaly import AnomalyCode
 from agent.trust.model import TrustPolicy
 
 DEFAULT_PORT = 39001
@@ -157,8 +158,12 @@ def _anomaly(data: Mapping[str, Any]) -> AnomalyConfig:
         cfg = replace(cfg, window_seconds=hours * 3600.0)
     if "block_on" in data:
         codes = _expect(data, "block_on", list, where)
+        valid = {c.value for c in AnomalyCode}
         if not all(isinstance(c, str) for c in codes):
             raise ConfigError(f"{where}: block_on must be a list of anomaly codes")
+        unknown = sorted(set(codes) - valid)
+        if unknown:
+            raise ConfigError(f"{where}: unknown anomaly code(s) in block_on: {', '.join(unknown)}")
         cfg = replace(cfg, block_on=frozenset(codes))
     return cfg
 

@@ -16,6 +16,7 @@ import random
 import signal
 import ssl
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,7 +25,7 @@ import anyio
 import anyio.abc
 from anyio.streams.tls import TLSStream
 
-from agent import control, identity, sdnotify
+from agent import control, identity, rotation, sdnotify
 from agent.config import Config
 from agent.errors import ConnectionLost, ErrorCode, RemoteProtocolError, TofuError, UserError
 from agent.identity import Identity, format_fingerprint
@@ -33,7 +34,9 @@ from agent.net.discovery import Discovery, DiscoveryError, PeerGone, PeerSeen, Z
 from agent.net.link import PeerLink, Verdict
 from agent.paths import Paths
 from agent.sync.service import SyncService
-from agent.trust.model import DeviceRecord, EventKind, TrustLevel
+from agent.trust import guard
+from agent.trust.anomaly import AdvertObservation, LiveConnection, NameSighting, Observation
+from agent.trust.model import Decision, DeviceRecord, EventKind, TrustLevel
 from agent.trust.store import TrustStore
 from agent.wire.handshake import PeerAuthenticated, Role
 from agent.wire.messages import WireMessage
@@ -82,7 +85,6 @@ class PeerView:
     address: str | None = None
     advertised_fp: str | None = None
     mdns_addresses: tuple[str, ...] = ()
-    anomalies: list[dict[str, Any]] = field(default_factory=list)
     disconnected: anyio.Event = field(default_factory=anyio.Event)
 
 
@@ -116,6 +118,9 @@ class Agent:
         self._stopping = False
         self.sync: SyncService | None = SyncService(paths, config, ident) if config.folders else None
         self.stop_requested = anyio.Event()
+        # Live observations for the anomaly rules; bounded, since mDNS input is anyone's.
+        self.observations: deque[Observation] = deque(maxlen=256)
+        self.rotations: tuple[bytes, ...] = tuple(identity.load_rotations(paths))
 
     # -- life cycle ------------------------------------------------------------------------------
 
@@ -255,6 +260,7 @@ class Agent:
             self.identity,
             address,
             server_fp_tls=server_fp,
+            rotations=self.rotations,
             keepalive_idle=self.config.keepalive_idle,
             keepalive_timeout=self.config.keepalive_timeout,
         )
@@ -284,6 +290,8 @@ class Agent:
             t.kick.set()
 
     def _on_seen(self, event: PeerSeen) -> None:
+        # Unauthenticated: it may raise an anomaly only about the device id it names.
+        self.observations.append(NameSighting(event.device_id, event.name, event.addresses[0], time.time()))
         view = self.peers.setdefault(event.device_id, PeerView(event.device_id))
         view.advertised_fp = event.fingerprint_hint
         view.mdns_addresses = event.addresses
@@ -304,15 +312,14 @@ class Agent:
     # -- link hooks ------------------------------------------------------------------------------
 
     async def authenticated(self, link: PeerLink, peer: PeerAuthenticated) -> Verdict:
-        """Decide whether an authenticated peer may stay: trust store, then duplicate rule."""
+        """Decide whether an authenticated peer may stay: rotation, trust store, anomalies, duplicates."""
         if self._stopping:
             return Verdict(False, ErrorCode.SHUTTING_DOWN, "agent stopping")
-        decision = await anyio.to_thread.run_sync(
-            self.store.verify_device, peer.device_id, peer.name, peer.fingerprint, time.time(), link.address
-        )
         view = self.peers.setdefault(peer.device_id, PeerView(peer.device_id))
         view.name = peer.name
-        self._check_advert(view, peer, link.address)
+        decision, blocked = await anyio.to_thread.run_sync(self._decide, peer, link.address, view.advertised_fp)
+        if blocked:
+            return Verdict(False, ErrorCode.REVOKED, _refusal_reason(ErrorCode.REVOKED))
         if not decision.may_sync:
             self._log_refusal(decision.record, peer, link.address)
             code = _REFUSAL.get(decision.level, ErrorCode.NOT_TRUSTED)
@@ -336,6 +343,36 @@ class Agent:
         view.disconnected = anyio.Event()
         return Verdict(True)
 
+    def _decide(self, peer: PeerAuthenticated, address: str, advertised: str | None) -> tuple[Decision, bool]:
+        """In a worker thread: follow a rotation chain, run verify_device, then the anomaly rules."""
+        now = time.time()
+        record = self.store.get(peer.device_id)
+        if record is not None and record.fingerprint != peer.fingerprint and record.trust.may_sync:
+            chain = rotation.follow_chain(record.fingerprint, peer.device_id, peer.fingerprint, peer.rotations)
+            if chain.ok:
+                self.store.rotate_pin(peer.device_id, peer.fingerprint, now, " -> ".join(fp[:16] for fp in chain.path))
+                log.info(
+                    "%s (%s) rotated its key along a signed chain of %d statement(s): pin moved to %s",
+                    peer.name,
+                    peer.device_id,
+                    len(chain.links),
+                    format_fingerprint(peer.fingerprint),
+                )
+        decision = self.store.verify_device(peer.device_id, peer.name, peer.fingerprint, now, address)
+        if advertised is not None and advertised != peer.fingerprint:
+            self.observations.append(AdvertObservation(peer.device_id, advertised, peer.fingerprint, address, now))
+        if decision.event is EventKind.FIRST_USE:
+            self.observations.append(NameSighting(peer.device_id, peer.name, address, now))
+        _, blocked = guard.apply(self.store, self.config.anomaly, now, self._live(), list(self.observations))
+        return decision, peer.device_id in blocked
+
+    def _live(self) -> list[LiveConnection]:
+        return [
+            LiveConnection(v.device_id, v.link.peer.fingerprint, v.link.address, v.link.opened_at or 0.0)
+            for v in self.peers.values()
+            if v.link is not None and v.link.peer is not None
+        ]
+
     def _keep_new(self, old: PeerLink, new: PeerLink) -> bool:
         """Both sides agree: keep the link dialled by the lower device id; same dialler: the newer."""
         peer_id = new.device_id or ""
@@ -346,36 +383,6 @@ class Agent:
         if dialler(old) == dialler(new):
             return True
         return dialler(new) < dialler(old)
-
-    def _check_advert(self, view: PeerView, peer: PeerAuthenticated, address: str) -> None:
-        if view.advertised_fp and view.advertised_fp != peer.fingerprint:
-            log.warning(
-                "ANOMALY advert_mismatch: %s (%s) advertises fingerprint %s over mDNS but proved %s",
-                peer.name,
-                peer.device_id,
-                format_fingerprint(view.advertised_fp),
-                format_fingerprint(peer.fingerprint),
-            )
-            now = time.time()
-            view.anomalies.append(
-                {
-                    "code": "advert_mismatch",
-                    "severity": "warning",
-                    "advertised": view.advertised_fp,
-                    "proven": peer.fingerprint,
-                    "address": address,
-                    "time": now,
-                }
-            )
-            self.store.record_event(
-                peer.device_id,
-                EventKind.ANOMALY,
-                now,
-                fingerprint=peer.fingerprint,
-                old_fingerprint=view.advertised_fp,
-                address=address,
-                detail="advert_mismatch",
-            )
 
     def _cli(self, command: str, device_id: str) -> str:
         """The exact command a person types to act on `device_id` (with --home if we use one)."""
@@ -448,7 +455,8 @@ class Agent:
             log.debug("connection to %s ended: %s", device_id, reason)
         if link.peer is not None and reason.startswith("peer closed:"):
             why = reason.removeprefix("peer closed: ")
-            refused = not why.startswith((ErrorCode.SHUTTING_DOWN.value, ErrorCode.DUPLICATE_CONNECTION.value))
+            benign = (ErrorCode.SHUTTING_DOWN.value, ErrorCode.DUPLICATE_CONNECTION.value, ErrorCode.REKEY.value)
+            refused = not why.startswith(benign)
             log.log(logging.WARNING if refused else logging.INFO, "%s (%s) closed: %s", link.peer.name, device_id, why)
 
     # -- control ---------------------------------------------------------------------------------
@@ -469,6 +477,10 @@ class Agent:
             case "stop":
                 self.stop()
                 return {"ok": True}
+            case "anomalies":
+                return await anyio.to_thread.run_sync(self.anomalies)
+            case "rotate_key":
+                return await self.rotate_key()
         raise UserError(f"unknown control command {cmd!r}")
 
     def _trust_changed(self, device_id: str) -> None:
@@ -486,8 +498,36 @@ class Agent:
                 t.attempt = 0
                 t.kick.set()
 
+    async def rotate_key(self) -> dict[str, Any]:
+        """Rotate this device's key without a restart: new cert, re-announce, re-handshake every peer."""
+        old = self.identity.fingerprint
+        new = await anyio.to_thread.run_sync(identity.rotate, self.paths, self.identity, dt.datetime.now(dt.UTC))
+        self.identity = new
+        self.rotations = tuple(identity.load_rotations(self.paths))
+        self._server_ctx = transport.server_context(self.paths.cert_file, self.paths.key_file)
+        if self.discovery is not None:
+            try:
+                await self.discovery.update(new.fingerprint)
+            except DiscoveryError as exc:
+                log.warning("could not re-announce the new fingerprint over mDNS: %s", exc)
+        for view in self.peers.values():
+            if view.link is not None:
+                view.link.close_soon(ErrorCode.REKEY, "key rotated; reconnect to see the new key")
+        for t in self.targets:
+            t.attempt = 0
+            t.kick.set()
+        return {"old_fingerprint": old, "fingerprint": new.fingerprint, "statements": len(self.rotations)}
+
+    def anomalies(self) -> list[dict[str, Any]]:
+        """Every anomaly in force, as JSON objects (in a worker thread: reads the store)."""
+        found = guard.current(self.store, self.config.anomaly, time.time(), self._live(), list(self.observations))
+        return [a.to_json() for a in found]
+
     def status(self) -> dict[str, Any]:
         """The `status --json` object."""
+        anomalies: dict[str, list[dict[str, Any]]] = {}
+        for a in self.anomalies():
+            anomalies.setdefault(str(a["device_id"]), []).append(a)
         records = {r.device_id: r for r in self.store.all()}
         peers = []
         for device_id in sorted(set(records) | {d for d, v in self.peers.items() if v.link or v.advertised_fp}):
@@ -507,7 +547,7 @@ class Agent:
                     "pending_fingerprint": r.pending_fingerprint if r else None,
                     "last_seen": _rfc3339(time.time() if link and link.is_open else (r.last_seen if r else None)),
                     "sync_count": r.sync_count if r else 0,
-                    "anomalies": list(v.anomalies) if v else [],
+                    "anomalies": anomalies.get(device_id, []),
                 }
             )
         return {

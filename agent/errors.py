@@ -29,6 +29,7 @@ class ErrorCode(StrEnum):
     NOT_TRUSTED = "not_trusted"
     TIMEOUT = "timeout"
     SHUTTING_DOWN = "shutting_down"
+    REKEY = "rekey"  # we rotated our key; reconnect to see the new one
     BAD_PATH = "bad_path"
     BAD_BLOCK = "bad_block"
     LIMIT_EXCEEDED = "limit_exceeded"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import json
 import logging
 import os
 import socket
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
@@ -69,7 +70,7 @@ def load_certificate(cert_der: bytes) -> x509.Certificate:
     try:
         cert = x509.load_der_x509_certificate(cert_der)
         key = cert.public_key()
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
         raise IdentityError(f"not a usable certificate: {exc}") from exc
     if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
         raise IdentityError("certificate key is not ECDSA P-256")
@@ -288,3 +289,53 @@ def replace_key(paths: Paths, key: ec.EllipticCurvePrivateKey, device_id: str, n
     _store_cert(paths, cert)
     _store_key(paths, key)
     return cert.public_bytes(serialization.Encoding.DER)
+
+
+# -- key rotation ---------------------------------------------------------------------------------
+
+# The newest statements we keep and offer in HELLO: 12 x ~440 bytes stays well inside the 8 KiB
+# pre-authentication frame next to the certificate.
+MAX_KEPT_ROTATIONS = 12
+
+
+def load_rotations(paths: Paths) -> list[bytes]:
+    """The rotation statements this device has made, oldest first (encoded, opaque)."""
+    try:
+        doc = json.loads(paths.rotations_file.read_text("utf-8"))
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError) as exc:
+        log.warning(
+            "cannot read %s (%s); peers that missed a rotation will see a key change", paths.rotations_file, exc
+        )
+        return []
+    items = doc.get("statements", []) if isinstance(doc, dict) else []
+    out = []
+    for item in items:
+        try:
+            out.append(bytes.fromhex(item))
+        except (TypeError, ValueError):
+            continue
+    return out[-MAX_KEPT_ROTATIONS:]
+
+
+def rotate(paths: Paths, current: Identity, now: dt.datetime) -> Identity:
+    """Make a new key, sign a rotation statement for it with the current key, and switch to it.
+
+    The statement is stored before the key is replaced: a crash in between leaves a statement
+    naming a key nobody will ever prove, which peers ignore, and the old key still in place.
+    """
+    from agent import rotation
+
+    new_key = ec.generate_private_key(ec.SECP256R1())
+    statement = rotation.make_statement(current.key, new_key.public_key(), current.device_id, int(now.timestamp()))
+    kept = [*load_rotations(paths), rotation.encode(statement)][-MAX_KEPT_ROTATIONS:]
+    doc = {"version": 1, "statements": [s.hex() for s in kept]}
+    write_private_file(paths.rotations_file, (json.dumps(doc, indent=1) + "\n").encode("utf-8"), 0o600)
+    cert_der = replace_key(paths, new_key, current.device_id, now)
+    log.warning(
+        "rotated this device's key: %s -> %s; peers that pinned the old key follow the signed statement",
+        format_fingerprint(current.fingerprint),
+        format_fingerprint(fingerprint_of_public_key(new_key.public_key())),
+    )
+    return Identity(device_id=current.device_id, name=current.name, key=new_key, cert_der=cert_der)

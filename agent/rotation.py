@@ -29,7 +29,7 @@ MAX_SPKI = 128  # a P-256 SubjectPublicKeyInfo is 91 bytes
 MAX_SIGNATURE = 80  # a DER ECDSA P-256 signature is at most 72 bytes
 MAX_TIME = 2**63 - 1
 MAX_CHAIN = 16  # links from the pin to the proven key
-MAX_STATEMENTS = 16  # statements a peer may offer in one go (the HELLO field has the same cap)
+MAX_STATEMENTS = 12  # statements a peer may offer in one go (the HELLO field has the same cap)
 
 
 @dataclass(frozen=True, slots=True)

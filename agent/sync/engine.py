@@ -47,6 +47,7 @@ from agent.sync.vectors import Vector
 log = logging.getLogger(__name__)
 Outgoing = tuple[str, SyncMessage]
 MAX_BAD_BLOCKS = 3
+REQUEST_ID_MASK = 0xFFFFFF  # low 24 bits count; the top 8 bits are the engine's `request_id_base`
 
 
 @dataclass(slots=True)
@@ -87,7 +88,7 @@ class SyncEngine:
         self, folder_id: str, root: Path, index: FolderIndex, device_id: str, *,
         executor: Executor | None = None,
         max_inflight_bytes: int = 32 * 1024 * 1024, max_jobs: int = 128, batch_files: int = 1000,
-        rescan_interval: float = 3600.0,
+        rescan_interval: float = 3600.0, request_id_base: int = 0,
     ) -> None:  # fmt: skip
         self.folder_id = folder_id
         self.index = index
@@ -111,6 +112,9 @@ class SyncEngine:
         self.requested_blocks = 0  # counters for tests and status
         self.state = "idle"
         self._next_request_id = 0
+        # Responses carry no folder: each engine of a service draws ids from its own range
+        # (top 8 bits) so the shell can route a response to the engine that asked.
+        self.request_id_base = request_id_base & ~REQUEST_ID_MASK & 0xFFFFFFFF
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -389,12 +393,16 @@ class SyncEngine:
                 job.fetch.popleft()
                 job.outstanding.add(i)
                 state.inflight_bytes += size
-                rid = self._next_request_id
-                self._next_request_id = (rid + 1) & 0xFFFFFFFF
+                rid = self.request_id_base | self._next_request_id
+                self._next_request_id = (self._next_request_id + 1) & REQUEST_ID_MASK
                 self.requests[rid] = (peer, job.name, i)
                 self.requested_blocks += 1
                 out.append((peer, Request(self.folder_id, job.name, offset, size, job.target.block_hash(i), rid)))
         return out
+
+    def serve(self, req: Request) -> Response:
+        """The answer to a block request (the shell serves requests outside `on_peer_message`)."""
+        return self._serve(req)
 
     def _serve(self, req: Request) -> Response:
         """Read a requested block of our current version; only indexed files, never through a symlink."""

@@ -1,10 +1,11 @@
 """Sync messages: folder hello, index, index update, block request/response, progress (pure).
 
-Theory: each message is a frozen dataclass with a `KIND` string, `to_fields()` giving plain
-msgpack-able values, and `from_fields()` that treats its input as hostile: exact types, bounded
-lengths and counts, validated names; anything else raises RemoteProtocolError (MALFORMED, or
-LIMIT_EXCEEDED for counts, or BAD_PATH for names). The wire layer (agent.wire) adds the kind and
-framing. Sizes are bounded so every message fits a 4 MiB frame: a block is at most 2 MiB, a
+Theory: each message is a frozen dataclass registered with the wire registry
+(`agent.wire.messages.register`; its wire name is `TYPE`, also kept as `KIND`), with `to_fields()`
+giving plain msgpack-able values and `from_fields()` that treats its input as hostile: exact
+types, bounded lengths and counts, validated names; anything else raises RemoteProtocolError
+(MALFORMED, or LIMIT_EXCEEDED for counts, or BAD_PATH for names). The wire layer adds the type
+and framing, and rejects unknown keys before `from_fields` runs. Sizes are bounded so every message fits a 4 MiB frame: a block is at most 2 MiB, a
 file's hash list at most 2 MiB, and senders batch index messages to at most `INDEX_BATCH_BYTES`.
 """
 
@@ -21,6 +22,7 @@ from agent.sync.blocks import HASH_LEN, MAX_BLOCK_SIZE, MAX_FILE_SIZE, block_cou
 from agent.sync.model import FileInfo, FileType
 from agent.sync.paths import validate_name
 from agent.sync.vectors import MAX_COUNTER, Vector
+from agent.wire.messages import WireMessage, register
 
 MAX_FILES_PER_MESSAGE = 10_000
 INDEX_BATCH_BYTES = 1024 * 1024  # senders cut index messages at about this many encoded bytes
@@ -125,8 +127,19 @@ def wire_size(f: FileInfo) -> int:
     return 64 + len(f.name.encode("utf-8", "surrogatepass")) + len(f.hashes) + 48 * len(f.version.counters)
 
 
+def _index_fields(fields: dict[str, object]) -> tuple[str, tuple[FileInfo, ...]]:
+    folder = _folder(fields)
+    files = _get(fields, "files", list)
+    if len(files) > MAX_FILES_PER_MESSAGE:
+        raise RemoteProtocolError(
+            f"index message with {len(files)} files (at most {MAX_FILES_PER_MESSAGE})", ErrorCode.LIMIT_EXCEEDED
+        )
+    return folder, tuple(file_from_wire(f) for f in files)
+
+
+@register("folder_hello")
 @dataclass(frozen=True, slots=True)
-class FolderHello:
+class FolderHello(WireMessage):
     """Sent first for each shared folder: my index id, and how much of yours I already hold."""
 
     KIND: ClassVar[str] = "folder_hello"
@@ -150,8 +163,9 @@ class FolderHello:
         return cls(_folder(fields), index_id, have, seq)
 
 
+@register("index")
 @dataclass(frozen=True, slots=True)
-class Index:
+class Index(WireMessage):
     """The first batch of a full index: the receiver forgets what it held from the sender."""
 
     KIND: ClassVar[str] = "index"
@@ -164,21 +178,20 @@ class Index:
     @classmethod
     def from_fields(cls, fields: dict[str, object]) -> Self:
         """:raises RemoteProtocolError: on a malformed entry, a bad name, or too many files."""
-        folder = _folder(fields)
-        files = _get(fields, "files", list)
-        if len(files) > MAX_FILES_PER_MESSAGE:
-            raise RemoteProtocolError(
-                f"index message with {len(files)} files (at most {MAX_FILES_PER_MESSAGE})",
-                ErrorCode.LIMIT_EXCEEDED,
-            )
-        return cls(folder, tuple(file_from_wire(f) for f in files))
+        return cls(*_index_fields(fields))
 
 
+@register("index_update")
 @dataclass(frozen=True, slots=True)
 class IndexUpdate(Index):
     """More files of the sender's index, in increasing sequence order; applied on top."""
 
     KIND: ClassVar[str] = "index_update"
+
+    @classmethod
+    def from_fields(cls, fields: dict[str, object]) -> Self:
+        """:raises RemoteProtocolError: on a malformed entry, a bad name, or too many files."""
+        return cls(*_index_fields(fields))
 
 
 class BlockError(StrEnum):
@@ -190,8 +203,9 @@ class BlockError(StrEnum):
     INVALID = "invalid"  # the request itself made no sense
 
 
+@register("request")
 @dataclass(frozen=True, slots=True)
-class Request:
+class Request(WireMessage):
     """Ask for one block of the sender's current version of `name`."""
 
     KIND: ClassVar[str] = "request"
@@ -220,8 +234,9 @@ class Request:
         )  # fmt: skip
 
 
+@register("response")
 @dataclass(frozen=True, slots=True)
-class Response:
+class Response(WireMessage):
     """The data of a requested block, or why there is none."""
 
     KIND: ClassVar[str] = "response"
@@ -247,8 +262,9 @@ class Response:
         return cls(_int(fields.get("request_id"), "request_id", 0, MAX_REQUEST_ID), data, error)
 
 
+@register("progress")
 @dataclass(frozen=True, slots=True)
-class Progress:
+class Progress(WireMessage):
     """The sender's remaining work on a folder, for the receiver's `status`."""
 
     KIND: ClassVar[str] = "progress"

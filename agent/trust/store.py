@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
@@ -89,6 +90,9 @@ class TrustStore:
     def __init__(self, path: Path, policy: TrustPolicy = TrustPolicy.AUTO) -> None:
         self.path = path
         self.policy = policy
+        # One connection shared by the agent's worker threads: a transaction must not interleave
+        # with another thread's statements, so every use of the connection holds this lock.
+        self._lock = threading.RLock()
         try:
             # autocommit mode: transactions are explicit, so BEGIN IMMEDIATE means what it says.
             self._db = sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=False)
@@ -117,6 +121,11 @@ class TrustStore:
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock, self._begin() as db:
+            yield db
+
+    @contextmanager
+    def _begin(self) -> Iterator[sqlite3.Connection]:
         try:
             self._db.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
@@ -136,12 +145,14 @@ class TrustStore:
 
     def get(self, device_id: str) -> DeviceRecord | None:
         """The record for exactly `device_id`, or None."""
-        row = self._db.execute(f"SELECT {_COLUMNS} FROM devices WHERE device_id = ?", (device_id,)).fetchone()
+        with self._lock:
+            row = self._db.execute(f"SELECT {_COLUMNS} FROM devices WHERE device_id = ?", (device_id,)).fetchone()
         return _row_to_record(row) if row else None
 
     def all(self) -> list[DeviceRecord]:
         """Every known device, by name."""
-        rows = self._db.execute(f"SELECT {_COLUMNS} FROM devices ORDER BY name, device_id").fetchall()
+        with self._lock:
+            rows = self._db.execute(f"SELECT {_COLUMNS} FROM devices ORDER BY name, device_id").fetchall()
         return [_row_to_record(r) for r in rows]
 
     def resolve(self, text: str) -> DeviceRecord:
@@ -157,10 +168,11 @@ class TrustStore:
         if exact is not None:
             return exact
         escaped = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-        rows = self._db.execute(
-            f"SELECT {_COLUMNS} FROM devices WHERE device_id LIKE ? ESCAPE '\\' LIMIT 3",
-            (escaped + "%",),
-        ).fetchall()
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {_COLUMNS} FROM devices WHERE device_id LIKE ? ESCAPE '\\' LIMIT 3",
+                (escaped + "%",),
+            ).fetchall()
         if not rows:
             raise UnknownDeviceError(f"no known device matches {text!r} (see `tofu-agent peers`)")
         if len(rows) > 1:
@@ -178,7 +190,9 @@ class TrustStore:
         if limit is not None:
             sql += " LIMIT ?"
             args.append(limit)
-        return [_row_to_event(r) for r in self._db.execute(sql, args).fetchall()]
+        with self._lock:
+            rows = self._db.execute(sql, args).fetchall()
+        return [_row_to_event(r) for r in rows]
 
     # -- writes ---------------------------------------------------------------------------------
 

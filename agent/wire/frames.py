@@ -15,8 +15,10 @@ from typing import Final
 from agent.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 
 HEADER_LEN: Final = 4
-PRE_AUTH_MAX_FRAME: Final = 8 * 1024  # before the peer has proved its key: HELLO, AUTH, READY, ERROR
-MAX_FRAME: Final = 4 * 1024 * 1024  # after the handshake: sync messages carry blocks of up to 1 MiB
+# Before the peer has proved its key (HELLO, AUTH, READY, ERROR). The largest valid HELLO (12
+# rotation statements of 512 bytes and a 1 KiB certificate) is about 7.3 KiB.
+PRE_AUTH_MAX_FRAME: Final = 8 * 1024
+MAX_FRAME: Final = 4 * 1024 * 1024  # after the handshake: sync messages carry blocks of up to 2 MiB
 _HEADER: Final = struct.Struct(">I")
 _MAX_ENCODABLE: Final = 2**32 - 1
 

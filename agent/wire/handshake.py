@@ -32,6 +32,9 @@ from contextlib import contextmanager
 from enum import Enum
 from typing import Final
 
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives.asymmetric import ec
+
 from agent.errors import ErrorCode, IdentityError, LocalProtocolError, ProtocolError, RemoteProtocolError
 from agent.identity import fingerprint_of_public_key, is_fingerprint, public_key_of_cert, verify_signature
 from agent.wire.frames import MAX_FRAME, PRE_AUTH_MAX_FRAME, FrameDecoder, frame_header
@@ -196,6 +199,7 @@ class Connection:
         self._eof = False
         self._terminated = False
         self._peer_hello: Hello | None = None
+        self._peer_key: ec.EllipticCurvePublicKey | None = None
         self._peer_fp = ""
         self._version = 0
         self._peer: PeerAuthenticated | None = None
@@ -404,7 +408,8 @@ class Connection:
     def _on_hello(self, hello: Hello) -> None:
         try:
             key = public_key_of_cert(hello.cert)
-        except IdentityError as exc:
+        # UnsupportedAlgorithm (an unknown key type or curve) escapes load_certificate today.
+        except (IdentityError, UnsupportedAlgorithm, ValueError) as exc:
             code = ErrorCode.CERT_MISMATCH if self._role is Role.CLIENT else ErrorCode.AUTH_FAILED
             raise RemoteProtocolError(f"the peer's HELLO certificate is unusable: {exc}", code) from exc
         fingerprint = fingerprint_of_public_key(key)
@@ -424,15 +429,15 @@ class Connection:
             )
         self._version = max(common)
         self._peer_hello = hello
+        self._peer_key = key
         self._peer_fp = fingerprint
         if self._role is Role.CLIENT:
             self._queue(Auth(self._identity.sign(self._transcript())))
             self._authenticated()
 
     def _on_auth(self, auth: Auth) -> None:
-        assert self._peer_hello is not None  # the transition table admits AUTH only after HELLO
-        key = public_key_of_cert(self._peer_hello.cert)
-        if not verify_signature(key, auth.signature, self._transcript()):
+        assert self._peer_key is not None  # the transition table admits AUTH only after HELLO
+        if not verify_signature(self._peer_key, auth.signature, self._transcript()):
             raise RemoteProtocolError(
                 "the peer's AUTH signature does not match this connection (a relay, or a bad key)",
                 ErrorCode.AUTH_FAILED,

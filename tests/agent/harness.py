@@ -44,7 +44,9 @@ def wait_for(predicate: Callable[[], T | None], timeout: float = 15.0, what: str
     raise AssertionError(f"timed out after {timeout} s waiting for {what} (last: {last!r})")
 
 
-def cli(home: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+def cli(
+    home: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 30.0
+) -> subprocess.CompletedProcess[str]:
     """Run `tofu-agent --home HOME ARGS...` and capture its output."""
     return subprocess.run(
         [sys.executable, "-m", "agent", "--home", str(home), *args],

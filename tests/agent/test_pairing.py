@@ -197,9 +197,7 @@ def test_relay_between_pinned_agents_fails(agents: list[AgentProc], homes: list[
         wait_for(lambda: relay.connections >= 1 and relay.forwarded > 0, 15, "traffic through the relay")
         # The dialler pins dst's key: it sees the relay's TLS key and refuses (cert_mismatch), and
         # dst never accepts an AUTH signed over the relay's fingerprint (auth_failed).
-        wait_for(
-            lambda: "cert_mismatch" in src.log() or "auth_failed" in dst.log(), 15, "the relay to be detected"
-        )
+        wait_for(lambda: "cert_mismatch" in src.log() or "auth_failed" in dst.log(), 15, "the relay to be detected")
     finally:
         relay.close()
     for agent, other, fp in ((a, idb, fp_b), (b, ida, fp_a)):

@@ -73,7 +73,9 @@ def test_every_setting(home: Path) -> None:
         mdns=False,
         trust_policy=TrustPolicy.MANUAL,
         folders=(FolderConfig("photos", Path("/srv/photos")), FolderConfig("docs", home / "relative/docs")),
-        anomaly=AnomalyConfig(repeated_key_change_threshold=5, window_seconds=5400.0, block_on=frozenset({"cloned_key"})),
+        anomaly=AnomalyConfig(
+            repeated_key_change_threshold=5, window_seconds=5400.0, block_on=frozenset({"cloned_key"})
+        ),
         keepalive_idle=30.0,
         keepalive_timeout=2.5,
     )

@@ -175,7 +175,7 @@ def test_successful_handshake(ids: Ids, order: str) -> None:
 def test_open_connection_carries_large_app_messages_and_answers_ping(ids: Ids) -> None:
     pair = Pair.of(ids)
     pair.open()
-    big = Blob(bytes(MAX_FRAME - 100))  # far over the 8 KiB pre-auth limit
+    big = Blob(bytes(MAX_FRAME - 100))  # far over the pre-auth limit
     pair.client.send(big)
     pair.server.send(Blob(b"small"))
     assert pair.pump() == ([MessageReceived(Blob(b"small"))], [MessageReceived(big)])
@@ -367,6 +367,31 @@ def test_no_common_version(ids: Ids, side: str) -> None:
     assert info.value.code is ErrorCode.VERSION_MISMATCH
 
 
+def _bent_certs(cert: bytes) -> list[bytes]:
+    """`cert` with an unknown key algorithm, an unknown curve, a bad point, and no DER at all."""
+    alg, curve = bytes.fromhex("06072A8648CE3D0201"), bytes.fromhex("06082A8648CE3D030107")
+    return [
+        cert.replace(alg, bytes.fromhex("06072A8648CE3D0209")),
+        cert.replace(curve, bytes.fromhex("06082A8648CE3D030109")),
+        cert.replace(b"\x03\x42\x00\x04", b"\x03\x42\x00\x05"),
+        b"not a certificate",
+    ]
+
+
+@pytest.mark.parametrize("variant", range(4))
+@pytest.mark.parametrize(
+    ("role", "code"), [(Role.CLIENT, ErrorCode.CERT_MISMATCH), (Role.SERVER, ErrorCode.AUTH_FAILED)]
+)
+def test_unusable_hello_certificate(ids: Ids, variant: int, role: Role, code: ErrorCode) -> None:
+    peer = ids.bob if role is Role.CLIENT else ids.alice
+    cert = _bent_certs(peer.cert_der)[variant]
+    conn = _fresh(ids, role)
+    conn.receive_data(_frames(Hello((1,), peer.device_id, peer.name, cert, b"p" * 32)), T0)
+    with pytest.raises(RemoteProtocolError) as info:
+        drain(conn)
+    assert info.value.code is code
+
+
 @pytest.mark.parametrize("side", ["client", "server"])
 def test_self_connection(ids: Ids, side: str) -> None:
     client = Connection(Role.CLIENT, ids.alice, C_NONCE, server_fp_tls=ids.alice.fingerprint)
@@ -494,7 +519,7 @@ def test_errors_poison_the_connection(ids: Ids) -> None:
 def test_eof_during_handshake_terminates(ids: Ids) -> None:
     pair = Pair.of(ids)
     pair.start()
-    pair.server.receive_data(pair.client.data_to_send()[:10] + b"", T0)
+    pair.server.receive_data(pair.client.data_to_send()[:10], T0)
     pair.server.receive_data(b"", T0)
     assert drain(pair.server) == [ConnectionTerminated(graceful=False)]
     assert pair.server.state is State.CLOSED

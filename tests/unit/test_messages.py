@@ -89,7 +89,7 @@ hellos = st.builds(
     name=names,
     cert=st.binary(min_size=1, max_size=MAX_CERT),
     nonce=st.binary(min_size=32, max_size=32),
-    rotations=st.lists(st.binary(min_size=1, max_size=256), max_size=MAX_ROTATIONS).map(tuple),
+    rotations=st.lists(st.binary(min_size=1, max_size=MAX_ROTATION_LEN), max_size=MAX_ROTATIONS).map(tuple),
 )
 messages: st.SearchStrategy[WireMessage] = st.one_of(
     hellos,
@@ -220,7 +220,7 @@ def test_local_construction_is_checked() -> None:
     with pytest.raises(LocalProtocolError):
         Error(ErrorCode.TIMEOUT, "x" * 201)
     with pytest.raises(LocalProtocolError):
-        Hello(versions=(1,), device_id=DEVICE_ID, name="x", cert=b"c", nonce=bytes(32), rotations=(bytes(512),) * 9)
+        Hello(versions=(1,), device_id=DEVICE_ID, name="x", cert=b"c", nonce=bytes(32), rotations=(b"",))
 
 
 def test_largest_hello_fits_in_a_pre_auth_frame() -> None:
@@ -230,7 +230,7 @@ def test_largest_hello_fits_in_a_pre_auth_frame() -> None:
         name="\U0001f600" * 64,  # 4 UTF-8 bytes each
         cert=bytes(MAX_CERT),
         nonce=bytes(32),
-        rotations=(bytes(256),) * MAX_ROTATIONS,
+        rotations=(bytes(MAX_ROTATION_LEN),) * MAX_ROTATIONS,
     )
     assert len(encode_message(hello)) <= PRE_AUTH_MAX_FRAME
 

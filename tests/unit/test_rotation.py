@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from agent import rotation
 from agent.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from agent.identity import fingerprint_of_public_key, new_device_id, sign
-from agent.rotation import RotationStatement, decode, encode, follow_chain, make_statement
+from agent.rotation import MAX_STATEMENTS, RotationStatement, decode, encode, follow_chain, make_statement
 
 DEV = "AAAABBBBCCCCDDDDEEEEFFFFGGGGHHHH"
 OTHER = "ZZZZYYYYXXXXWWWWVVVVUUUUTTTTSSSS"
@@ -342,11 +342,12 @@ def test_garbage_among_statements_is_skipped(keys: list[ec.EllipticCurvePrivateK
     assert len(r.ignored) == 2
 
 
-def test_chain_of_sixteen_links_is_followed_and_seventeen_statements_refused(
+def test_a_chain_at_the_statement_cap_is_followed_and_one_more_refused(
     keys: list[ec.EllipticCurvePrivateKey],
 ) -> None:
-    stmts = [rotate(keys[i], keys[i + 1], i) for i in range(17)]
-    r = follow_chain(fp(keys[0]), DEV, fp(keys[16]), stmts[:16])
-    assert r.ok and len(r.links) == 16
-    r = follow_chain(fp(keys[0]), DEV, fp(keys[17]), stmts)
+    n = MAX_STATEMENTS
+    stmts = [rotate(keys[i], keys[i + 1], i) for i in range(n + 1)]
+    r = follow_chain(fp(keys[0]), DEV, fp(keys[n]), stmts[:n])
+    assert r.ok and len(r.links) == n
+    r = follow_chain(fp(keys[0]), DEV, fp(keys[n + 1]), stmts)
     assert not r.ok and "over the limit" in r.reason

@@ -129,6 +129,28 @@ def test_every_decision_is_logged_with_old_and_new_fingerprints(store: TrustStor
     assert all(e.device_id == A for e in events)
 
 
+def test_a_refused_peer_retrying_is_logged_once_but_still_seen(store: TrustStore) -> None:
+    store.verify_device(A, "laptop", K1, T0)
+    for i in range(3):
+        assert store.verify_device(A, "laptop", K2, T0 + 1 + i).level is TrustLevel.KEY_CHANGED
+    store.revoke(A, T0 + 10)
+    for i in range(3):
+        store.verify_device(A, "laptop", K3, T0 + 11 + i)
+    store.verify_device(A, "laptop", K1, T0 + 20)  # another key: a new refusal
+    store.verify_device(A, "laptop", K3, T0 + 21)  # and back: not the last event, so logged again
+    assert [(e.kind, e.fingerprint) for e in reversed(store.events())] == [
+        (EventKind.FIRST_USE, K1),
+        (EventKind.KEY_CHANGED, K2),
+        (EventKind.REVOKED, K1),
+        (EventKind.REFUSED, K3),
+        (EventKind.REFUSED, K1),
+        (EventKind.REFUSED, K3),
+    ]
+    got = store.get(A)
+    assert got is not None
+    assert got.last_seen == T0 + 21
+
+
 def test_accept_is_logged(home: Path) -> None:
     with TrustStore(home / "trust.db", TrustPolicy.MANUAL) as s:
         assert s.verify_device(A, "laptop", K1, T0).level is TrustLevel.PENDING
@@ -283,7 +305,7 @@ def test_add_pre_pins_as_verified_and_the_same_key_then_matches(store: TrustStor
     assert (added.trust, added.fingerprint, added.name) == (TrustLevel.VERIFIED, K1, "phone")
     d = store.verify_device(A, "phone", K1, T0 + 1)
     assert (d.level, d.event) == (TrustLevel.VERIFIED, EventKind.MATCH)
-    newest, first = store.events()
+    _match, first = store.events()
     assert (first.kind, first.fingerprint, first.detail) == (EventKind.ADDED, K1, "added from URI")
 
 
@@ -428,7 +450,7 @@ def test_the_store_uses_wal(home: Path) -> None:
 def test_a_file_that_is_not_a_database_is_a_trust_store_error(home: Path) -> None:
     path = home / "trust.db"
     path.write_bytes(b"this is not sqlite, just some text that is long enough " * 40)
-    with pytest.raises(TrustStoreError, match="trust.db"):
+    with pytest.raises(TrustStoreError, match=r"trust\.db"):
         TrustStore(path)
 
 

@@ -1,0 +1,106 @@
+"""Apply the anomaly rules to the trust store: log new anomalies, block devices policy names.
+
+`agent.trust.anomaly` decides what is anomalous (pure); this module is its disk edge, used by the
+daemon after every trust decision and by the CLI when no agent runs. Observation-based anomalies
+(mDNS adverts, name sightings) exist only while the agent runs, so once logged as ANOMALY events
+they are read back from the log (`recorded`) and stay visible until a person clears them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from agent.config import AnomalyConfig
+from agent.trust import anomaly
+from agent.trust.anomaly import Anomaly, AnomalyCode, LiveConnection, Observation
+from agent.trust.model import EventKind, TrustEvent, TrustLevel
+from agent.trust.store import TrustStore
+
+log = logging.getLogger(__name__)
+
+
+def recorded(events: Sequence[TrustEvent]) -> list[Anomaly]:
+    """Anomalies as the event log remembers them (one per device and code), not yet cleared."""
+    found: dict[tuple[str, str], Anomaly] = {}
+    for ev in sorted(events, key=lambda e: e.seq):
+        if ev.kind is not EventKind.ANOMALY:
+            continue
+        code_text, _, summary = ev.detail.partition(":")
+        try:
+            code = AnomalyCode(code_text.strip())
+        except ValueError:
+            continue
+        key = (ev.device_id, code.value)
+        first = found[key].first_seen if key in found else ev.time
+        evidence: list[tuple[str, anomaly.EvidenceValue]] = []
+        if ev.fingerprint:
+            evidence.append(("fingerprint", ev.fingerprint))
+        if ev.old_fingerprint:
+            evidence.append(("other_fingerprint", ev.old_fingerprint))
+        if ev.address:
+            evidence.append(("address", ev.address))
+        found[key] = Anomaly(
+            code=code,
+            severity=anomaly.SEVERITY[code],
+            device_id=ev.device_id,
+            evidence=tuple(evidence),
+            summary=summary.strip() or code.value,
+            first_seen=first,
+            last_seen=ev.time,
+        )
+    return anomaly.acknowledged(found.values(), events)
+
+
+def current(
+    store: TrustStore,
+    config: AnomalyConfig,
+    now: float,
+    live: Sequence[LiveConnection] = (),
+    observations: Sequence[Observation] = (),
+) -> list[Anomaly]:
+    """Every anomaly in force: the rules over the log and live state, plus those the log recorded."""
+    events = store.events()
+    fresh = anomaly.evaluate(events, store.all(), live, observations, config, now)
+    seen = {(a.device_id, a.code) for a in fresh}
+    merged = fresh + [a for a in recorded(events) if (a.device_id, a.code) not in seen]
+    return sorted(merged, key=lambda a: (a.device_id, a.code.value))
+
+
+def apply(
+    store: TrustStore,
+    config: AnomalyConfig,
+    now: float,
+    live: Sequence[LiveConnection] = (),
+    observations: Sequence[Observation] = (),
+) -> tuple[list[Anomaly], list[str]]:
+    """Log anomalies not yet logged (with a warning line) and revoke what policy blocks.
+
+    Returns the anomalies in force and the device ids revoked just now.
+    """
+    events = store.events()
+    fresh = anomaly.evaluate(events, store.all(), live, observations, config, now)
+    for a in anomaly.unreported(fresh, events):
+        log.warning("ANOMALY %s (%s) for device %s: %s", a.code.value, a.severity.value, a.device_id, a.summary)
+        evidence = dict(a.evidence)
+        proven = evidence.get("proven")
+        fp = proven[0] if isinstance(proven, tuple) and proven else evidence.get("fingerprint")
+        store.record_event(
+            a.device_id,
+            EventKind.ANOMALY,
+            now,
+            fingerprint=fp if isinstance(fp, str) else None,
+            detail=a.event_detail(),
+        )
+    blocked = []
+    events = store.events()
+    for device_id in anomaly.to_block(fresh, events, config):
+        record = store.get(device_id)
+        if record is None or record.trust is TrustLevel.REVOKED:
+            continue
+        codes = sorted({a.code.value for a in fresh if a.device_id == device_id and anomaly.should_block(a, config)})
+        note = f"blocked automatically: {', '.join(codes)}; let it back only with `trust retrust` or `trust verify`"
+        store.revoke(device_id, now, note)
+        log.warning("BLOCKED device %s (%s): %s", record.name, device_id, note)
+        blocked.append(device_id)
+    return current(store, config, now, live, observations), blocked

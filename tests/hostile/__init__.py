@@ -1,0 +1,1 @@
+"""Hostile peers against real agent processes: attacks, faults and the checks that they held."""

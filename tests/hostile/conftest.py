@@ -1,0 +1,173 @@
+"""The victim: a real agent paired with a real legitimate agent, and the checks run after each attack.
+
+One victim serves the whole hostile session (starting agents costs seconds); attacks that must
+change trust get their own pair (`fresh_pair`). After every attack `victim.check_after(before)`
+asserts that the agent survived: the legitimate agent is still connected on both sides, a new
+honest handshake from a pinned probe identity reaches OPEN, the trust store holds the same pins
+and the trust log gained only what the attack is expected to add, and RSS grew only modestly.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.identity import Identity
+from tests.agent.harness import AgentProc, cli, short_home
+from tests.hostile.peer import ProtocolClient, new_identity
+
+# Short keepalives: an attack that stalls the agent's event loop for more than ~3 s shows up as
+# the legitimate peer being dropped. Sync is off (`folder = []`): sync attacks come later.
+CONFIG = "keepalive_idle = 1.5\nkeepalive_timeout = 1.5\nfolder = []\n"
+PROBE_SOURCE = "127.0.0.250"
+RSS_SLACK_KIB = 16 * 1024  # "modest growth" after one attack
+
+
+def rss_kib(pid: int) -> int:
+    """VmRSS of `pid` in KiB, from /proc."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for pid {pid}")
+
+
+def configure(home: Path, extra: str = "") -> Path:
+    (home / "config").mkdir(mode=0o700, exist_ok=True)
+    (home / "config" / "config.toml").write_text(CONFIG + extra)
+    return home
+
+
+@dataclass(frozen=True)
+class TrustSnapshot:
+    """`peers --json` and `trust log --json` of an agent at one moment."""
+
+    peers: dict[str, dict[str, Any]]
+    events: list[dict[str, Any]]
+
+    def pins(self) -> dict[str, tuple[str, str, str | None]]:
+        return {d: (p["fingerprint"], p["trust"], p["pending_fingerprint"]) for d, p in self.peers.items()}
+
+    def new_events(self, before: TrustSnapshot) -> list[dict[str, Any]]:
+        last = max((e["seq"] for e in before.events), default=0)
+        return sorted((e for e in self.events if e["seq"] > last), key=lambda e: int(e["seq"]))
+
+
+def snapshot(home: Path) -> TrustSnapshot:
+    peers = cli(home, "peers", "--json")
+    log = cli(home, "trust", "log", "--json")
+    assert peers.returncode == 0 and log.returncode == 0, peers.stderr + log.stderr
+    return TrustSnapshot({p["device_id"]: p for p in json.loads(peers.stdout)}, json.loads(log.stdout))
+
+
+@dataclass
+class Before:
+    trust: TrustSnapshot
+    rss: int
+
+
+@dataclass
+class Victim:
+    """The agent under attack (`agent`), its paired legitimate peer (`legit`), and a pinned probe."""
+
+    agent: AgentProc
+    legit: AgentProc
+    agent_id: str
+    legit_id: str
+    probe: Identity
+    homes: list[Path] = field(default_factory=list)
+
+    @property
+    def port(self) -> int:
+        return self.agent.port
+
+    @property
+    def pid(self) -> int:
+        assert self.agent.proc is not None
+        return self.agent.proc.pid
+
+    def rss(self) -> int:
+        return rss_kib(self.pid)
+
+    def before(self) -> Before:
+        """What to compare against after an attack."""
+        return Before(snapshot(self.agent.home), self.rss())
+
+    def probe_handshake(self, source: str = PROBE_SOURCE) -> None:
+        """A pinned honest peer completes a new handshake and gets a PONG answer to a PING."""
+        with ProtocolClient(self.port, self.probe, source=source) as client:
+            assert client.handshake(), f"the probe was not admitted: {client.log.events}\n{self.agent.log()[-3000:]}"
+
+    def check_after(
+        self, before: Before, *, expected_events: tuple[tuple[str, str], ...] = (), rss_slack_kib: int = RSS_SLACK_KIB
+    ) -> None:
+        """The agent survived the attack; see the module docstring. `expected_events`: (device_id, kind)."""
+        assert self.agent.proc is not None and self.agent.proc.poll() is None, "the agent died"
+        self.agent.wait_peer(self.legit_id, connected=True, trust="tofu", timeout=10)
+        self.legit.wait_peer(self.agent_id, connected=True, trust="tofu", timeout=10)
+        self.probe_handshake()
+        after = snapshot(self.agent.home)
+        assert after.pins() == before.trust.pins(), "the attack changed a pin or a trust level"
+        # The probe's handshake adds one `match` event; anything else must be expected.
+        new = [
+            (e["device_id"], e["kind"])
+            for e in after.new_events(before.trust)
+            if not (e["device_id"] == self.probe.device_id and e["kind"] == "match")
+        ]
+        assert new == list(expected_events), f"unexpected trust events: {new}"
+        growth = self.rss() - before.rss
+        assert growth < rss_slack_kib, f"RSS grew by {growth} KiB"
+        assert "Traceback" not in self.agent.log(), self.agent.log()[-4000:]
+
+
+def start_pair(homes: list[Path], names: tuple[str, str] = ("victim", "legit")) -> tuple[AgentProc, AgentProc, str, str]:
+    a = AgentProc(configure(homes[0]), names[0])
+    b = AgentProc(configure(homes[1]), names[1])
+    a.start(peers=[b])
+    b.start(peers=[a])
+    ida, idb = a.identity()["device_id"], b.identity()["device_id"]
+    a.wait_peer(idb, trust="tofu", connected=True)
+    b.wait_peer(ida, trust="tofu", connected=True)
+    return a, b, ida, idb
+
+
+@pytest.fixture(scope="session")
+def victim() -> Iterator[Victim]:
+    homes = [short_home("ta-h-"), short_home("ta-h-")]
+    a, b, ida, idb = start_pair(homes)
+    v = Victim(a, b, ida, idb, new_identity("probe"), homes)
+    try:
+        v.probe_handshake()  # pins the probe (trust on first use)
+        yield v
+    finally:
+        for p in (a, b):
+            p.kill()
+        for h in homes:
+            shutil.rmtree(h, ignore_errors=True)
+
+
+@pytest.fixture
+def fresh_pair() -> Iterator[tuple[AgentProc, AgentProc, str, str]]:
+    """A victim and legitimate agent of their own, for attacks that change trust."""
+    homes = [short_home("ta-h-"), short_home("ta-h-")]
+    pair = start_pair(homes)
+    try:
+        yield pair
+    finally:
+        for p in pair[:2]:
+            assert isinstance(p, AgentProc)
+            p.kill()
+        for h in homes:
+            shutil.rmtree(h, ignore_errors=True)
+
+
+@pytest.fixture
+def scratch() -> Iterator[Path]:
+    path = short_home("ta-x-")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,291 @@
+"""Real `tofu-agent run` processes inside the network namespaces of a `tests.netns.Lan`.
+
+Each agent gets its own short home (`/tmp/ta-XXXX`, so the control socket path stays well under
+the 108-byte limit) and runs via `ip netns exec`, so it listens, advertises and browses only on
+the private LAN. Its control socket is a Unix socket in that home: a filesystem object, reachable
+from the root namespace, so `status` needs no namespace at all.
+
+    with Lan(2) as lan:
+        a = LanAgent(lan, 0, "alpha").start()
+        b = LanAgent(lan, 1, "beta").start()
+        a.wait_peer(b.device_id, connected=True, trust="tofu")
+
+`status()` runs the real CLI (`tofu-agent --home H status --json`); `status_fast()` asks the
+control socket in-process, for polling every few milliseconds without a Python start-up each time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+from agent import control
+from agent.errors import TofuError
+from agent.paths import resolve_paths
+from tests.netns import Lan
+
+T = TypeVar("T")
+
+ROOT = Path(__file__).resolve().parents[2]
+AGENT = [sys.executable, "-m", "agent"]
+POLL = 0.02
+PROBE = Path(__file__).with_name("mdns_probe.py")
+
+
+def wait_until(predicate: Callable[[], T | None], timeout: float, what: str, *, poll: float = POLL) -> T:
+    """Poll `predicate` until it returns something truthy; fail after `timeout` s naming `what`."""
+    deadline = time.monotonic() + timeout
+    last: T | None = None
+    while True:
+        last = predicate()
+        if last:
+            return last
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what} (last: {last!r})")
+        time.sleep(poll)
+
+
+def make_home(config: dict[str, float | int | str | bool] | None = None) -> Path:
+    """A fresh short home directory, with HOME/config/config.toml written from `config` if given."""
+    home = Path(tempfile.mkdtemp(prefix="ta-", dir="/tmp"))
+    if config:
+        (home / "config").mkdir(mode=0o700)
+        (home / "config" / "config.toml").write_text("".join(f"{k} = {_toml(v)}\n" for k, v in config.items()))
+    return home
+
+
+def _toml(value: float | int | str | bool) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a valid TOML basic string
+    return repr(value)
+
+
+def cli(home: Path, *args: str, timeout: float = 20.0) -> subprocess.CompletedProcess[str]:
+    """`tofu-agent --home HOME ARGS...` in the root namespace (no network needed), output captured."""
+    return subprocess.run(
+        [*AGENT, "--home", str(home), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        cwd=ROOT,
+    )
+
+
+class LanAgent:
+    """One `tofu-agent run` in host `host` of `lan`, with mDNS on and its own home."""
+
+    def __init__(
+        self,
+        lan: Lan,
+        host: int,
+        name: str,
+        *,
+        config: dict[str, float | int | str | bool] | None = None,
+        home: Path | None = None,
+    ) -> None:
+        self.lan = lan
+        self.host = host
+        self.name = name
+        self.home = home if home is not None else make_home(config)
+        self.paths = resolve_paths(self.home)
+        self.log_path = self.home / "agent.log"
+        self.proc: subprocess.Popen[str] | None = None
+        self.started_at: float | None = None  # time.monotonic() just before the process was spawned
+        ident = cli(self.home, "id", "--json")  # creates the identity, so the id is known before start
+        if ident.returncode != 0:
+            raise AssertionError(f"`tofu-agent id` failed: {ident.stderr}")
+        data = json.loads(ident.stdout)
+        self.device_id: str = data["device_id"]
+        self.fingerprint: str = data["fingerprint"]
+
+    @property
+    def address(self) -> str:
+        """This agent's LAN address."""
+        return self.lan.hosts[self.host].address
+
+    def spawn(self, *extra: str) -> LanAgent:
+        """Start `tofu-agent run` in the namespace and return at once."""
+        argv = [*AGENT, "--home", str(self.home), "run", "--bind", "0.0.0.0", "--name", self.name, *extra]
+        with self.log_path.open("a") as log:
+            self.started_at = time.monotonic()
+            self.proc = self.lan.popen(self.host, argv, stdout=log, stderr=log, cwd=ROOT, env=dict(os.environ))
+        return self
+
+    def start(self, *extra: str, timeout: float = 20.0) -> LanAgent:
+        """Start the agent and wait until its control socket answers."""
+        self.spawn(*extra)
+        wait_until(lambda: self.status_fast() is not None or self.exited(), timeout, f"{self.name} to start")
+        if self.exited():
+            raise AssertionError(f"{self.name} exited with {self.returncode()}:\n{self.log()}")
+        return self
+
+    def exited(self) -> bool:
+        """The process has ended."""
+        return self.proc is not None and self.proc.poll() is not None
+
+    def returncode(self) -> int | None:
+        """The exit code, or None while running."""
+        return None if self.proc is None else self.proc.poll()
+
+    def log(self) -> str:
+        """Everything the agent logged so far."""
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    # -- asking the agent --------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any] | None:
+        """`tofu-agent --home H status --json` if a running agent answers, else None."""
+        r = cli(self.home, "status", "--json", timeout=10)
+        if r.returncode != 0:
+            return None
+        result: dict[str, Any] = json.loads(r.stdout)
+        return result if result.get("running") else None
+
+    def status_fast(self) -> dict[str, Any] | None:
+        """The same object straight from the control socket (no process start-up), or None."""
+        try:
+            result = control.request(self.paths.control_socket, "status", timeout=2.0)
+        except (TofuError, OSError):
+            return None
+        return result if isinstance(result, dict) else None
+
+    def peers(self, *, fast: bool = True) -> dict[str, dict[str, Any]]:
+        """The status entries of every peer, by device id (empty if the agent does not answer)."""
+        st = self.status_fast() if fast else self.status()
+        return {p["device_id"]: p for p in (st or {}).get("peers", [])}
+
+    def peer(self, device_id: str, *, fast: bool = True) -> dict[str, Any] | None:
+        """This agent's status entry for `device_id`, if any."""
+        return self.peers(fast=fast).get(device_id)
+
+    def sees(self, device_id: str, **expect: Any) -> dict[str, Any] | None:
+        """The entry for `device_id` if it has all the `expect` values now, else None."""
+        p = self.peer(device_id)
+        return p if p is not None and all(p.get(k) == v for k, v in expect.items()) else None
+
+    def wait_peer(self, device_id: str, timeout: float = 15.0, **expect: Any) -> dict[str, Any]:
+        """Wait until the entry for `device_id` has all the `expect` values; the log on failure."""
+        try:
+            return wait_until(lambda: self.sees(device_id, **expect), timeout, f"{self.name} to see {expect}")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n--- {self.name} log ---\n{self.log()[-6000:]}") from None
+
+    def count_log(self, needle: str) -> int:
+        """How many log lines contain `needle`."""
+        return sum(needle in line for line in self.log().splitlines())
+
+    # -- ending it ---------------------------------------------------------------------------------
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> float:
+        """Send `sig` and wait for the exit; the seconds it took."""
+        assert self.proc is not None
+        t0 = time.monotonic()
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(timeout)
+        return time.monotonic() - t0
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would (no goodbye on the wire or on mDNS)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def cleanup(self) -> None:
+        """Kill the process if it still runs and delete the home."""
+        self.kill()
+        shutil.rmtree(self.home, ignore_errors=True)
+
+
+def cleanup_all(agents: Iterable[LanAgent]) -> None:
+    """`cleanup()` every agent, even if one fails."""
+    for agent in agents:
+        try:
+            agent.cleanup()
+        except (OSError, subprocess.SubprocessError) as exc:  # keep going: the rest still needs it
+            print(f"cleanup of {agent.name} failed: {exc}", file=sys.stderr)
+
+
+def established(lan: Lan, host: int, port: int) -> list[tuple[str, str]]:
+    """Established TCP connections in `host` that involve local or remote `port`: (local, remote) addresses."""
+    r = lan.run(host, ["ss", "-Htn", "state", "established"], timeout=10)
+    found: list[tuple[str, str]] = []
+    for line in r.stdout.splitlines():
+        fields = line.split()
+        if len(fields) < 4:
+            continue
+        local, remote = fields[-2], fields[-1]
+        if local.endswith(f":{port}") or remote.endswith(f":{port}"):
+            found.append((local.rpartition(":")[0], remote.rpartition(":")[0]))
+    return found
+
+
+class ForgedAdvert:
+    """`mdns_probe.py forge` in host `host`: publishes mDNS records with any content we like."""
+
+    def __init__(self, lan: Lan, host: int, spec: list[dict[str, Any]], log_dir: Path) -> None:
+        self.stderr_path = log_dir / f"forge-{host}.stderr"
+        self.lines: list[dict[str, Any]] = []
+        self._cond = threading.Condition()
+        with self.stderr_path.open("w") as err:
+            self.proc = lan.popen(
+                host,
+                [sys.executable, str(PROBE), "forge", "--spec", json.dumps(spec)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=err,
+                cwd=ROOT,
+                env={**os.environ, "PYTHONPATH": str(ROOT)},
+            )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            with self._cond:
+                self.lines.append(json.loads(line))
+                self._cond.notify_all()
+        with self._cond:
+            self.lines.append({"ev": "exit"})
+            self._cond.notify_all()
+
+    def wait_advertised(self, timeout: float = 10.0) -> None:
+        """Wait until the records have been announced."""
+        with self._cond:
+            self._cond.wait_for(lambda: any(e["ev"] in ("advertised", "exit") for e in self.lines), timeout)
+            ok = any(e["ev"] == "advertised" for e in self.lines)
+        if not ok:
+            raise AssertionError(f"forged advert not announced: {self.lines} {self.stderr_path.read_text()[-2000:]}")
+
+    def stop(self) -> None:
+        """Withdraw the records and end the process."""
+        if self.proc.poll() is None and self.proc.stdin is not None:
+            try:
+                self.proc.stdin.write("stop\n")
+                self.proc.stdin.flush()
+                self.proc.wait(timeout=5)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+        self._reader.join(timeout=5)
+
+
+def pairs(items: list[T]) -> Iterator[tuple[T, T]]:
+    """Every unordered pair of `items`."""
+    for i, a in enumerate(items):
+        for b in items[i + 1 :]:
+            yield a, b
