@@ -65,7 +65,7 @@ def test_two_agents_pair_on_first_use(agents: list[AgentProc]) -> None:
 
 def test_restart_reconnects_to_the_same_pin(agents: list[AgentProc]) -> None:
     a, b = agents
-    ida, idb = pair(a, b)
+    _ida, idb = pair(a, b)
     pinned = a.peer(idb)
     assert pinned is not None
     elapsed = b.stop()
@@ -79,7 +79,7 @@ def test_restart_reconnects_to_the_same_pin(agents: list[AgentProc]) -> None:
 
 def test_replaced_key_is_refused_then_retrust_lets_it_in(agents: list[AgentProc]) -> None:
     a, b = agents
-    ida, idb = pair(a, b)
+    _ida, idb = pair(a, b)
     old_fp = b.identity()["fingerprint"]
     b.stop()
     # A reinstall, or an impersonator that copied the device id: new key, same id.

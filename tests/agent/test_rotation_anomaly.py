@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -41,7 +40,7 @@ def trust_log(agent: AgentProc) -> list[dict[str, object]]:
 
 def test_rotate_key_on_a_running_agent_keeps_its_pairings(agents: list[AgentProc]) -> None:
     a, b = agents
-    ida, idb = pair(a, b)
+    _ida, idb = pair(a, b)
     r = cli(a.home, "trust", "verify", idb)
     assert r.returncode == 0, r.stderr
     old = b.identity()["fingerprint"]
@@ -59,7 +58,7 @@ def test_rotate_key_on_a_running_agent_keeps_its_pairings(agents: list[AgentProc
 
 def test_a_peer_offline_during_two_rotations_follows_the_chain(agents: list[AgentProc]) -> None:
     a, b = agents
-    ida, idb = pair(a, b)
+    _ida, idb = pair(a, b)
     a.stop()
     for _ in range(2):
         r = cli(b.home, "rotate-key", "--json")
@@ -80,7 +79,7 @@ def replace_key(agent: AgentProc) -> str:
 
 def test_three_new_keys_for_one_device_id_are_flagged_and_blocked(agents: list[AgentProc]) -> None:
     a, b = agents
-    ida, idb = pair(a, b)
+    _ida, idb = pair(a, b)
     seen: list[str] = []
     for i in range(3):
         b.stop()
@@ -103,9 +102,9 @@ def test_three_new_keys_for_one_device_id_are_flagged_and_blocked(agents: list[A
     a.wait_peer(idb, trust="tofu", connected=True, fingerprint=seen[-1], timeout=90)
 
 
-def test_anomalies_clear_is_logged(agents: list[AgentProc], tmp_path: Path) -> None:
+def test_anomalies_clear_is_logged(agents: list[AgentProc]) -> None:
     a, b = agents
-    ida, idb = pair(a, b)
+    _ida, idb = pair(a, b)
     r = cli(a.home, "anomalies", "clear", idb[:6])
     assert r.returncode == 0, r.stderr
     assert "anomaly_cleared" in [e["kind"] for e in trust_log(a)]
