@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from agent import __version__, config, ids, logs
-from agent.errors import ConfigError, TofuError, UserError
+from agent.errors import ConfigError, TofuError, UnknownDeviceError, UserError
 from agent.paths import Paths, resolve_paths, write_private_file
 from agent.trust.model import DeviceRecord, TrustEvent
 from agent.trust.store import TrustStore
@@ -214,9 +214,20 @@ def _notify_agent(paths: Paths, device_id: str) -> None:
         log.warning("the running agent did not take the change yet: %s", exc)
 
 
+def _log_device(store: TrustStore, text: str) -> str:
+    """A known device by id or prefix, or the exact id of a forgotten one (the log keeps its history)."""
+    try:
+        return store.resolve(text).device_id
+    except UnknownDeviceError:
+        wanted = text.strip().upper()
+        if ids.is_device_id(wanted) and store.events(wanted, 1):
+            return wanted
+        raise
+
+
 def cmd_trust_log(ctx: Ctx) -> int:
     with ctx.store() as store:
-        device = store.resolve(ctx.args.device).device_id if ctx.args.device else None
+        device = _log_device(store, ctx.args.device) if ctx.args.device else None
         events = store.events(device, ctx.args.limit)
     lines = [
         f"{local_time(e.time)}  {e.device_id[:10]}..  {e.kind.value:<16} "
@@ -255,7 +266,10 @@ def cmd_trust_export(ctx: Ctx) -> int:
         doc = export_document(store.all())
     text = json.dumps(doc, indent=2, sort_keys=True)
     if ctx.args.file and ctx.args.file != "-":
-        write_private_file(Path(ctx.args.file), (text + "\n").encode("utf-8"), 0o600)
+        try:
+            write_private_file(Path(ctx.args.file), (text + "\n").encode("utf-8"), 0o600)
+        except OSError as exc:
+            raise UserError(f"cannot write {ctx.args.file}: {exc.strerror or exc}") from exc
         if not ctx.json:
             print(f"exported {len(doc['peers'])} device(s) to {ctx.args.file}")
             return EXIT_OK
@@ -285,8 +299,10 @@ def parse_export(doc: object) -> list[DeviceRecord]:
             trust = TrustLevel(entry.get("trust", "tofu"))
         except ValueError:
             raise UserError(f"{where}: unknown trust level {entry.get('trust')!r}") from None
-        if trust in (TrustLevel.UNKNOWN, TrustLevel.KEY_CHANGED):
+        if trust is TrustLevel.UNKNOWN:
             raise UserError(f"{where}: trust level {trust.value} cannot be imported")
+        # A key_changed device travels with its old pin and stays refused; the disputed key is
+        # not exported, so the importing machine never learns to trust it.
         addresses = entry.get("addresses", [])
         if not isinstance(addresses, list) or not all(isinstance(a, str) for a in addresses):
             raise UserError(f"{where}: addresses must be a list of strings")
@@ -317,6 +333,8 @@ def cmd_trust_import(ctx: Ctx) -> int:
         raise UserError(f"cannot read {ctx.args.file}: {exc.strerror}") from exc
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"{ctx.args.file} is not JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise UserError(f"{ctx.args.file} is nested too deeply to be a trust export") from exc
     records = parse_export(doc)
     outcome: dict[str, list[str]] = {"added": [], "updated": [], "kept": [], "conflict": []}
     now = time.time()

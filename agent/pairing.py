@@ -272,6 +272,10 @@ class PairingSession:
         # Forget the secrets: nothing may be derived from this run any more.
         self._expected_confirm = b""
 
+    def abort(self) -> None:
+        """Burn the session because the connection around it failed; later calls raise."""
+        self._fail()
+
     def start(self, now: float | None = None) -> bytes:
         """Our SPAKE2 message, to send to the peer; `now`, if given, is checked against the expiry.
 

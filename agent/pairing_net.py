@@ -32,6 +32,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Final
 
 import anyio
@@ -47,6 +48,7 @@ from agent.errors import (
     LocalProtocolError,
     ProtocolError,
     RemoteProtocolError,
+    TofuError,
     UserError,
 )
 from agent.identity import fingerprint_of_cert
@@ -152,26 +154,26 @@ class PairedPeer:
 class PairingExchange:
     """The pairing messages of one connection, over one `PairingSession`; no I/O, time passed in."""
 
-    def __init__(self, session: PairingSession, taken: Callable[[], bool] = lambda: False) -> None:
-        """`taken` tells a waiting side whether another connection already holds the session."""
+    def __init__(self, session: PairingSession) -> None:
         self.session = session
-        self._taken = taken
         self._peer: PeerAuthenticated | None = None
+        self._owns = False
         self.result: PairedPeer | None = None
 
     @property
     def started(self) -> bool:
-        """True once this connection uses the session: from now on a failure burns the code."""
-        return self.session.state is not State.EXPECT_START and self._peer is not None and self._owns
-
-    _owns = False
+        """True once this connection uses the session: from then on any failure burns the code."""
+        return self._owns
 
     def authenticated(self, peer: PeerAuthenticated) -> None:
         """The handshake proved `peer`; remember who, for the transcript."""
         self._peer = peer
 
     def opened(self, now: float) -> list[WireMessage]:
-        """The connection is open: the joining side speaks first."""
+        """The connection is open: the joining side speaks first.
+
+        :raises PairingError: the session expired or was used before.
+        """
         if self.session.role == "waiting":
             return []
         self._owns = True
@@ -180,41 +182,45 @@ class PairingExchange:
     def received(self, message: WireMessage, now: float) -> list[WireMessage]:
         """A pairing message from the peer: what to send back.
 
-        :raises NotThisPairing: (waiting side, before the session is taken) another nameplate.
+        :raises NotThisPairing: (waiting side, session not taken by this connection) another
+            nameplate, or another connection holds the session; the code is not burnt.
         :raises PairingError: the session failed and is burnt; send `code` to the peer.
         """
         peer = self._peer
         if peer is None:
             raise LocalProtocolError("a pairing message before the handshake finished")
+        if not self._owns:  # only a waiting side gets here: the joining side owns from `opened`
+            if not isinstance(message, PairPake):
+                raise NotThisPairing("the first pairing message must be pair_pake", ErrorCode.UNEXPECTED_MESSAGE)
+            if message.nameplate != self.session.nameplate:
+                raise NotThisPairing(
+                    f"this device waits for pairing number {self.session.nameplate}, not {message.nameplate}",
+                    ErrorCode.NOT_TRUSTED,
+                )
+            if self.session.state is not State.EXPECT_START:
+                raise NotThisPairing("this device is already pairing with another one", ErrorCode.NOT_TRUSTED)
+            self._owns = True
+            ours = self.session.start(now)
+            mac = self.session.receive_pake(message.msg, peer.device_id, peer.fingerprint, now)
+            return [PairPake(self.session.nameplate, ours), PairConfirm(mac)]
         match message:
-            case PairPake(nameplate=nameplate, msg=msg):
-                if nameplate != self.session.nameplate and not self._owns:
-                    raise NotThisPairing(
-                        f"this device waits for pairing number {self.session.nameplate}, not {nameplate}",
-                        ErrorCode.NOT_TRUSTED,
-                    )
-                if self.session.role == "waiting" and not self._owns:
-                    if self._taken() or self.session.state is not State.EXPECT_START:
-                        raise NotThisPairing("this device is already pairing with another", ErrorCode.NOT_TRUSTED)
-                    self._owns = True
-                    ours = self.session.start(now)
-                    mac = self.session.receive_pake(msg, peer.device_id, peer.fingerprint, now)
-                    return [PairPake(self.session.nameplate, ours), PairConfirm(mac)]
+            case PairPake(nameplate=nameplate, msg=msg) if self.session.state is State.EXPECT_PAKE:
+                if nameplate != self.session.nameplate:
+                    self.session.abort()
+                    raise BadPairingMessage(f"the other device waits for pairing number {nameplate}, not this one")
                 return [PairConfirm(self.session.receive_pake(msg, peer.device_id, peer.fingerprint, now))]
-            case PairConfirm(mac=mac) if self._owns:
+            case PairConfirm(mac=mac) if self.session.state is State.EXPECT_CONFIRM:
                 done = self.session.receive_confirm(mac, now)
                 self.result = PairedPeer(done.peer_device_id, peer.name, done.peer_fingerprint)
                 return []
-            case _:
-                if self._owns:
-                    self.session.receive_confirm(b"", now)  # burns the session with the right error
-                raise BadPairingMessage(f"the other device sent {type(message).__name__} out of turn")
+        self.session.abort()
+        raise BadPairingMessage(f"the other device sent {message.TYPE} out of turn; ask for a new code")
 
-    def peer_closed(self, code: ErrorCode, reason: str) -> PairingError | UserError:
-        """The error to report when the peer closes before pairing finished."""
+    def peer_closed(self, code: ErrorCode, reason: str) -> UserError:
+        """The error to report when the peer closes before pairing finished (the session is burnt)."""
         if self._owns:
-            self.session.receive_confirm(b"", time.monotonic()) if self.session.get_timer() else None
-        if code is ErrorCode.AUTH_FAILED:
+            self.session.abort()
+        if code is ErrorCode.AUTH_FAILED and self._owns:
             return WrongCodeError()
         if code is ErrorCode.TIMEOUT:
             return PairingExpired()
@@ -350,7 +356,7 @@ class PairLink:
                 pass
 
 
-class ClosedByPeer(Exception):  # noqa: N818 - an event turned into control flow, not a fault of ours
+class ClosedByPeer(TofuError):
     """Internal: the peer sent ERROR (`code`) or hung up (`code` None)."""
 
     def __init__(self, code: ErrorCode | None, reason: str) -> None:
@@ -414,10 +420,8 @@ def _handshake_failure(exc: RemoteProtocolError) -> str:
 
 @dataclass
 class _Waiting:
-    session: PairingSession
     result: PairedPeer | None = None
     failure: UserError | None = None
-    busy: bool = False
 
 
 async def wait_for_peer(
@@ -433,46 +437,39 @@ async def wait_for_peer(
 ) -> PairedPeer:
     """Listen until one peer pairs with `session`, the session is burnt, or it expires.
 
+    Connections that fail before the session is taken (a failed handshake, another nameplate, a
+    second joiner) are logged and the code stays good; once a connection took it, its failure ends
+    the wait.
+
     :raises PairingError: wrong code (burnt) or expired.
     :raises UserError: we refused the peer (`refuse`), or we cannot listen.
     """
-    state = _Waiting(session)
-    deadline = session.expires_at
+    state = _Waiting()
 
     async def handle(stream: TLSStream, address: str) -> None:
-        exchange = PairingExchange(session, taken=lambda: state.busy)
-        link = PairLink(stream, Role.SERVER, identity, deadline)
+        exchange = PairingExchange(session)
+        link = PairLink(stream, Role.SERVER, identity, session.expires_at)
         try:
-            result = await run_exchange(link, exchange, refuse)
+            state.result = await run_exchange(link, exchange, refuse)
+            await link.close(ErrorCode.SHUTTING_DOWN, "paired")
         except (NotThisPairing, ConnectionLost, PeerRefusedPairing) as exc:
-            if exchange.started:
-                state.failure = PairingError(str(exc))
-                tg.cancel_scope.cancel()
-            else:
+            if not exchange.started:
                 log.warning("a connection from %s did not pair (the code is still good): %s", address, exc)
-            return
-        except UserError as exc:  # PairingError after the session was taken, or our own refusal
+                return
+            state.failure = exc if isinstance(exc, UserError) else PairingError(str(exc))
+        except UserError as exc:  # a burnt session, or our own refusal of the peer
             state.failure = exc
-            tg.cancel_scope.cancel()
-            return
-        finally:
-            if exchange.started:
-                state.busy = True
-        state.result = result
-        await link.close(ErrorCode.SHUTTING_DOWN, "paired")
-        tg.cancel_scope.cancel()
+        done.cancel()
 
-    try:
-        async with anyio.create_task_group() as tg:
-            tg.cancel_scope.deadline = anyio.current_time() + max(0.0, deadline - time.monotonic())
-            bound = await tg.start(
-                lambda task_status: transport.serve(bind, port, lambda: server_ctx, handle, task_status=task_status)
-            )
-            on_listening(bound)
-            if advertise:
-                tg.start_soon(_advertise, session.nameplate, bound)
-    except OSError as exc:
-        raise UserError(f"cannot listen on {bind or '*'}:{port}: {exc.strerror or exc}") from exc
+    with anyio.move_on_after(max(0.0, session.expires_at - time.monotonic())) as done:
+        try:
+            async with anyio.create_task_group() as tg:
+                bound = await tg.start(partial(transport.serve, bind, port, lambda: server_ctx, handle))
+                on_listening(bound)
+                if advertise:
+                    tg.start_soon(_advertise, session.nameplate, bound)
+        except OSError as exc:
+            raise UserError(f"cannot listen on {bind or '*'}:{port}: {exc.strerror or exc}") from exc
     if state.result is not None:
         return state.result
     if state.failure is not None:
@@ -516,7 +513,10 @@ async def join(
                 return result
         except ConnectionLost as exc:
             errors.append(str(exc))
-    raise UserError(f"could not reach the waiting device: {'; '.join(errors) or 'no address to try'}")
+    raise UserError(
+        f"could not reach the waiting device ({'; '.join(errors) or 'no address to try'}); it may have paired, "
+        "expired or refused a wrong code: ask for a new code"
+    )
 
 
 # -- mDNS for the nameplate -----------------------------------------------------------------------
@@ -603,10 +603,10 @@ async def _zeroconf() -> AsyncIterator[AsyncZeroconf]:
             await aiozc.async_close()
 
 
-async def find_waiting(nameplate: int, timeout: float) -> tuple[list[str], int]:
+async def find_waiting(nameplate: int, within: float) -> tuple[list[str], int]:
     """The addresses and port of the one waiting side advertising `nameplate`.
 
-    :raises UserError: none found within `timeout`, or more than one (someone may imitate it).
+    :raises UserError: none found within `within` seconds, or more than one (someone may imitate it).
     """
     names: asyncio.Queue[str] = asyncio.Queue()
     found: dict[str, tuple[list[str], int]] = {}
@@ -614,7 +614,7 @@ async def find_waiting(nameplate: int, timeout: float) -> tuple[list[str], int]:
     async with _zeroconf() as aiozc:
         browser = AsyncServiceBrowser(aiozc.zeroconf, PAIR_SERVICE_TYPE, listener=_PairListener(names))
         try:
-            with anyio.move_on_after(timeout):
+            with anyio.move_on_after(within):
                 settle_at = math.inf
                 while anyio.current_time() < settle_at:
                     with anyio.move_on_after(max(0.0, settle_at - anyio.current_time())):
@@ -630,7 +630,7 @@ async def find_waiting(nameplate: int, timeout: float) -> tuple[list[str], int]:
             await browser.async_cancel()
     if not found:
         raise UserError(
-            f"found no device waiting with pairing number {nameplate} within {timeout:g} s; is "
+            f"found no device waiting with pairing number {nameplate} within {within:g} s; is "
             "`tofu-agent pair` running on the other machine, on this network? (or use --peer HOST:PORT)"
         )
     if len(found) > 1:

@@ -5,8 +5,9 @@ Theory: each message is a frozen dataclass registered with the wire registry
 giving plain msgpack-able values and `from_fields()` that treats its input as hostile: exact
 types, bounded lengths and counts, validated names; anything else raises RemoteProtocolError
 (MALFORMED, or LIMIT_EXCEEDED for counts, or BAD_PATH for names). The wire layer adds the type
-and framing, and rejects unknown keys before `from_fields` runs. Sizes are bounded so every message fits a 4 MiB frame: a block is at most 2 MiB, a
-file's hash list at most 2 MiB, and senders batch index messages to at most `INDEX_BATCH_BYTES`.
+and framing, and rejects unknown keys before `from_fields` runs. Sizes are bounded so every
+message fits a 4 MiB frame: a block is at most 2 MiB, a file's hash list at most 2 MiB, and
+senders batch index messages to at most `INDEX_BATCH_BYTES`.
 """
 
 from __future__ import annotations

@@ -1,17 +1,130 @@
-"""The sync I/O shell: runs one `SyncEngine` per configured folder for the daemon (placeholder)."""
+"""The sync I/O shell: runs one `SyncEngine` per configured folder for the daemon (anyio, asyncio).
+
+Theory of operation. The shell makes no sync decisions; it moves inputs to engines and their
+outputs to links.
+- Each folder has a `_Folder`: its engine, a `threading.Lock` (engine calls run in worker
+  threads, one at a time), and an inbox of engine inputs (a link opened or closed, a peer
+  message) plus pending local-change names. One task drains the inbox in batches, one worker
+  thread call per batch: thousands of small messages cost one thread hop, and the event loop
+  keeps reading and decrypting while a worker hashes and writes (hashlib, ssl and os I/O release
+  the GIL, so this pipelines on two cores).
+- Each link has a `_Link` with a send queue drained by its own task, so sending never blocks
+  reading: two agents that both waited in `send` while neither read would deadlock. A peer's block
+  requests are queued as requests and read from disk only when their turn comes, in batches;
+  past `MAX_PENDING_SERVES` queued requests, or `MAX_INBOX_BYTES` of queued block data, the link
+  stops reading (backpressure), which bounds what a peer can make us hold.
+- Responses carry no folder: each engine draws request ids from its own range (top 8 bits).
+- `watchfiles` reports changed paths (debounced; our temp files filtered out); many names at once
+  become one full scan. The engine's timer drives the periodic rescan.
+- Bad input: `message()` raises RemoteProtocolError for what it can judge itself (unknown message,
+  folder or request id); what an engine finds later closes the link with `close_soon(code)` and a
+  warning, and that link's next `message()` raises the same error.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import hashlib
+import logging
+import os
+import threading
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import anyio
 import anyio.abc
+import anyio.to_thread
 
-from agent.config import Config
+from agent.config import Config, FolderConfig
+from agent.errors import ErrorCode, ProtocolError, RemoteProtocolError
 from agent.identity import Identity
 from agent.net.link import PeerLink
 from agent.paths import Paths
-from agent.wire.messages import WireMessage
+from agent.sync.engine import FolderStatus, Outgoing, SyncEngine
+from agent.sync.index import FolderIndex
+from agent.sync.messages import (
+    BlockError,
+    FolderHello,
+    Index,
+    Progress,
+    Request,
+    Response,
+    SyncMessage,
+    wire_size,
+)  # fmt: skip
+from agent.sync.paths import TEMP_PREFIX, is_valid_name
+from agent.wire.messages import WireMessage, clean_reason
+
+log = logging.getLogger(__name__)
+
+RESCAN_INTERVAL = 300.0  # the safety net under file-system events
+WATCH_DEBOUNCE_MS = 1600  # longest a burst of events is grouped
+WATCH_STEP_MS = 50  # quiet time that ends a group: a single change is seen within ~50 ms
+MAX_EVENT_NAMES = 256  # more changed names than this at once: one full scan is cheaper
+MAX_INFLIGHT_BYTES = 16 * 1024 * 1024  # block bytes requested per peer and folder, not yet answered
+MAX_INBOX_BYTES = 16 * 1024 * 1024  # queued peer data per folder before its links stop reading
+MAX_PENDING_SERVES = 4096  # queued block requests per link before it stops reading
+SERVE_BATCH_BYTES = 8 * 1024 * 1024  # blocks read from disk in one worker-thread call
+STATUS_INTERVAL = 0.5  # seconds between progress reports to peers (and status refreshes)
+MAX_FOLDERS = 256  # request ids carry the folder's number in 8 bits
+
+InboxKind = Literal["open", "close", "msg"]
+
+
+@dataclass(eq=False)
+class _Link:
+    """One open peer link as the service sees it: its send queue and its fate."""
+
+    link: PeerLink
+    device_id: str
+    name: str
+    queue: deque[tuple[_Folder | None, SyncMessage]] = field(default_factory=deque)
+    wake: anyio.Event = field(default_factory=anyio.Event)
+    room: anyio.Event = field(default_factory=anyio.Event)
+    serves: int = 0
+    closed: bool = False
+    error: RemoteProtocolError | None = None
+
+    def push(self, msg: SyncMessage, folder: _Folder | None = None) -> None:
+        """Queue `msg` for sending (with `folder`: a request to serve from that folder)."""
+        if not self.closed:
+            self.queue.append((folder, msg))
+            self.wake.set()
+
+
+@dataclass(eq=False)
+class _Folder:
+    """One folder: its engine, the lock around it, and the inputs waiting for it."""
+
+    number: int
+    config: FolderConfig
+    engine: SyncEngine
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    inbox: deque[tuple[InboxKind, _Link, SyncMessage | None]] = field(default_factory=deque)
+    inbox_bytes: int = 0
+    changed: set[str] = field(default_factory=set)
+    rescan: bool = False
+    wake: anyio.Event = field(default_factory=anyio.Event)
+    room: anyio.Event = field(default_factory=anyio.Event)
+    current: dict[str, _Link] = field(default_factory=dict)  # the engine's view: peer -> link (worker only)
+    snapshot: FolderStatus = field(default_factory=lambda: FolderStatus("scanning", 0, 0, 0, 0, {}))
+    snapshot_at: float = 0.0
+    reported: dict[str, tuple[int, int]] = field(default_factory=dict)  # progress last sent per peer
+    blocks_received: int = 0  # on the wire: responses with data, and their bytes
+    bytes_received: int = 0
+
+    def put(self, kind: InboxKind, link: _Link, msg: SyncMessage | None = None, size: int = 0) -> None:
+        self.inbox.append((kind, link, msg))
+        self.inbox_bytes += size
+        self.wake.set()
+
+
+def index_path(paths: Paths, folder_id: str) -> str:
+    """Where the index of `folder_id` lives: in the data directory, never inside the folder."""
+    digest = hashlib.sha256(folder_id.encode("utf-8")).hexdigest()[:24]
+    return str(paths.data_dir / "sync" / f"{digest}.db")
 
 
 class SyncService:
@@ -21,20 +134,367 @@ class SyncService:
         self.paths = paths
         self.config = config
         self.identity = ident
+        self.folders: list[_Folder] = []
+        self.by_id: dict[str, _Folder] = {}
+        self.links: dict[str, _Link] = {}  # device id -> its current link
+        self._by_link: dict[PeerLink, _Link] = {}
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._executor: ThreadPoolExecutor | None = None
+
+    # -- life cycle ------------------------------------------------------------------------------
+
+    def _open_folders(self) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="sync-hash")
+        (self.paths.data_dir / "sync").mkdir(parents=True, exist_ok=True, mode=0o700)
+        for cfg in self.config.folders[:MAX_FOLDERS]:
+            root = cfg.path.absolute()
+            data = self.paths.data_dir.absolute()
+            if data == root or root in data.parents:
+                log.error("not syncing folder %r: %s holds the agent's own data directory", cfg.id, root)
+                continue
+            try:
+                root.mkdir(parents=True, exist_ok=True)
+                index = FolderIndex(index_path(self.paths, cfg.id))
+                engine = SyncEngine(
+                    cfg.id, root, index, self.identity.device_id, executor=self._executor,
+                    max_inflight_bytes=MAX_INFLIGHT_BYTES, rescan_interval=RESCAN_INTERVAL,
+                    request_id_base=len(self.folders) << 24,
+                )  # fmt: skip
+            except OSError as exc:
+                log.error("cannot sync folder %r at %s: %s", cfg.id, root, exc)
+                continue
+            folder = _Folder(len(self.folders), cfg, engine)
+            self.folders.append(folder)
+            self.by_id[cfg.id] = folder
+        if len(self.config.folders) > MAX_FOLDERS:
+            log.error("only the first %d folders are synced", MAX_FOLDERS)
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Scan folders, watch them and run timers until cancelled."""
-        task_status.started()
+        self._open_folders()
+        try:
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                for f in self.folders:
+                    log.info("syncing folder %r at %s", f.config.id, f.config.path)
+                    tg.start_soon(self._run_folder, f)
+                    tg.start_soon(self._watch, f)
+                task_status.started()
+                await anyio.sleep_forever()
+        finally:
+            self._tg = None
+            with anyio.CancelScope(shield=True):
+                for f in self.folders:
+                    await anyio.to_thread.run_sync(self._close_folder, f)
+            if self._executor is not None:
+                self._executor.shutdown(wait=False)
+
+    def _close_folder(self, f: _Folder) -> None:
+        with f.lock:
+            try:
+                f.engine.flush(time.time())  # finished files go in place now, not after a restart
+            except Exception:
+                log.exception("folder %r: flushing at shutdown failed", f.config.id)
+            f.engine.close()
+            f.engine.index.close()
+
+    # -- link hooks ------------------------------------------------------------------------------
 
     async def peer_opened(self, link: PeerLink) -> None:
         """A trusted peer is connected: start exchanging indexes."""
+        device_id = link.device_id
+        if device_id is None or self._tg is None:
+            return
+        old = self.links.get(device_id)
+        if old is not None:
+            self._forget(old)  # the daemon replaced it (duplicate connection) without telling us
+        ls = _Link(link, device_id, link.peer.name if link.peer else "")
+        self.links[device_id] = ls
+        self._by_link[link] = ls
+        self._tg.start_soon(self._send_loop, ls)
+        for f in self.folders:
+            f.put("open", ls)
 
     async def message(self, link: PeerLink, message: WireMessage) -> None:
         """A sync message from a connected peer; RemoteProtocolError closes that link."""
+        ls = self._by_link.get(link)
+        if ls is None:
+            raise RemoteProtocolError("sync message on a link that is not open", ErrorCode.UNEXPECTED_MESSAGE)
+        if ls.error is not None:
+            raise ls.error
+        match message:
+            case Response():
+                f = self._folder_of_request(message.request_id)
+                f.blocks_received += 1 if message.data else 0
+                f.bytes_received += len(message.data)
+                await self._to_inbox(f, ls, message, len(message.data) + 64)
+            case Request():
+                served = self.by_id.get(message.folder)
+                if served is None:
+                    ls.push(Response(message.request_id, b"", BlockError.INVALID))
+                    return
+                while ls.serves >= MAX_PENDING_SERVES and not ls.closed:
+                    ls.room = anyio.Event()
+                    await ls.room.wait()
+                ls.serves += 1
+                ls.push(message, served)
+            case FolderHello() | Index() | Progress():
+                shared = self.by_id.get(message.folder)
+                if shared is None:
+                    if isinstance(message, FolderHello):
+                        return  # the peer has a folder we do not: nothing to share
+                    raise RemoteProtocolError(
+                        f"{message.KIND} for folder {message.folder[:64]!r}, which we do not share",
+                        ErrorCode.UNEXPECTED_MESSAGE,
+                    )
+                size = sum(wire_size(x) for x in message.files) if isinstance(message, Index) else 64
+                await self._to_inbox(shared, ls, message, size)
+            case _:
+                raise RemoteProtocolError(f"unexpected {type(message).__name__} message", ErrorCode.UNEXPECTED_MESSAGE)
 
     async def peer_closed(self, link: PeerLink) -> None:
         """A peer's link closed: forget its in-flight requests."""
+        ls = self._by_link.get(link)
+        if ls is not None:
+            self._forget(ls)
+
+    def _forget(self, ls: _Link) -> None:
+        self._by_link.pop(ls.link, None)
+        if self.links.get(ls.device_id) is ls:
+            del self.links[ls.device_id]
+        ls.closed = True
+        ls.queue.clear()
+        ls.wake.set()
+        ls.room.set()
+        for f in self.folders:
+            f.put("close", ls)
+
+    def _folder_of_request(self, request_id: int) -> _Folder:
+        number = request_id >> 24
+        if number >= len(self.folders):
+            raise RemoteProtocolError("response to no request of ours", ErrorCode.UNEXPECTED_MESSAGE)
+        return self.folders[number]
+
+    async def _to_inbox(self, f: _Folder, ls: _Link, msg: SyncMessage, size: int) -> None:
+        while f.inbox_bytes > MAX_INBOX_BYTES and not ls.closed:
+            await f.room.wait()
+        f.put("msg", ls, msg, size)
+
+    def _fail(self, ls: _Link, exc: RemoteProtocolError) -> None:
+        """Close `ls` because its peer broke the sync protocol."""
+        if ls.error is not None or ls.closed:
+            return
+        ls.error = exc
+        log.warning("closing connection with %s (%s..): %s: %s", ls.name, ls.device_id[:8], exc.code.value, exc)
+        ls.link.close_soon(exc.code, clean_reason(str(exc)))
+
+    # -- folders ---------------------------------------------------------------------------------
+
+    async def _run_folder(self, f: _Folder) -> None:
+        await anyio.to_thread.run_sync(self._start_engine, f)
+        while True:
+            if not (f.inbox or f.changed or f.rescan):
+                delay = max(0.0, f.engine.get_timer() - time.time())
+                with anyio.move_on_after(delay):
+                    await f.wake.wait()
+            f.wake = anyio.Event()
+            items = list(f.inbox)
+            f.inbox.clear()
+            f.inbox_bytes = 0
+            room, f.room = f.room, anyio.Event()
+            room.set()
+            names, f.changed = f.changed, set()
+            full, f.rescan = f.rescan, False
+            try:
+                out, errors = await anyio.to_thread.run_sync(self._work, f, items, names, full)
+            except Exception:
+                # a disk or database failure: keep the agent up, try again on the next input
+                log.exception("folder %r: sync step failed", f.config.id)
+                await anyio.sleep(1.0)
+                continue
+            for ls, exc in errors:
+                self._fail(ls, exc)
+            for ls, msg in out:
+                ls.push(msg)
+
+    def _start_engine(self, f: _Folder) -> None:
+        with f.lock:
+            f.engine.start(time.time())
+            f.snapshot = f.engine.status()
+
+    def _work(
+        self, f: _Folder, items: list[tuple[InboxKind, _Link, SyncMessage | None]], names: set[str], full: bool
+    ) -> tuple[list[tuple[_Link, SyncMessage]], list[tuple[_Link, RemoteProtocolError]]]:
+        """One batch of engine inputs, in a worker thread; what to send, and links to close."""
+        out: list[tuple[_Link, SyncMessage]] = []
+        errors: list[tuple[_Link, RemoteProtocolError]] = []
+        bad: set[_Link] = set()
+        now = time.time()
+
+        def route(messages: list[Outgoing]) -> None:
+            # resolved now: a message for a session that closed later in this batch must not
+            # reach the session that replaced it
+            for peer, msg in messages:
+                target = f.current.get(peer)
+                if target is not None:
+                    out.append((target, msg))
+
+        with f.lock:
+            eng = f.engine
+            for kind, ls, msg in items:
+                if kind == "open":
+                    f.current[ls.device_id] = ls
+                    f.reported.pop(ls.device_id, None)
+                    route(eng.peer_connected(ls.device_id, now))
+                elif kind == "close":
+                    if f.current.get(ls.device_id) is ls:
+                        del f.current[ls.device_id]
+                        eng.peer_disconnected(ls.device_id)
+                elif msg is not None and not ls.closed and ls not in bad and f.current.get(ls.device_id) is ls:
+                    try:
+                        route(eng.on_peer_message(ls.device_id, msg, now))
+                    except RemoteProtocolError as exc:
+                        errors.append((ls, exc))
+                        bad.add(ls)
+                    except Exception:
+                        log.exception("folder %r: handling %s from %s failed", f.config.id, msg.KIND, ls.name)
+                        errors.append((ls, RemoteProtocolError("internal error", ErrorCode.INTERNAL_ERROR)))
+                        bad.add(ls)
+            if full:
+                route(eng.on_local_change([""], now))
+            elif names:
+                route(eng.on_local_change(sorted(names), now))
+            if now >= eng.get_timer():
+                route(eng.handle_timer(now))
+            idle = not eng.need and not eng.jobs
+            if idle or now - f.snapshot_at >= STATUS_INTERVAL:
+                f.snapshot = eng.status()
+                f.snapshot_at = now
+                route(self._progress(f))
+        return out, errors
+
+    def _progress(self, f: _Folder) -> list[Outgoing]:
+        """Tell each peer sharing the folder what we still need, when that changed."""
+        mine = (f.snapshot.need_files, f.snapshot.need_bytes)
+        out: list[Outgoing] = []
+        for peer, state in f.engine.peers.items():
+            if state.ready and f.reported.get(peer) != mine:
+                f.reported[peer] = mine
+                out.append((peer, Progress(f.config.id, *mine)))
+        return out
+
+    async def _send_loop(self, ls: _Link) -> None:
+        try:
+            while not ls.closed:
+                if not ls.queue:
+                    ls.wake = anyio.Event()
+                    await ls.wake.wait()
+                    continue
+                folder, msg = ls.queue.popleft()
+                if folder is None or not isinstance(msg, Request):
+                    await ls.link.send(msg)
+                    continue
+                batch, size = [msg], msg.size
+                while ls.queue and ls.queue[0][0] is folder and size < SERVE_BATCH_BYTES:
+                    nxt = ls.queue.popleft()[1]
+                    assert isinstance(nxt, Request)
+                    batch.append(nxt)
+                    size += nxt.size
+                ls.serves -= len(batch)
+                ls.room.set()
+                for resp in await anyio.to_thread.run_sync(self._serve, folder, batch):
+                    await ls.link.send(resp)
+        except (ProtocolError, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+            log.debug("sending to %s stopped: %s", ls.name, exc)
+
+    def _serve(self, f: _Folder, requests: list[Request]) -> list[Response]:
+        with f.lock:
+            return [f.engine.serve(r) for r in requests]
+
+    # -- watching --------------------------------------------------------------------------------
+
+    async def _watch(self, f: _Folder) -> None:
+        import watchfiles  # a Rust extension: loaded only when there is a folder to watch
+
+        root = str(f.config.path.absolute())
+        try:
+            async for changes in watchfiles.awatch(
+                root, watch_filter=None, debounce=WATCH_DEBOUNCE_MS, step=WATCH_STEP_MS, recursive=True,
+                ignore_permission_denied=True,
+            ):  # fmt: skip
+                for _, path in changes:
+                    name = self._event_name(root, path)
+                    if name is None:
+                        continue
+                    if name == "":
+                        f.rescan = True
+                    else:
+                        f.changed.add(name)
+                if len(f.changed) > MAX_EVENT_NAMES:
+                    f.changed.clear()
+                    f.rescan = True
+                if f.changed or f.rescan:
+                    f.wake.set()
+        except Exception as exc:  # no inotify watches left, the folder vanished, ...
+            log.warning("not watching %s for changes (%s); periodic rescans still run", root, exc)
+
+    @staticmethod
+    def _event_name(root: str, path: str) -> str | None:
+        """The folder-relative name to rescan for an event at `path` ('' for all, None to ignore)."""
+        rel = os.path.relpath(path, root)
+        if rel == "." or rel.startswith(".." + os.sep) or rel == "..":
+            return "" if rel == "." else None
+        name = rel.replace(os.sep, "/")
+        if os.path.basename(name).startswith(TEMP_PREFIX):
+            return None  # our own partial files
+        while name and not is_valid_name(name):
+            name = name.rpartition("/")[0]  # rescanning the parent skips the invalid name with a warning
+        return name
+
+    # -- status ----------------------------------------------------------------------------------
 
     def status(self) -> list[dict[str, Any]]:
         """The `folders` list of `status --json`."""
-        return []
+        result: list[dict[str, Any]] = []
+        for f in self.folders:
+            # a worker may hold the lock through a long scan: then show the last snapshot
+            if f.lock.acquire(timeout=0.2):
+                try:
+                    f.snapshot = f.engine.status()
+                finally:
+                    f.lock.release()
+            snap = f.snapshot
+            state = "scanning" if f.engine.state == "scanning" else snap.state
+            peers = []
+            for device_id, progress in sorted(snap.peers.items()):
+                need_files, need_bytes = progress if progress is not None else (0, 0)
+                total = max(snap.bytes, need_bytes)
+                percent = 100.0 if not total else 100.0 * (total - need_bytes) / total
+                if need_files and percent >= 100.0:
+                    percent = 99.0
+                ls = self.links.get(device_id)
+                peers.append(
+                    {
+                        "device_id": device_id,
+                        "name": ls.name if ls else "",
+                        "need_files": need_files,
+                        "need_bytes": need_bytes,
+                        "percent": round(percent, 1),
+                    }
+                )
+            result.append(
+                {
+                    "id": f.config.id,
+                    "path": str(f.config.path),
+                    "state": state,
+                    "files": snap.files,
+                    "bytes": snap.bytes,
+                    "need_files": snap.need_files,
+                    "need_bytes": snap.need_bytes,
+                    "peers": peers,
+                    "blocks_received": f.blocks_received,
+                    "bytes_received": f.bytes_received,
+                    "blocks_requested": f.engine.requested_blocks,
+                }
+            )
+        return result

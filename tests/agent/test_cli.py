@@ -239,11 +239,6 @@ def test_forget_then_peers_no_longer_lists_it_and_the_log_keeps_it(cli: Cli, pop
     assert history[0]["trust_after"] == "unknown"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="cli.cmd_trust_log resolves DEVICE among current records only, so the history of a "
-    "forgotten device cannot be asked for by id",
-)
 def test_trust_log_of_a_forgotten_device(cli: Cli, populated: Path) -> None:
     ok_json(cli("trust", "forget", SPARE, "--json"))
     history = ok_json(cli("trust", "log", SPARE, "--json"))
@@ -372,11 +367,6 @@ def test_import_never_replaces_a_pin_and_never_lowers(cli: Cli, populated: Path,
     assert f"conflict: {TOFU} is pinned to another key here" in out
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="cli.parse_export refuses a whole export that holds a key_changed device, so "
-    "`trust export | trust import` fails whenever any key change is unresolved",
-)
 def test_export_with_a_key_change_can_be_imported(cli: Cli, populated: Path, other_home: Path) -> None:
     code, exported, _ = cli("trust", "export")
     assert code == 0
@@ -608,21 +598,15 @@ def test_lost_key_warns_once_and_keeps_the_device_id(cli: Cli, home: Path) -> No
     assert "Traceback" not in err
 
 
-@pytest.mark.xfail(strict=True, reason="cli.cmd_trust_export lets OSError from writing FILE escape as a traceback")
 def test_export_to_a_missing_directory_is_one_line(cli: Cli, populated: Path) -> None:
     assert_user_error(cli("trust", "export", str(populated / "no" / "such" / "dir.json")))
 
 
-@pytest.mark.xfail(strict=True, reason="cli.cmd_trust_export lets OSError (IsADirectoryError) escape as a traceback")
 def test_export_onto_a_directory_is_one_line(cli: Cli, populated: Path) -> None:
     (populated / "adir").mkdir()
     assert_user_error(cli("trust", "export", str(populated / "adir")))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="cli.cmd_trust_import catches JSONDecodeError but not RecursionError from deeply nested JSON",
-)
 def test_import_of_deeply_nested_json_is_one_line(cli: Cli, populated: Path) -> None:
     path = populated / "deep.json"
     path.write_text("[" * 100_000)

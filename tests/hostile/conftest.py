@@ -18,8 +18,11 @@ from typing import Any
 
 import pytest
 
+from agent import control
+from agent.errors import TofuError
 from agent.identity import Identity
-from tests.agent.harness import AgentProc, cli, short_home
+from agent.paths import resolve_paths
+from tests.agent.harness import AgentProc, cli, short_home, wait_for
 from tests.hostile.peer import ProtocolClient, new_identity
 
 # Short keepalives: an attack that stalls the agent's event loop for more than ~3 s shows up as
@@ -108,8 +111,8 @@ class Victim:
     ) -> None:
         """The agent survived the attack; see the module docstring. `expected_events`: (device_id, kind)."""
         assert self.agent.proc is not None and self.agent.proc.poll() is None, "the agent died"
-        self.agent.wait_peer(self.legit_id, connected=True, trust="tofu", timeout=10)
-        self.legit.wait_peer(self.agent_id, connected=True, trust="tofu", timeout=10)
+        wait_connected(self.agent, self.legit_id)
+        wait_connected(self.legit, self.agent_id)
         self.probe_handshake()
         after = snapshot(self.agent.home)
         assert after.pins() == before.trust.pins(), "the attack changed a pin or a trust level"
@@ -125,14 +128,39 @@ class Victim:
         assert "Traceback" not in self.agent.log(), self.agent.log()[-4000:]
 
 
+def fast_peer(agent: AgentProc, device_id: str) -> dict[str, Any] | None:
+    """The agent's status entry for `device_id`, asked over the control socket in-process (quick)."""
+    try:
+        st = control.request(resolve_paths(agent.home).control_socket, "status", timeout=5.0)
+    except TofuError:
+        return None
+    for p in st.get("peers", []) if isinstance(st, dict) else []:
+        if p["device_id"] == device_id:
+            return dict(p)
+    return None
+
+
+def wait_connected(agent: AgentProc, device_id: str, timeout: float = 10.0, trust: str = "tofu") -> dict[str, Any]:
+    """Wait until `agent` shows `device_id` connected with `trust`; its log on failure."""
+
+    def check() -> dict[str, Any] | None:
+        p = fast_peer(agent, device_id)
+        return p if p and p["connected"] and p["trust"] == trust else None
+
+    try:
+        return wait_for(check, timeout, f"{agent.name} to show {device_id} connected")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n--- {agent.name} log ---\n{agent.log()[-4000:]}") from None
+
+
 def start_pair(homes: list[Path], names: tuple[str, str] = ("victim", "legit")) -> tuple[AgentProc, AgentProc, str, str]:
     a = AgentProc(configure(homes[0]), names[0])
     b = AgentProc(configure(homes[1]), names[1])
     a.start(peers=[b])
     b.start(peers=[a])
     ida, idb = a.identity()["device_id"], b.identity()["device_id"]
-    a.wait_peer(idb, trust="tofu", connected=True)
-    b.wait_peer(ida, trust="tofu", connected=True)
+    wait_connected(a, idb, 15)
+    wait_connected(b, ida, 15)
     return a, b, ida, idb
 
 

@@ -66,6 +66,7 @@ def test_slowloris_half_open_tls_is_cut_at_the_tls_deadline(victim: Victim) -> N
         times = _closed_times(socks, TLS_HANDSHAKE_TIMEOUT + SLACK)
         elapsed = time.monotonic() - t0
         assert all(t is not None for t in times), f"{times.count(None)} half-open connections survived"
+        print(f"FIGURE slowloris: {len(socks)} half-open, all closed after {max(t for t in times if t):.1f} s")
         assert elapsed < TLS_HANDSHAKE_TIMEOUT + 2 * SLACK
     finally:
         _close_all(socks)
@@ -105,6 +106,7 @@ def test_hundreds_of_connections_hit_the_total_cap_then_recover(victim: Victim) 
         quick = _closed_times(socks, 1.0)
         refused = sum(t is not None for t in quick)
         held = len(socks) - refused
+        print(f"FIGURE total-cap: {len(socks)} connections, {held} held, {refused} refused at once")
         assert MAX_CONNECTIONS - 4 <= held <= MAX_CONNECTIONS, f"held {held}, refused {refused}"
         # The established link survives the flood (keepalives are 1.5 s here).
         victim.agent.wait_peer(victim.legit_id, connected=True, timeout=3)
@@ -130,6 +132,7 @@ def test_tls_then_silence_is_closed_at_the_handshake_deadline(victim: Victim) ->
             codes = list(pool.map(lambda c: c.error_code(HANDSHAKE_TIMEOUT + SLACK), clients))
         elapsed = time.monotonic() - t0
         assert codes == [ErrorCode.TIMEOUT] * len(clients), codes
+        print(f"FIGURE tls-silence: {len(clients)} silent after TLS, all ERROR(timeout) within {elapsed:.1f} s")
         assert elapsed < HANDSHAKE_TIMEOUT + SLACK
     finally:
         for c in clients:

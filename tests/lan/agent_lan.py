@@ -25,7 +25,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -55,7 +55,7 @@ def wait_until(predicate: Callable[[], T | None], timeout: float, what: str, *, 
         time.sleep(poll)
 
 
-def make_home(config: dict[str, float | int | str | bool] | None = None) -> Path:
+def make_home(config: Mapping[str, float | int | str | bool] | None = None) -> Path:
     """A fresh short home directory, with HOME/config/config.toml written from `config` if given."""
     home = Path(tempfile.mkdtemp(prefix="ta-", dir="/tmp"))
     if config:
@@ -93,7 +93,7 @@ class LanAgent:
         host: int,
         name: str,
         *,
-        config: dict[str, float | int | str | bool] | None = None,
+        config: Mapping[str, float | int | str | bool] | None = None,
         home: Path | None = None,
     ) -> None:
         self.lan = lan

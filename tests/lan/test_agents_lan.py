@@ -14,6 +14,7 @@ import secrets
 import signal
 import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -66,6 +67,11 @@ def noticed_gone(watchers: list[LanAgent], gone: LanAgent, deadline: float) -> f
     return time.monotonic() - t0
 
 
+def saw_goodbye(watcher: LanAgent, leaver: LanAgent) -> bool:
+    """`watcher` logged the mDNS goodbye of `leaver`."""
+    return watcher.count_log(f"{leaver.device_id} withdrew") >= 1
+
+
 def test_three_agents_discover_and_pair(lan3: Lan, agents: list[LanAgent]) -> None:
     connect_all(agents)
     # Exactly one connection per pair: in the kernel's socket table, and no second link ever opened.
@@ -93,7 +99,7 @@ def test_three_agents_discover_and_pair(lan3: Lan, agents: list[LanAgent]) -> No
     for w in stay:
         # Trust outlives the connection; its mDNS goodbye reached the others too.
         assert w.sees(leaver.device_id, trust="tofu", connected=False)
-        wait_until(lambda w=w: w.count_log(f"{leaver.device_id} withdrew") >= 1, 5, f"{w.name} to see the goodbye")
+        wait_until(partial(saw_goodbye, w, leaver), 5, f"{w.name} to see {leaver.name}'s mDNS goodbye")
     a, b = stay
     assert a.sees(b.device_id, connected=True) and b.sees(a.device_id, connected=True)
     print(f"SIGTERM: stopped in {took:.2f} s, noticed by both others in {noticed:.2f} s")
