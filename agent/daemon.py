@@ -88,6 +88,26 @@ class PeerView:
     disconnected: anyio.Event = field(default_factory=anyio.Event)
 
 
+@dataclass(frozen=True, slots=True)
+class LiveView:
+    """A copy of one device's live state for `status`."""
+
+    name: str
+    connected: bool
+    address: str | None
+    advertised_fp: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class StatusSnapshot:
+    """Everything `status` reads from the event loop, copied so a worker thread can use it."""
+
+    views: dict[str, LiveView]
+    live: list[LiveConnection]
+    observations: list[Observation]
+    folders: list[dict[str, Any]]
+
+
 class Agent:
     """One running agent."""
 
@@ -146,7 +166,7 @@ class Agent:
                 if self.config.mdns:
                     await self._start_discovery(tg)
                 tg.start_soon(self._watchdog)
-                self.notifier.notify("READY=1", f"STATUS=listening on port {self.port}")
+                tg.start_soon(self._announce_ready)
                 task_status.started()
         finally:
             self._tg = None
@@ -198,6 +218,17 @@ class Agent:
             fingerprint=self.identity.fingerprint,
             port=port,
         )
+
+    async def _announce_ready(self) -> None:
+        """READY=1 once listening and advertised (dialling has started already: no need to wait)."""
+        wait = getattr(self.discovery, "wait_advertised", None)
+        if wait is not None:
+            with anyio.move_on_after(5.0):
+                try:
+                    await wait()
+                except DiscoveryError as exc:
+                    log.warning("%s; peers can still find us by static address", exc)
+        self.notifier.notify("READY=1", f"STATUS=listening on port {self.port}")
 
     async def _watchdog(self) -> None:
         interval = self.notifier.watchdog_interval()
@@ -317,7 +348,18 @@ class Agent:
             return Verdict(False, ErrorCode.SHUTTING_DOWN, "agent stopping")
         view = self.peers.setdefault(peer.device_id, PeerView(peer.device_id))
         view.name = peer.name
-        decision, blocked = await anyio.to_thread.run_sync(self._decide, peer, link.address, view.advertised_fp)
+        now = time.time()
+        # Observations and live links are read here, on the event loop that owns them; the
+        # worker thread only touches the store.
+        if view.advertised_fp is not None and view.advertised_fp != peer.fingerprint:
+            self.observations.append(
+                AdvertObservation(peer.device_id, view.advertised_fp, peer.fingerprint, link.address, now)
+            )
+        decision, blocked, sighting = await anyio.to_thread.run_sync(
+            self._decide, peer, link.address, now, self._live(), list(self.observations)
+        )
+        if sighting is not None:
+            self.observations.append(sighting)
         if blocked:
             return Verdict(False, ErrorCode.REVOKED, _refusal_reason(ErrorCode.REVOKED))
         if not decision.may_sync:
@@ -343,10 +385,23 @@ class Agent:
         view.disconnected = anyio.Event()
         return Verdict(True)
 
-    def _decide(self, peer: PeerAuthenticated, address: str, advertised: str | None) -> tuple[Decision, bool]:
-        """In a worker thread: follow a rotation chain, run verify_device, then the anomaly rules."""
-        now = time.time()
+    def _decide(
+        self,
+        peer: PeerAuthenticated,
+        address: str,
+        now: float,
+        live: list[LiveConnection],
+        observations: list[Observation],
+    ) -> tuple[Decision, bool, NameSighting | None]:
+        """In a worker thread: follow a rotation chain, run verify_device, then the anomaly rules.
+
+        Returns the decision, whether the rules just blocked the device, and the name sighting a
+        new device makes (for the loop to keep).
+        """
         record = self.store.get(peer.device_id)
+        sighting = NameSighting(peer.device_id, peer.name, address, now) if record is None else None
+        if sighting is not None:
+            observations = [*observations, sighting]
         if record is not None and record.fingerprint != peer.fingerprint and record.trust.may_sync:
             chain = rotation.follow_chain(record.fingerprint, peer.device_id, peer.fingerprint, peer.rotations)
             if chain.ok:
@@ -359,12 +414,8 @@ class Agent:
                     format_fingerprint(peer.fingerprint),
                 )
         decision = self.store.verify_device(peer.device_id, peer.name, peer.fingerprint, now, address)
-        if advertised is not None and advertised != peer.fingerprint:
-            self.observations.append(AdvertObservation(peer.device_id, advertised, peer.fingerprint, address, now))
-        if decision.event is EventKind.FIRST_USE:
-            self.observations.append(NameSighting(peer.device_id, peer.name, address, now))
-        _, blocked = guard.apply(self.store, self.config.anomaly, now, self._live(), list(self.observations))
-        return decision, peer.device_id in blocked
+        _, blocked = guard.apply(self.store, self.config.anomaly, now, live, observations)
+        return decision, peer.device_id in blocked, sighting
 
     def _live(self) -> list[LiveConnection]:
         return [
@@ -467,24 +518,25 @@ class Agent:
             case "ping":
                 return "pong"
             case "status":
-                return await anyio.to_thread.run_sync(self.status)
+                return await anyio.to_thread.run_sync(self.status_from, self._snapshot())
             case "trust_changed":
                 device_id = args.get("device_id")
                 if not isinstance(device_id, str):
                     raise UserError("trust_changed needs a device_id")
-                self._trust_changed(device_id)
+                record = await anyio.to_thread.run_sync(self.store.get, device_id)
+                self._trust_changed(device_id, record)
                 return {"ok": True}
             case "stop":
                 self.stop()
                 return {"ok": True}
             case "anomalies":
-                return await anyio.to_thread.run_sync(self.anomalies)
+                live, observations = self._live(), list(self.observations)
+                return await anyio.to_thread.run_sync(self.anomalies, live, observations)
             case "rotate_key":
                 return await self.rotate_key()
         raise UserError(f"unknown control command {cmd!r}")
 
-    def _trust_changed(self, device_id: str) -> None:
-        record = self.store.get(device_id)
+    def _trust_changed(self, device_id: str, record: DeviceRecord | None) -> None:
         view = self.peers.get(device_id)
         if view is not None and view.link is not None and (record is None or not record.trust.may_sync):
             level = record.trust if record else TrustLevel.UNKNOWN
@@ -518,34 +570,46 @@ class Agent:
             t.kick.set()
         return {"old_fingerprint": old, "fingerprint": new.fingerprint, "statements": len(self.rotations)}
 
-    def anomalies(self) -> list[dict[str, Any]]:
+    def anomalies(self, live: list[LiveConnection], observations: list[Observation]) -> list[dict[str, Any]]:
         """Every anomaly in force, as JSON objects (in a worker thread: reads the store)."""
-        found = guard.current(self.store, self.config.anomaly, time.time(), self._live(), list(self.observations))
+        found = guard.current(self.store, self.config.anomaly, time.time(), live, observations)
         return [a.to_json() for a in found]
 
-    def status(self) -> dict[str, Any]:
-        """The `status --json` object."""
+    def _snapshot(self) -> StatusSnapshot:
+        """What `status` needs from the event loop's own state, copied on the loop."""
+        views = {
+            d: LiveView(
+                name=v.name,
+                connected=bool(v.link and v.link.is_open),
+                address=(v.link.address if v.link else None) or v.address,
+                advertised_fp=v.advertised_fp,
+            )
+            for d, v in self.peers.items()
+        }
+        folders = self.sync.status() if self.sync is not None else []
+        return StatusSnapshot(views, self._live(), list(self.observations), folders)
+
+    def status_from(self, snap: StatusSnapshot) -> dict[str, Any]:
+        """The `status --json` object (in a worker thread: reads the store)."""
         anomalies: dict[str, list[dict[str, Any]]] = {}
-        for a in self.anomalies():
+        for a in self.anomalies(snap.live, snap.observations):
             anomalies.setdefault(str(a["device_id"]), []).append(a)
         records = {r.device_id: r for r in self.store.all()}
         peers = []
-        for device_id in sorted(set(records) | {d for d, v in self.peers.items() if v.link or v.advertised_fp}):
+        shown = {d for d, v in snap.views.items() if v.connected or v.advertised_fp}
+        for device_id in sorted(set(records) | shown):
             r = records.get(device_id)
-            v = self.peers.get(device_id)
-            link = v.link if v else None
+            v = snap.views.get(device_id)
             peers.append(
                 {
                     "device_id": device_id,
                     "name": (r.name if r else "") or (v.name if v else ""),
                     "trust": r.trust.value if r else TrustLevel.UNKNOWN.value,
-                    "connected": bool(link and link.is_open),
-                    "address": (link.address if link else None)
-                    or (v.address if v else None)
-                    or (r.addresses[0] if r and r.addresses else None),
+                    "connected": bool(v and v.connected),
+                    "address": (v.address if v else None) or (r.addresses[0] if r and r.addresses else None),
                     "fingerprint": r.fingerprint if r else (v.advertised_fp if v else None),
                     "pending_fingerprint": r.pending_fingerprint if r else None,
-                    "last_seen": _rfc3339(time.time() if link and link.is_open else (r.last_seen if r else None)),
+                    "last_seen": _rfc3339(time.time() if v and v.connected else (r.last_seen if r else None)),
                     "sync_count": r.sync_count if r else 0,
                     "anomalies": anomalies.get(device_id, []),
                 }
@@ -562,7 +626,7 @@ class Agent:
             "trust_policy": self.config.trust_policy.value,
             "mdns": self.config.mdns,
             "peers": peers,
-            "folders": self.sync.status() if self.sync is not None else [],
+            "folders": snap.folders,
         }
 
 

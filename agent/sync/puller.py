@@ -22,7 +22,7 @@ from agent.sync.index import FolderIndex
 from agent.sync.model import FileInfo
 from agent.sync.planner import plan_blocks
 
-WRITEBACK_MIN = 16 * 1024 * 1024  # files this big start writeback as blocks land; small ones wait for syncfs
+WRITEBACK_MIN = 1 << 62  # files this big start writeback as blocks land; small ones wait for syncfs
 
 
 @dataclass(slots=True)

@@ -5,15 +5,18 @@ from __future__ import annotations
 import secrets
 from dataclasses import dataclass
 
+import msgpack
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.errors import ErrorCode, TofuError, UserError
+from agent.errors import ErrorCode, RemoteProtocolError, TofuError, UserError
 from agent.identity import new_device_id
 from agent.pairing import (
     CODE_SECRET_BITS,
+    CONFIRM_LEN,
     DEFAULT_TTL,
+    PAKE_MESSAGE_LEN,
     BadPairingMessage,
     PairingCode,
     PairingError,
@@ -27,6 +30,17 @@ from agent.pairing import (
     new_code,
     parse_code,
 )
+from agent.pairing_net import (
+    NotThisPairing,
+    PairConfirm,
+    PairedPeer,
+    PairingExchange,
+    PairPake,
+    encode_pair_txt,
+    parse_pair_txt,
+)
+from agent.wire.handshake import PeerAuthenticated
+from agent.wire.messages import WireMessage, decode_message, encode_message
 from agent.wordlist import WORDS
 
 T0 = 1_000_000.0
@@ -342,3 +356,123 @@ def test_errors_are_user_errors_with_wire_codes() -> None:
     assert WrongCodeError.code is ErrorCode.AUTH_FAILED
     assert PairingExpired.code is ErrorCode.TIMEOUT
     assert BadPairingMessage.code is ErrorCode.MALFORMED
+
+
+# -- the pairing connection's messages and exchange (agent.pairing_net, pure parts) ---------------
+
+
+def _peer(d: Device, name: str = "peer") -> PeerAuthenticated:
+    return PeerAuthenticated(d.device_id, name, d.fingerprint, b"cert", (), 1)
+
+
+def _exchanges(code_w: str = CODE, code_j: str = CODE) -> tuple[Device, Device, PairingExchange, PairingExchange]:
+    w, j = device(), device()
+    ew, ej = PairingExchange(w.session("waiting", code_w)), PairingExchange(j.session("joining", code_j))
+    ew.authenticated(_peer(j, "joiner"))
+    ej.authenticated(_peer(w, "waiter"))
+    return w, j, ew, ej
+
+
+def _wire(messages: list[WireMessage]) -> list[WireMessage]:
+    """Through the encoder and decoder, as on the connection."""
+    return [decode_message(encode_message(m)) for m in messages]
+
+
+def test_exchange_pairs_in_three_messages() -> None:
+    w, j, ew, ej = _exchanges()
+    assert ew.opened(T0) == []
+    first = _wire(ej.opened(T0))
+    assert [m.TYPE for m in first] == ["pair_pake"] and ew.session.state is State.EXPECT_START
+    reply = _wire(ew.received(first[0], T0))
+    assert [m.TYPE for m in reply] == ["pair_pake", "pair_confirm"] and ew.started
+    confirm = _wire(ej.received(reply[0], T0))
+    assert ej.received(reply[1], T0) == [] and ej.result == PairedPeer(w.device_id, "waiter", w.fingerprint)
+    assert ew.received(confirm[0], T0) == [] and ew.result == PairedPeer(j.device_id, "joiner", j.fingerprint)
+
+
+def test_exchange_wrong_code_fails_on_both_sides() -> None:
+    _, _, ew, ej = _exchanges(code_j="7-guitar-oxygen")
+    reply = ew.received(ej.opened(T0)[0], T0)
+    confirm = ej.received(reply[0], T0)
+    with pytest.raises(WrongCodeError):
+        ej.received(reply[1], T0)
+    with pytest.raises(WrongCodeError):
+        ew.received(confirm[0], T0)
+    assert ew.session.state is State.FAILED and ej.session.state is State.FAILED
+
+
+def test_another_nameplate_does_not_burn_the_waiting_code() -> None:
+    _, _, ew, ej = _exchanges(code_j="8-guitar-orbit")
+    with pytest.raises(NotThisPairing):
+        ew.received(ej.opened(T0)[0], T0)
+    assert not ew.started and ew.session.state is State.EXPECT_START
+
+
+def test_a_second_joiner_is_refused_while_the_first_pairs() -> None:
+    w, _, ew, ej = _exchanges()
+    ew.received(ej.opened(T0)[0], T0)
+    other = PairingExchange(ew.session)
+    other.authenticated(_peer(device()))
+    intruder = PairingExchange(device().session("joining"))
+    intruder.authenticated(_peer(w))
+    with pytest.raises(NotThisPairing):
+        other.received(intruder.opened(T0)[0], T0)
+    assert ew.session.state is State.EXPECT_CONFIRM  # the first pairing goes on
+
+
+def test_messages_out_of_turn_burn_an_owned_session() -> None:
+    _, _, ew, ej = _exchanges()
+    ew.received(ej.opened(T0)[0], T0)
+    with pytest.raises(BadPairingMessage):
+        ew.received(PairPake(7, b"\x00" * PAKE_MESSAGE_LEN), T0)
+    assert ew.session.state is State.FAILED
+
+
+def test_a_confirm_first_is_refused_without_burning() -> None:
+    _, _, ew, _ = _exchanges()
+    with pytest.raises(NotThisPairing):
+        ew.received(PairConfirm(b"\x00" * CONFIRM_LEN), T0)
+    assert ew.session.state is State.EXPECT_START
+
+
+def test_peer_closing_maps_to_plain_errors() -> None:
+    _, _, ew, ej = _exchanges()
+    ej.opened(T0)
+    assert isinstance(ej.peer_closed(ErrorCode.AUTH_FAILED, ""), WrongCodeError)
+    assert ej.session.state is State.FAILED
+    assert isinstance(ew.peer_closed(ErrorCode.TIMEOUT, ""), PairingExpired)
+    err = ew.peer_closed(ErrorCode.NOT_TRUSTED, "pinned elsewhere")
+    assert isinstance(err, UserError) and "pinned elsewhere" in str(err)
+
+
+@given(st.binary(max_size=200))
+def test_pairing_message_decoding_never_raises_anything_else(body: bytes) -> None:
+    for t in ("pair_pake", "pair_confirm"):
+        try:
+            decode_message(msgpack.packb({"t": t, "nameplate": 7, "msg": body, "mac": body}))
+        except RemoteProtocolError:
+            pass
+        try:
+            decode_message(body)
+        except RemoteProtocolError:
+            pass
+
+
+def test_pairing_messages_check_their_sizes() -> None:
+    with pytest.raises(RemoteProtocolError):
+        decode_message(msgpack.packb({"t": "pair_pake", "nameplate": 0, "msg": b"\x00" * PAKE_MESSAGE_LEN}))
+    with pytest.raises(RemoteProtocolError):
+        decode_message(msgpack.packb({"t": "pair_confirm", "mac": b"\x00" * 31}))
+
+
+@pytest.mark.parametrize("nameplate", [1, 7, 999])
+def test_pair_txt_round_trip_and_carries_no_secret(nameplate: int) -> None:
+    txt = encode_pair_txt(nameplate)
+    assert set(txt) == {b"v", b"n"}
+    assert parse_pair_txt(dict(txt)) == nameplate
+
+
+@given(st.dictionaries(st.binary(max_size=4), st.one_of(st.none(), st.binary(max_size=8)), max_size=4))
+def test_pair_txt_parsing_never_raises(props: dict[bytes, bytes | None]) -> None:
+    value = parse_pair_txt(props)
+    assert value is None or 1 <= value <= 999

@@ -5,13 +5,23 @@ from __future__ import annotations
 import base64
 import secrets
 import time
+from dataclasses import dataclass
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from agent.cli_pairing import (
+    accept_prompt_text,
+    comparison_for,
+    comparison_text,
+    pairing_conflict,
+    pin_paired,
+    verify_compared,
+)
 from agent.errors import UserError
 from agent.identity import clean_name, new_device_id
+from agent.trust.model import DeviceRecord, EventKind, TrustLevel
 from agent.verification import (
     SAFETY_DIGITS,
     ParsedIdentity,
@@ -265,3 +275,74 @@ def test_qr_text_is_a_terminal_drawing() -> None:
     assert len({len(line) for line in lines}) == 1  # a rectangle
     assert set(drawing) <= set("█▀▄ \n")
     assert qr_text(uri) == drawing
+
+
+# -- what `verify`, `pair` and `trust accept` decide (agent.cli_pairing, pure parts) --------------
+
+
+@dataclass(frozen=True)
+class _Own:
+    device_id: str = DEV_A
+    name: str = "alpha"
+    fingerprint: str = FP_A
+
+
+def _record(trust: TrustLevel, fp: str = FP_B, pending: str | None = None) -> DeviceRecord:
+    return DeviceRecord(DEV_B, "beta", fp, trust, 1.0, 2.0, addresses=("10.0.0.2",), pending_fingerprint=pending)
+
+
+def test_comparison_uses_the_pinned_key_normally() -> None:
+    c = comparison_for(_record(TrustLevel.TOFU), _Own())
+    assert c.key == "pinned" and c.fingerprint == FP_B
+    assert c.number == safety_number(DEV_A, FP_A, DEV_B, FP_B)
+    assert "NEW key" not in comparison_text(c, _Own())
+
+
+def test_comparison_of_a_changed_key_uses_the_new_key_and_says_so() -> None:
+    new = _fp()
+    c = comparison_for(_record(TrustLevel.KEY_CHANGED, pending=new), _Own())
+    assert c.key == "pending" and c.number == safety_number(DEV_A, FP_A, DEV_B, new)
+    assert "NEW key" in comparison_text(c, _Own())
+    record, kind = verify_compared(c.record, c)
+    assert (record.trust, record.fingerprint, record.pending_fingerprint) == (TrustLevel.VERIFIED, new, None)
+    assert kind is EventKind.VERIFIED
+
+
+@pytest.mark.parametrize("trust", [TrustLevel.TOFU, TrustLevel.PENDING, TrustLevel.VERIFIED])
+def test_verify_compared_pins_the_shown_key(trust: TrustLevel) -> None:
+    c = comparison_for(_record(trust), _Own())
+    record, kind = verify_compared(c.record, c)
+    assert record.trust is TrustLevel.VERIFIED and record.fingerprint == FP_B and kind is EventKind.VERIFIED
+
+
+def test_verify_compared_refuses_a_record_that_changed_meanwhile_or_is_revoked() -> None:
+    c = comparison_for(_record(TrustLevel.TOFU), _Own())
+    with pytest.raises(UserError, match="changed while you compared"):
+        verify_compared(_record(TrustLevel.KEY_CHANGED, pending=_fp()), c)
+    revoked = comparison_for(_record(TrustLevel.REVOKED), _Own())
+    with pytest.raises(UserError, match="revoked"):
+        verify_compared(revoked.record, revoked)
+
+
+def test_pairing_conflicts() -> None:
+    assert pairing_conflict(None, FP_B) is None
+    assert pairing_conflict(_record(TrustLevel.TOFU), FP_B) is None
+    assert pairing_conflict(_record(TrustLevel.PENDING), FP_B) is None
+    other = pairing_conflict(_record(TrustLevel.TOFU), _fp())
+    assert other is not None and "trust forget" in other
+    new = _fp()
+    offered = pairing_conflict(_record(TrustLevel.KEY_CHANGED, pending=new), new)
+    assert offered is not None and "new key it offered" in offered
+    assert "revoked" in (pairing_conflict(_record(TrustLevel.REVOKED), FP_B) or "")
+    record, kind = pin_paired(_record(TrustLevel.PENDING), FP_B)
+    assert record.trust is TrustLevel.VERIFIED and kind is EventKind.VERIFIED
+    with pytest.raises(UserError):
+        pin_paired(_record(TrustLevel.TOFU), _fp())
+
+
+def test_accept_prompt_shows_who_and_the_number() -> None:
+    text = accept_prompt_text(_record(TrustLevel.PENDING), _Own())
+    number = safety_number(DEV_A, FP_A, DEV_B, FP_B)
+    assert "beta" in text and DEV_B in text and "10.0.0.2" in text
+    assert format_groups(number).splitlines()[0] in text
+    assert f"tofu-agent verify {DEV_A}" in text
