@@ -190,6 +190,12 @@ _TRUST_ACTIONS: dict[str, Callable[[TrustStore, str, float], DeviceRecord]] = {
 
 def cmd_trust_change(ctx: Ctx) -> int:
     action: str = ctx.args.trust_command
+    if action == "accept" and not ctx.json:
+        # Admitting a device is the moment to compare keys: show who it is and the safety number.
+        from agent.cli_pairing import accept_prompt_text
+
+        with ctx.store() as store:
+            print(accept_prompt_text(store.resolve(ctx.args.device), ctx.identity()))
     with ctx.store() as store:
         record = _TRUST_ACTIONS[action](store, ctx.args.device, time.time())
     _notify_agent(ctx.paths, record.device_id)
@@ -420,7 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     tsub = t.add_subparsers(dest="trust_command", metavar="ACTION", parser_class=_Parser)
     tsub.required = True
     helps = {
-        "verify": "mark the pinned key as checked out of band",
+        "verify": "mark the pinned key as checked out of band (`tofu-agent verify` compares safety numbers)",
         "revoke": "block the device whatever key it shows",
         "retrust": "pin the new key a device offered after a key change",
         "forget": "delete the device; it is a stranger next time",

@@ -185,7 +185,7 @@ def _apply(store: TrustStore, device_id: str, now: float, transition: Transition
     # One transaction: read, check, write, log. TrustStore has no public method that takes a
     # transition; `_change` is the one every public change goes through (see the report: a public
     # `TrustStore.change(device, now, transition, detail)` would remove this reach-in).
-    record: DeviceRecord = store._change(device_id, now, transition, detail)
+    record: DeviceRecord = store.change(device_id, now, transition, detail)
     return record
 
 

@@ -300,6 +300,16 @@ class TrustStore:
             )
         return new
 
+    def change(
+        self,
+        device: str,
+        now: float,
+        transition: Callable[[DeviceRecord], tuple[DeviceRecord, EventKind]],
+        detail: str = "",
+    ) -> DeviceRecord:
+        """Apply a person's transition in one transaction (read, check, write, log)."""
+        return self._change(device, now, transition, detail)
+
     def verify(self, device: str, now: float, detail: str = "") -> DeviceRecord:
         """Mark the device's pinned key as checked by a person."""
         return self._change(device, now, policy.verify, detail)
