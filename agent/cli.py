@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from agent import __version__, config, ids, logs
+from agent import __version__, config, control, ids, logs
 from agent.errors import ConfigError, TofuError, UnknownDeviceError, UserError
 from agent.paths import Paths, resolve_paths, write_private_file
 from agent.trust.model import DeviceRecord, TrustEvent
@@ -198,7 +198,7 @@ def cmd_trust_change(ctx: Ctx) -> int:
             print(accept_prompt_text(store.resolve(ctx.args.device), ctx.identity()))
     with ctx.store() as store:
         record = _TRUST_ACTIONS[action](store, ctx.args.device, time.time())
-    _notify_agent(ctx.paths, record.device_id)
+    control.notify_trust_changed(ctx.paths.control_socket, record.device_id)
     verb = {"forget": "forgot"}.get(action, action + ("d" if action.endswith("e") else "ed"))
     level = "unknown" if action == "forget" else record.trust.value
     ctx.out(
@@ -206,18 +206,6 @@ def cmd_trust_change(ctx: Ctx) -> int:
         f"{verb} {record.name} ({record.device_id}): trust is now {level}",
     )
     return EXIT_OK
-
-
-def _notify_agent(paths: Paths, device_id: str) -> None:
-    """Tell a running agent that a device's trust changed, so it drops or re-admits it now."""
-    from agent import control
-
-    try:
-        control.request(paths.control_socket, "trust_changed", {"device_id": device_id}, timeout=2.0)
-    except control.AgentNotRunning:
-        pass
-    except TofuError as exc:
-        log.warning("the running agent did not take the change yet: %s", exc)
 
 
 def _log_device(store: TrustStore, text: str) -> str:
@@ -362,7 +350,7 @@ def cmd_trust_add(ctx: Ctx) -> int:
         raise UserError("that URI is this device's own identity")
     with ctx.store() as store:
         record = store.add(parsed.device_id, parsed.name, parsed.fingerprint, time.time(), "added from URI")
-    _notify_agent(ctx.paths, record.device_id)
+    control.notify_trust_changed(ctx.paths.control_socket, record.device_id)
     ctx.out(record_json(record), f"added {record.name} ({record.device_id}) as verified")
     return EXIT_OK
 

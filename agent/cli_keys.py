@@ -53,7 +53,7 @@ def cmd_anomalies(ctx: Ctx) -> int:
         with ctx.store() as store:
             record = store.resolve(ctx.args.device)
             store.record_event(record.device_id, EventKind.ANOMALY_CLEARED, time.time(), detail=ctx.args.code or "")
-        _notify(ctx, record.device_id)
+        control.notify_trust_changed(ctx.paths.control_socket, record.device_id)
         ctx.out(
             {"device_id": record.device_id, "cleared": ctx.args.code or "all"},
             f"cleared anomalies of {record.name} ({record.device_id}); new evidence raises them again",
@@ -66,13 +66,6 @@ def cmd_anomalies(ctx: Ctx) -> int:
             items = [a.to_json() for a in guard.current(store, ctx.config().anomaly, time.time())]
     ctx.out(items, render_anomalies(items))
     return EXIT_OK
-
-
-def _notify(ctx: Ctx, device_id: str) -> None:
-    try:
-        control.request(ctx.paths.control_socket, "trust_changed", {"device_id": device_id}, timeout=2.0)
-    except control.AgentNotRunning:
-        pass
 
 
 def cmd_rotate_key(ctx: Ctx) -> int:

@@ -25,16 +25,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-from agent import config, ids
+from agent import config, control, ids
 from agent.cli import EXIT_OK, Ctx, record_json
-from agent.errors import TofuError, UserError
+from agent.errors import UserError
 from agent.trust import policy
 from agent.trust.model import DeviceRecord, EventKind, TrustLevel
 from agent.verification import format_groups, format_words, safety_number, safety_words
 
 if TYPE_CHECKING:
     from agent.pairing_net import PairedPeer
-    from agent.paths import Paths
     from agent.trust.store import TrustStore
     from agent.wire.handshake import PeerAuthenticated
 
@@ -181,26 +180,6 @@ def pin_paired(record: DeviceRecord, fingerprint: str) -> tuple[DeviceRecord, Ev
 # -- store and agent edges ------------------------------------------------------------------------
 
 
-def _apply(store: TrustStore, device_id: str, now: float, transition: Transition, detail: str) -> DeviceRecord:
-    # One transaction: read, check, write, log. TrustStore has no public method that takes a
-    # transition; `_change` is the one every public change goes through (see the report: a public
-    # `TrustStore.change(device, now, transition, detail)` would remove this reach-in).
-    record: DeviceRecord = store.change(device_id, now, transition, detail)
-    return record
-
-
-def notify_agent(paths: Paths, device_id: str) -> None:
-    """Tell a running agent that a device's trust changed; nothing if none runs."""
-    from agent import control
-
-    try:
-        control.request(paths.control_socket, "trust_changed", {"device_id": device_id}, timeout=2.0)
-    except control.AgentNotRunning:
-        pass
-    except TofuError as exc:
-        log.warning("the running agent did not take the change yet: %s", exc)
-
-
 def pin_peer(store: TrustStore, peer: PairedPeer, now: float) -> DeviceRecord:
     """Pin a paired peer as `verified`: add a new device, or raise a known one with the same key.
 
@@ -209,7 +188,7 @@ def pin_peer(store: TrustStore, peer: PairedPeer, now: float) -> DeviceRecord:
     if store.get(peer.device_id) is None:
         # `add` itself refuses, in its transaction, if a record with another key appeared meanwhile.
         return store.add(peer.device_id, ids.clean_name(peer.name), peer.fingerprint, now, PAIR_DETAIL)
-    return _apply(store, peer.device_id, now, lambda r: pin_paired(r, peer.fingerprint), PAIR_DETAIL)
+    return store.change(peer.device_id, now, lambda r: pin_paired(r, peer.fingerprint), PAIR_DETAIL)
 
 
 # -- verify ---------------------------------------------------------------------------------------
@@ -249,14 +228,13 @@ def cmd_verify(ctx: Ctx) -> int:
                 f"nothing changed: {record.name} stays {record.trust.value}. If the numbers differ, someone may be "
                 "in the middle: do not trust that device until they match"
             )
-        after = _apply(
-            store,
+        after = store.change(
             record.device_id,
             time.time(),
             lambda r: verify_compared(r, shown),
             f"safety number compared ({shown.key} key)",
         )
-    notify_agent(ctx.paths, after.device_id)
+    control.notify_trust_changed(ctx.paths.control_socket, after.device_id)
     data.update(trust=after.trust.value, verified=True, fingerprint=after.fingerprint)
     ctx.out(data, f"verified {after.name} ({after.device_id}): trust is now {after.trust.value}")
     return EXIT_OK
@@ -344,7 +322,7 @@ def cmd_pair(ctx: Ctx) -> int:
 
             peer = anyio.run(join, backend="asyncio")
         record = pin_peer(store, peer, time.time())
-    notify_agent(ctx.paths, record.device_id)
+    control.notify_trust_changed(ctx.paths.control_socket, record.device_id)
     ctx.out(
         {**record_json(record), "paired": True},
         f"paired with {record.name} ({record.device_id}): trust is now {record.trust.value}",

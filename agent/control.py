@@ -173,6 +173,19 @@ def _remove_stale(path: Path) -> None:
         os.unlink(path)
 
 
+def notify_trust_changed(path: Path, device_id: str) -> None:
+    """Tell a running agent that a device's trust changed, so it drops or re-admits it now.
+
+    Nothing happens if no agent runs; a failure is a warning, since the store already holds the change.
+    """
+    try:
+        request(path, "trust_changed", {"device_id": device_id}, timeout=2.0)
+    except AgentNotRunning:
+        pass
+    except TofuError as exc:
+        log.warning("the running agent did not take the change yet: %s", exc)
+
+
 def agent_running(path: Path) -> bool:
     """True if an agent answers `ping` on the control socket."""
     try:
