@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from agent import __version__, config, control, ids, logs
 from agent.errors import ConfigError, TofuError, UnknownDeviceError, UserError
 from agent.paths import Paths, resolve_paths, write_private_file
-from agent.trust.model import DeviceRecord, TrustEvent
+from agent.trust.model import DeviceRecord, TrustEvent, TrustLevel
 from agent.trust.store import TrustStore
 
 if TYPE_CHECKING:
@@ -195,7 +195,9 @@ def cmd_trust_change(ctx: Ctx) -> int:
         from agent.cli_pairing import accept_prompt_text
 
         with ctx.store() as store:
-            print(accept_prompt_text(store.resolve(ctx.args.device), ctx.identity()))
+            waiting = store.resolve(ctx.args.device)
+        if waiting.trust is TrustLevel.PENDING:
+            print(accept_prompt_text(waiting, ctx.identity()))
     with ctx.store() as store:
         record = _TRUST_ACTIONS[action](store, ctx.args.device, time.time())
     control.notify_trust_changed(ctx.paths.control_socket, record.device_id)
@@ -273,7 +275,6 @@ def cmd_trust_export(ctx: Ctx) -> int:
 
 def parse_export(doc: object) -> list[DeviceRecord]:
     """Validate an export document; UserError says what is wrong with it."""
-    from agent.trust.model import TrustLevel
 
     if not isinstance(doc, dict) or not isinstance(doc.get("peers"), dict):
         raise UserError("not a tofu-agent trust export: expected an object with `peers`")
