@@ -275,7 +275,6 @@ def cmd_trust_export(ctx: Ctx) -> int:
 
 def parse_export(doc: object) -> list[DeviceRecord]:
     """Validate an export document; UserError says what is wrong with it."""
-
     if not isinstance(doc, dict) or not isinstance(doc.get("peers"), dict):
         raise UserError("not a tofu-agent trust export: expected an object with `peers`")
     if doc.get("version", 1) != 1:
