@@ -48,6 +48,11 @@ BACKOFF_CAP = 30.0
 # A peer that refused us (key changed, revoked) waits for a person; retry, but slowly.
 REFUSED_BACKOFF = 60.0
 SHUTDOWN_GRACE = 3.0
+# Adverts seen this soon after we start browsing were up before we started (probing takes at least
+# 0.75 s), so their owner runs already and cannot see us until our own advert is out: dial them at
+# once whatever the device ids. Peers that start together see each other later than this and keep
+# the lower-id-dials rule, so they do not dial each other twice.
+EARLY_DIAL_WINDOW = 0.75
 
 _REFUSAL = {
     TrustLevel.KEY_CHANGED: ErrorCode.KEY_CHANGED,
@@ -73,6 +78,9 @@ class Target:
     kick: anyio.Event = field(default_factory=anyio.Event)
     refused: bool = False
     service_name: str | None = None  # the mDNS record this target came from
+    # Dialled by the higher device id because the peer could not see us yet (our advert was not
+    # out); dropped once it is, so the lower device id dials from then on.
+    early: bool = False
 
 
 @dataclass(eq=False)
@@ -136,6 +144,8 @@ class Agent:
         self._server_ctx = transport.server_context(paths.cert_file, paths.key_file)
         self._tg: anyio.abc.TaskGroup | None = None
         self._stopping = False
+        self._advertised = False  # our mDNS advert is announced: peers can find (and dial) us
+        self._browse_started = 0.0
         self.sync: SyncService | None = SyncService(paths, config, ident) if config.folders else None
         self.stop_requested = anyio.Event()
         # Live observations for the anomaly rules; bounded, since mDNS input is anyone's.
@@ -209,7 +219,17 @@ class Agent:
             log.warning("mDNS discovery is unavailable, using static peers only: %s", exc)
             return
         self.discovery = discovery
+        self._browse_started = time.monotonic()
         tg.start_soon(self._discovery_events, discovery)
+        tg.start_soon(self._await_advert, discovery)
+
+    async def _await_advert(self, discovery: Discovery) -> None:
+        if isinstance(discovery, ZeroconfDiscovery):
+            try:
+                await discovery.wait_advertised()  # probing takes ~1.2 s
+            except DiscoveryError:
+                return  # nobody can find us over mDNS: keep dialling whoever we see
+        self._advertised = True
 
     def _zeroconf(self, port: int) -> Discovery:
         return ZeroconfDiscovery(
@@ -253,6 +273,9 @@ class Agent:
                 await view.disconnected.wait()
                 target.attempt = 0
                 continue
+            if target.early and self._advertised:
+                self.targets.remove(target)  # the peer sees us now; the lower device id dials
+                return
             ok = await self._dial_once(target)
             if not any(t is target for t in self.targets):
                 return
@@ -337,6 +360,11 @@ class Agent:
         if self.identity.device_id < event.device_id:
             log.info("mDNS: found %s (%s) at %s; dialling", event.name, event.device_id, ", ".join(event.addresses))
             self._add_target(Target(event.addresses, event.port, event.device_id, service_name=event.service_name))
+        elif not self._advertised and time.monotonic() - self._browse_started < EARLY_DIAL_WINDOW:
+            # It was here first and cannot see us until our advert is out (~1.2 s): dial now, not then.
+            log.info("mDNS: found %s (%s) before our advert is out; dialling", event.name, event.device_id)
+            target = Target(event.addresses, event.port, event.device_id, service_name=event.service_name, early=True)
+            self._add_target(target)
         else:
             log.info("mDNS: found %s (%s); it will dial us (higher device id)", event.name, event.device_id)
 

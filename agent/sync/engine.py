@@ -199,10 +199,8 @@ class SyncEngine:
     def flush(self, now: float) -> list[Outgoing]:
         """Commit finished files durably, record them, and announce them to peers."""
         jobs, self.done = self.done, []
-        import time as _t; _t0=_t.time()
         if jobs:
             self._sync_data(jobs)
-        if jobs: log.warning("%.3f TRACE  flush sync %.3f", _t.time() % 1000, _t.time()-_t0)
         rescan: list[str] = []
         for job in jobs:
             if not puller.unchanged(self.fs.lstat(job.name), job.expected):
@@ -261,7 +259,6 @@ class SyncEngine:
         return out
 
     def _on_index(self, peer: str, files: list[FileInfo]) -> None:
-        log.warning("%.3f TRACE  index %d", __import__("time").time() % 1000, len(files))
         self.index.apply_remote(peer, files)
         self._consider(files, peer)
 
@@ -305,9 +302,7 @@ class SyncEngine:
 
     def _scan(self, now: float, names: list[str] | None) -> list[str]:
         self.state = "scanning"
-        import time as _t; _t0=_t.time()
         result = self.scanner.scan(int(now), names)
-        log.warning("%.3f TRACE  scan %s %.3f %d", _t.time() % 1000, names, _t.time()-_t0, len(result.changed))
         for name, ino, mtime in result.refreshed:
             self.index.set_inode(name, ino, mtime)
         self.index.update_local(result.changed)

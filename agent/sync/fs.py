@@ -31,30 +31,6 @@ def _load_syncfs() -> ctypes._NamedFuncPointer | None:
 
 
 _SYNCFS = _load_syncfs()
-_SYNC_FILE_RANGE_WRITE = 2
-
-
-def _load_sync_file_range() -> ctypes._NamedFuncPointer | None:
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        fn = libc.sync_file_range
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = (ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint)
-    return fn
-
-
-_SYNC_FILE_RANGE = _load_sync_file_range()
-
-
-def start_writeback(fd: int, offset: int, size: int) -> None:
-    """Ask the kernel to start writing a range to disk now (no wait, no durability promise).
-
-    A big file's final fsync then waits only for its tail instead of every byte: disk writes
-    overlap the transfer. Harmless where unsupported.
-    """
-    if _SYNC_FILE_RANGE is not None:
-        _SYNC_FILE_RANGE(fd, offset, size, _SYNC_FILE_RANGE_WRITE)
 
 
 def temp_name_for(name: str) -> str:

@@ -17,12 +17,10 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from agent.sync.blocks import block_range
-from agent.sync.fs import FolderFS, start_writeback
+from agent.sync.fs import FolderFS
 from agent.sync.index import FolderIndex
 from agent.sync.model import FileInfo
 from agent.sync.planner import plan_blocks
-
-WRITEBACK_MIN = 1 << 62  # files this big start writeback as blocks land; small ones wait for syncfs
 
 
 @dataclass(slots=True)
@@ -123,8 +121,6 @@ def write_block(job: Job, i: int, data: bytes) -> bool:
     if len(data) != size or hashlib.sha256(data).digest() != t.block_hash(i):
         return False
     os.pwrite(job.fd, data, offset)
-    if t.size >= WRITEBACK_MIN:
-        start_writeback(job.fd, offset, size)
     return True
 
 

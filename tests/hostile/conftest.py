@@ -23,7 +23,7 @@ from agent.errors import TofuError
 from agent.identity import Identity
 from agent.paths import resolve_paths
 from tests.agent.harness import AgentProc, cli, short_home, wait_for
-from tests.hostile.peer import ProtocolClient, new_identity
+from tests.hostile.peer import HostileServer, ProtocolClient, new_identity
 
 # Short keepalives: an attack that stalls the agent's event loop for more than ~3 s shows up as
 # the legitimate peer being dropped. Sync is off (`folder = []`): sync attacks come later.
@@ -83,6 +83,7 @@ class Victim:
     agent_id: str
     legit_id: str
     probe: Identity
+    server: HostileServer  # a static peer of `agent`: it dials this hostile server
     homes: list[Path] = field(default_factory=list)
 
     @property
@@ -100,6 +101,11 @@ class Victim:
     def before(self) -> Before:
         """What to compare against after an attack."""
         return Before(snapshot(self.agent.home), self.rss())
+
+    def redial(self) -> None:
+        """Make the agent dial its static peers now (resets their backoff), via the control socket."""
+        args = {"device_id": self.server.who.device_id}  # matches its target once it has proven that id
+        control.request(resolve_paths(self.agent.home).control_socket, "trust_changed", args)
 
     def probe_handshake(self, source: str = PROBE_SOURCE) -> None:
         """A pinned honest peer completes a new handshake and gets a PONG answer to a PING."""
@@ -127,12 +133,8 @@ class Victim:
         pins_after = {d: p for d, p in after.pins().items() if d not in changed}
         pins_before = {d: p for d, p in before.trust.pins().items() if d not in changed}
         assert pins_after == pins_before, "the attack changed a pin or a trust level"
-        # The probe's handshake adds one `match` event; anything else must be expected.
-        new = [
-            (e["device_id"], e["kind"])
-            for e in after.new_events(before.trust)
-            if not (e["device_id"] == self.probe.device_id and e["kind"] == "match")
-        ]
+        # Handshakes of pinned peers (the probe's, for one) add `match` events; anything else must be expected.
+        new = [(e["device_id"], e["kind"]) for e in after.new_events(before.trust) if e["kind"] != "match"]
         assert new == list(expected_events), f"unexpected trust events: {new}"
         growth = self.rss() - before.rss
         assert growth < rss_slack_kib, f"RSS grew by {growth} KiB"
@@ -164,10 +166,12 @@ def wait_connected(agent: AgentProc, device_id: str, timeout: float = 10.0, trus
         raise AssertionError(f"{exc}\n--- {agent.name} log ---\n{agent.log()[-4000:]}") from None
 
 
-def start_pair(homes: list[Path], names: tuple[str, str] = ("victim", "legit")) -> tuple[AgentProc, AgentProc, str, str]:
+def start_pair(
+    homes: list[Path], names: tuple[str, str] = ("victim", "legit"), extra_peers: tuple[int, ...] = ()
+) -> tuple[AgentProc, AgentProc, str, str]:
     a = AgentProc(configure(homes[0]), names[0])
     b = AgentProc(configure(homes[1]), names[1])
-    a.start(peers=[b])
+    a.start(peers=[b, *(AgentProc(homes[0], "static", port) for port in extra_peers)])
     b.start(peers=[a])
     ida, idb = a.identity()["device_id"], b.identity()["device_id"]
     wait_connected(a, idb, 15)
@@ -178,12 +182,14 @@ def start_pair(homes: list[Path], names: tuple[str, str] = ("victim", "legit")) 
 @pytest.fixture(scope="session")
 def victim() -> Iterator[Victim]:
     homes = [short_home("ta-h-"), short_home("ta-h-")]
-    a, b, ida, idb = start_pair(homes)
-    v = Victim(a, b, ida, idb, new_identity("probe"), homes)
+    server = HostileServer(new_identity("evil-server"), homes[1])
+    a, b, ida, idb = start_pair(homes, extra_peers=(server.port,))
+    v = Victim(a, b, ida, idb, new_identity("probe"), server, homes)
     try:
         v.probe_handshake()  # pins the probe (trust on first use)
         yield v
     finally:
+        server.close()
         for p in (a, b):
             p.kill()
         for h in homes:

@@ -54,7 +54,7 @@ DEFAULT_TIMEOUT = 10.0
 
 def check_loopback(host: str) -> str:
     """`host` if it is a loopback IPv4 address; anything else is refused (tests stay on loopback)."""
-    if not ipaddress.ip_address(host) in ipaddress.ip_network("127.0.0.0/8"):
+    if ipaddress.ip_address(host) not in ipaddress.ip_network("127.0.0.0/8"):
         raise ValueError(f"hostile peers only talk to loopback, not {host}")
     return host
 
@@ -86,7 +86,9 @@ def message_frame(message: WireMessage) -> bytes:
 # -- below TLS ------------------------------------------------------------------------------------
 
 
-def tcp_connect(port: int, *, source: str = "127.0.0.2", host: str = "127.0.0.1", timeout: float = 5.0) -> socket.socket:
+def tcp_connect(
+    port: int, *, source: str = "127.0.0.2", host: str = "127.0.0.1", timeout: float = 5.0
+) -> socket.socket:
     """A TCP connection to host:port from `source` (both loopback)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.settimeout(timeout)
@@ -229,7 +231,9 @@ class HostileClient:
                 return message
         raise AssertionError(f"no HELLO from the agent; got {self.received}")
 
-    def auth(self, signer: Identity, server: Hello, *, client_fp: str | None = None, device_id: str | None = None) -> Auth:
+    def auth(
+        self, signer: Identity, server: Hello, *, client_fp: str | None = None, device_id: str | None = None
+    ) -> Auth:
         """Send AUTH: `signer` signs the transcript of this session (or what the caller bends)."""
         transcript = auth_transcript(
             version=1,
@@ -244,7 +248,9 @@ class HostileClient:
         self.send(auth)
         return auth
 
-    def messages(self, timeout: float = DEFAULT_TIMEOUT, stop: Callable[[WireMessage], bool] | None = None) -> Iterator[WireMessage]:
+    def messages(
+        self, timeout: float = DEFAULT_TIMEOUT, stop: Callable[[WireMessage], bool] | None = None
+    ) -> Iterator[WireMessage]:
         """Messages from the agent as they arrive, until EOF, `stop(message)`, or `timeout` seconds."""
         deadline = time.monotonic() + timeout
         while True:
@@ -306,7 +312,13 @@ class ProtocolClient:
     """
 
     def __init__(
-        self, port: int, who: Identity, *, source: str = "127.0.0.2", host: str = "127.0.0.1", nonce: bytes | None = None
+        self,
+        port: int,
+        who: Identity,
+        *,
+        source: str = "127.0.0.2",
+        host: str = "127.0.0.1",
+        nonce: bytes | None = None,
     ) -> None:
         self.who = who
         self.sock, self.server_fp = tls_connect(port, source=source, host=host)
@@ -397,7 +409,7 @@ class ProtocolClient:
 
 # -- a hostile server the agent dials -------------------------------------------------------------
 
-ServerScript = Callable[[ssl.SSLSocket, Identity], None]
+ServerScript = Callable[[ssl.SSLSocket, Identity], object]
 
 
 class HostileServer:
@@ -413,7 +425,8 @@ class HostileServer:
         self._sock = socket.create_server((check_loopback(host), 0))
         self.port: int = self._sock.getsockname()[1]
         self.script: ServerScript | None = None
-        self.connections = 0
+        self.started = 0  # TLS sessions accepted
+        self.connections = 0  # ... whose script has finished
         self.results: list[object] = []
         self._lock = threading.Condition()
         self._stop = False
@@ -434,11 +447,13 @@ class HostileServer:
         except (OSError, ssl.SSLError):
             raw.close()
             return
-        script = self.script
+        with self._lock:
+            self.started += 1
+            script = self.script
         result: object = None
         try:
             if script is not None:
-                script(tls, self.who)
+                result = script(tls, self.who)
         except Exception as exc:  # a script's failure is a test result, reported by wait_result
             result = exc
         finally:
@@ -451,19 +466,22 @@ class HostileServer:
             self.results.append(result)
             self._lock.notify_all()
 
-    def wait_connections(self, n: int, timeout: float = DEFAULT_TIMEOUT) -> None:
-        """Wait until `n` connections have run their script."""
+    def wait_idle(self, timeout: float = DEFAULT_TIMEOUT) -> list[object]:
+        """Wait until every accepted connection has finished its script; all results so far, in order."""
         with self._lock:
-            if not self._lock.wait_for(lambda: self.connections >= n, timeout):
-                raise AssertionError(f"the agent made {self.connections} connections, not {n}, in {timeout} s")
+            if not self._lock.wait_for(lambda: self.connections >= self.started, timeout):
+                raise AssertionError(f"{self.started - self.connections} connections still running after {timeout} s")
+            return list(self.results)
 
     def close(self) -> None:
         self._stop = True
         self._sock.close()
 
 
-def read_messages(tls: ssl.SSLSocket, timeout: float, stop: Callable[[WireMessage], bool]) -> list[WireMessage]:
-    """Messages the agent sends on a server-side connection, until `stop`, EOF or `timeout`."""
+def read_messages(
+    tls: ssl.SSLSocket, timeout: float, stop: Callable[[WireMessage], bool] = lambda m: False
+) -> tuple[list[WireMessage], bool]:
+    """Messages the agent sends on a server-side connection until `stop`, EOF or `timeout`; and if EOF came."""
     decoder = FrameDecoder(MAX_FRAME)
     out: list[WireMessage] = []
     deadline = time.monotonic() + timeout
@@ -471,7 +489,7 @@ def read_messages(tls: ssl.SSLSocket, timeout: float, stop: Callable[[WireMessag
         while (body := decoder.next_frame()) is not None:
             out.append(decode_message(body))
             if stop(out[-1]):
-                return out
+                return out, False
         tls.settimeout(left)
         try:
             data = tls.recv(65536)
@@ -480,7 +498,18 @@ def read_messages(tls: ssl.SSLSocket, timeout: float, stop: Callable[[WireMessag
         except (OSError, ssl.SSLError):
             data = b""
         if not data:
-            out.append(Error(ErrorCode.PROTOCOL_ERROR, "EOF"))  # marks the close for the caller
-            break
+            return out, True
         decoder.feed(data)
-    return out
+    return out, False
+
+
+def agent_error(tls: ssl.SSLSocket, timeout: float = DEFAULT_TIMEOUT) -> ErrorCode | None:
+    """Read until the agent closes; the code of the ERROR it sent (None: closed without one).
+
+    :raises AssertionError: it did not close within `timeout`.
+    """
+    messages, eof = read_messages(tls, timeout)
+    if not eof:
+        raise AssertionError(f"the agent did not close within {timeout} s: {messages}")
+    codes = [m.code for m in messages if isinstance(m, Error)]
+    return codes[0] if codes else None

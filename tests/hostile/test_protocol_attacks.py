@@ -28,7 +28,10 @@ def _hello_auth(c: HostileClient, who: Identity) -> Hello:
 PRE_AUTH_TOO_LARGE: list[tuple[str, Callable[[HostileClient, Identity], object]]] = [
     ("header over the pre-auth limit", lambda c, who: c.send_raw((PRE_AUTH_MAX_FRAME + 1).to_bytes(4, "big"))),
     ("header of 4 GiB", lambda c, who: c.send_raw(b"\xff\xff\xff\xff")),
-    ("pre-auth frame after HELLO", lambda c, who: (c.hello(who), c.send_raw(frame(b"\xc0" * (PRE_AUTH_MAX_FRAME + 1))))),
+    (
+        "pre-auth frame after HELLO",
+        lambda c, who: (c.hello(who), c.send_raw(frame(b"\xc0" * (PRE_AUTH_MAX_FRAME + 1)))),
+    ),
     ("post-auth-size frame before READY", lambda c, who: (_hello_auth(c, who), c.send_raw(b"\x00\x10\x00\x00"))),
 ]
 
@@ -78,7 +81,7 @@ OUT_OF_ORDER: list[tuple[str, Callable[[HostileClient, Identity], object]]] = [
     ("PING after HELLO", lambda c, who: (c.hello(who), c.server_hello(), c.send(Ping(7)))),
     ("HELLO after AUTH", lambda c, who: (_hello_auth(c, who), c.hello(who))),
     ("PING before READY", lambda c, who: (_hello_auth(c, who), c.send(Ping(7)))),
-    ("a second AUTH", lambda c, who: (c.auth(who, _hello_auth(c, who)))),
+    ("a second AUTH", lambda c, who: c.auth(who, _hello_auth(c, who))),
 ]
 
 

@@ -100,7 +100,9 @@ def test_hundreds_of_connections_hit_the_total_cap_then_recover(victim: Victim) 
     before = victim.before()
     n_addr = 40
     socks = [
-        tcp_connect(victim.port, source=source_address(i)) for i in range(n_addr) for _ in range(MAX_CONNECTIONS_PER_ADDRESS)
+        tcp_connect(victim.port, source=source_address(i))
+        for i in range(n_addr)
+        for _ in range(MAX_CONNECTIONS_PER_ADDRESS)
     ]
     try:
         quick = _closed_times(socks, 1.0)

@@ -133,6 +133,27 @@ def test_silent_departure_is_noticed(lan3: Lan, agents: list[LanAgent], how: str
     print(f"{how}: noticed by both others in {noticed:.2f} s")
 
 
+def test_newcomer_dials_before_its_own_advert_is_out(lan3: Lan, agents: list[LanAgent]) -> None:
+    # The newcomer has the higher device id, so by the usual rule it would wait to be dialled, which
+    # cannot happen before its advert is out (~1.2 s of probing). It dials at once instead.
+    first, newcomer = sorted(agents[:2], key=lambda a: a.device_id)
+    first.start()
+    wait_until(lambda: first.count_log("advertising") >= 1, 10, f"{first.name}'s advert")
+    newcomer.start()
+    newcomer.wait_peer(first.device_id, PAIR_DEADLINE, connected=True, trust="tofu")
+    first.wait_peer(newcomer.device_id, 5, connected=True, trust="tofu")
+    wait_until(lambda: newcomer.count_log("advertising") >= 1, 10, f"{newcomer.name}'s advert")
+    log = newcomer.log()
+    assert "before our advert is out; dialling" in log, log
+    assert log.index(f"connected to {first.name}") < log.index("advertising"), log
+    # Once the newcomer is visible, the first agent (lower id) sees it but does not dial a second link.
+    wait_until(lambda: first.count_log(f"found {newcomer.name}") >= 1, 10, f"{first.name} to see the advert")
+    wait_until(lambda: one_connection_per_pair(lan3, agents[:2]), 5, "one TCP connection")
+    for a, b in ((first, newcomer), (newcomer, first)):
+        assert a.count_log(f"connected to {b.name} ({b.device_id})") == 1, a.log()
+        assert "duplicate" not in a.log().lower(), a.log()
+
+
 def test_forged_advert_fingerprint_is_an_anomaly_not_a_pin(lan3: Lan, agents: list[LanAgent], tmp_path: Path) -> None:
     # The lower device id dials: it is the one that acts on the (forged) advert.
     dialler, target = sorted(agents[:2], key=lambda a: a.device_id)

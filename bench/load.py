@@ -1,0 +1,169 @@
+"""One hub agent with 20 loopback peers connected at once, then connection churn; RSS and CPU over time.
+
+    .venv/bin/python bench/load.py [--peers 20] [--steady 60] [--churn 180] [--quick]
+
+The hub has every peer as a static peer and dials them (on loopback every client address is
+127.0.0.1, and the hub's listener allows 8 connections per address, so 20 peers dialling the hub
+would be capped: on a LAN each has its own address). Churn: every `--every` seconds one random
+peer stops (SIGTERM) and comes back `--away` seconds later. Every second the hub's VmRSS and CPU
+(utime+stime from /proc/PID/stat) and its connected count are sampled; a table is printed.
+`--quick` is about 20 s (8 s steady, 12 s churn).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from agent import control  # noqa: E402
+from agent.errors import TofuError  # noqa: E402
+from agent.paths import resolve_paths  # noqa: E402
+from tests.agent.harness import free_port, short_home  # noqa: E402
+from tests.hostile.conftest import configure, rss_kib  # noqa: E402
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Proc:
+    name: str
+    home: Path
+    port: int
+    proc: subprocess.Popen[bytes] | None = None
+
+    def spawn(self, peers: list[int]) -> None:
+        argv = [sys.executable, "-m", "agent", "--home", str(self.home), "run", "--no-mdns"]
+        argv += ["--port", str(self.port), "--bind", "127.0.0.1", "--name", self.name]
+        for port in peers:
+            argv += ["--peer", f"127.0.0.1:{port}"]
+        with (self.home / "agent.log").open("ab") as log:
+            self.proc = subprocess.Popen(argv, stdout=log, stderr=log, cwd=ROOT)
+
+    def status(self) -> dict[str, object] | None:
+        try:
+            result = control.request(resolve_paths(self.home).control_socket, "status", timeout=5.0)
+        except TofuError:
+            return None
+        return result if isinstance(result, dict) else None
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK  # utime, stime
+
+
+def connected(hub: Proc) -> int:
+    st = hub.status() or {}
+    peers = st.get("peers", [])
+    assert isinstance(peers, list)
+    return sum(1 for p in peers if p.get("connected"))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--peers", type=int, default=20)
+    parser.add_argument("--steady", type=float, default=60.0)
+    parser.add_argument("--churn", type=float, default=180.0)
+    parser.add_argument("--every", type=float, default=3.0, help="seconds between departures")
+    parser.add_argument("--away", type=float, default=2.0, help="seconds a departed peer stays away")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--seed", type=int, default=None)
+    args = parser.parse_args()
+    if args.quick:
+        args.steady, args.churn = 8.0, 12.0
+    rng = random.Random(args.seed)
+    peers = [Proc(f"peer{i:02d}", configure(short_home("ta-l-")), free_port()) for i in range(args.peers)]
+    hub = Proc("hub", configure(short_home("ta-l-")), free_port())
+    rows: list[tuple[float, str, float, float, int]] = []
+    try:
+        for p in peers:
+            p.spawn([])
+        hub.spawn([p.port for p in peers])
+        t0 = time.monotonic()
+        deadline = t0 + 120
+        while connected(hub) < args.peers:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"only {connected(hub)} of {args.peers} peers connected after 120 s")
+            time.sleep(0.2)
+        print(f"all {args.peers} peers connected {time.monotonic() - t0:.1f} s after start")
+        assert hub.proc is not None
+        pid = hub.proc.pid
+        start = time.monotonic()
+        last_cpu, last_t = cpu_seconds(pid), start
+        away: dict[int, float] = {}
+        next_leave = start + args.steady
+        end = start + args.steady + args.churn
+        departures = 0
+        while (now := time.monotonic()) < end:
+            phase = "steady" if now < start + args.steady else "churn"
+            if phase == "churn":
+                for i, back in list(away.items()):
+                    if now >= back:
+                        peers[i].spawn([])
+                        del away[i]
+                if now >= next_leave:
+                    i = rng.choice([j for j in range(args.peers) if j not in away])
+                    peers[i].stop()
+                    away[i] = now + args.away
+                    departures += 1
+                    next_leave = now + args.every
+            cpu = cpu_seconds(pid)
+            pct = 100 * (cpu - last_cpu) / max(1e-6, now - last_t)
+            last_cpu, last_t = cpu, now
+            rows.append((now - start, phase, rss_kib(pid) / 1024, pct, connected(hub)))
+            time.sleep(max(0.0, 1.0 - (time.monotonic() - now)))
+        print()
+        print("| t (s) | phase | hub RSS MiB | hub CPU % | connected |")
+        print("|---|---|---|---|---|")
+        stride = max(1, len(rows) // 25)
+        for t, phase, rss, pct, conn in rows[::stride]:
+            print(f"| {t:5.0f} | {phase} | {rss:6.1f} | {pct:5.1f} | {conn}/{args.peers} |")
+        steady = [r for r in rows if r[1] == "steady"]
+        churn = [r for r in rows if r[1] == "churn"]
+        print()
+        for label, part in (("steady", steady), ("churn", churn)):
+            if part:
+                print(
+                    f"{label}: RSS {min(r[2] for r in part):.1f}-{max(r[2] for r in part):.1f} MiB, "
+                    f"CPU mean {statistics.mean(r[3] for r in part):.1f} % max {max(r[3] for r in part):.1f} %, "
+                    f"connected min {min(r[4] for r in part)}/{args.peers}"
+                )
+        print(f"{departures} departures and returns during churn")
+        for p in peers:
+            p.spawn([]) if p.proc is not None and p.proc.poll() is not None else None
+        t1 = time.monotonic()
+        while connected(hub) < args.peers and time.monotonic() - t1 < 60:
+            time.sleep(0.2)
+        print(
+            f"after churn: {connected(hub)}/{args.peers} connected {time.monotonic() - t1:.1f} s after the last return"
+        )
+        return 0
+    finally:
+        for p in [hub, *peers]:
+            p.stop()
+        for p in [hub, *peers]:
+            shutil.rmtree(p.home, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

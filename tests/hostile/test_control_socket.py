@@ -1,0 +1,41 @@
+"""The control socket is local (0600) but its parser must not take the agent down either."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import struct
+
+import pytest
+
+from agent import control
+from agent.paths import resolve_paths
+from tests.agent.harness import AgentProc, short_home, wait_for
+from tests.hostile.conftest import configure
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: a nested-JSON control request (60 000 '[') raises RecursionError in agent/control.py:117, "
+    "which escapes _serve_one and crashes the agent (exit 1).",
+)
+def test_nested_json_on_the_control_socket_does_not_kill_the_agent() -> None:
+    home = configure(short_home("ta-c-"))
+    agent = AgentProc(home, "ctl").start()
+    try:
+        path = resolve_paths(home).control_socket
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(5)
+            s.connect(str(path))
+            body = b"[" * 60000
+            s.sendall(struct.pack(">I", len(body)) + body)
+            try:
+                s.recv(4096)
+            except OSError:
+                pass
+        wait_for(lambda: control.agent_running(path) or (agent.proc is not None and agent.proc.poll() is not None), 5)
+        assert agent.proc is not None and agent.proc.poll() is None, "the agent died"
+        assert control.request(path, "ping") == "pong"
+    finally:
+        agent.kill()
+        shutil.rmtree(home, ignore_errors=True)
