@@ -32,7 +32,7 @@ PAIR_TIMEOUT = 20.0
 class Run:
     """Seconds from spawning B (None: never happened within the timeout)."""
 
-    dialler: str  # "A" or "B": who has the lower device id
+    dialler: str  # "A" or "B": who has the lower device id (the usual dialler)
     b_control: float | None = None  # B's control socket answers
     b_lists_a: float | None = None  # A appears in B's status
     a_lists_b: float | None = None  # B appears in A's status
@@ -118,27 +118,27 @@ def main() -> int:
         print(f"cannot run: {reason}", file=sys.stderr)
         return 2
     print(f"pairing time, {args.runs} runs, order {args.order}; milliseconds from spawning B")
-    header = "run  dialler  B-ctl  B-lists-A  A-lists-B  A-conn  B-conn  PAIRED"
+    header = "run  lower  B-ctl  B-lists-A  A-lists-B  A-conn  B-conn  PAIRED"
     print(header)
     runs: list[Run] = []
     for i in range(args.runs):
         r = one_run(args.order, i)
         runs.append(r)
         print(
-            f"{i + 1:3d}  {r.dialler:>7}  {_ms(r.b_control)}  {_ms(r.b_lists_a):>9}  {_ms(r.a_lists_b):>9}  "
+            f"{i + 1:3d}  {r.dialler:>5}  {_ms(r.b_control)}  {_ms(r.b_lists_a):>9}  {_ms(r.a_lists_b):>9}  "
             f"{_ms(r.a_connected)}  {_ms(r.b_connected)}  {_ms(r.paired)}",
             flush=True,
         )
     print("-" * len(header))
     print(
-        f"median        {_ms(median([r.b_control for r in runs]))}  {_ms(median([r.b_lists_a for r in runs])):>9}  "
+        f"median      {_ms(median([r.b_control for r in runs]))}  {_ms(median([r.b_lists_a for r in runs])):>9}  "
         f"{_ms(median([r.a_lists_b for r in runs])):>9}  {_ms(median([r.a_connected for r in runs]))}  "
         f"{_ms(median([r.b_connected for r in runs]))}  {_ms(median([r.paired for r in runs]))}"
     )
     for who in ("A", "B"):
         sub = [r.paired for r in runs if r.dialler == who]
         if sub:
-            print(f"median when {who} dials ({len(sub)} runs): {_ms(median(sub)).strip()} ms")
+            print(f"median when {who} has the lower id ({len(sub)} runs): {_ms(median(sub)).strip()} ms")
     overall = median([r.paired for r in runs])
     failed = sum(r.paired is None for r in runs)
     verdict = "met" if overall is not None and overall < 1.0 and not failed else "MISSED"

@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 from tests.agent.harness import AgentProc, free_port, wait_for  # noqa: E402
 
 MiB = 1024 * 1024
+CASES = frozenset({"big", "small", "change"})
 Results = dict[str, dict[str, float]]  # tool -> case -> seconds
 
 
@@ -195,8 +196,13 @@ def poll(pred: Callable[[], bool], timeout: float, what: str, step: float = 0.05
         time.sleep(step)
 
 
-def bench_tofu(master: Path, work: Path, nfiles: int, timeout: float) -> tuple[dict[str, float], dict[str, float]]:
-    """Seconds per case for two tofu-agents, and their memory figures (MB)."""
+def bench_tofu(
+    master: Path, work: Path, nfiles: int, timeout: float, cases: frozenset[str] = CASES
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Seconds per case for two tofu-agents, and their memory figures (MB).
+
+    The one-byte change needs the big file in place first: it is synced (untimed) if `big` is not a case.
+    """
     homes = [work / "ta-a", work / "ta-b"]
     for h in homes:
         h.mkdir()
@@ -213,21 +219,26 @@ def bench_tofu(master: Path, work: Path, nfiles: int, timeout: float) -> tuple[d
         time.sleep(3.0)  # let start-up work finish before calling it idle
         assert a.proc is not None and b.proc is not None
         mem["idle_rss"] = max(rss_mb(a.proc.pid, "VmRSS"), rss_mb(b.proc.pid, "VmRSS"))
-        copy_data(master, stage, "big.bin")
-        t0 = time.perf_counter()
-        os.rename(stage / "big.bin", fa / "big.bin")
-        poll(lambda: (fb / "big.bin").exists() and (fb / "big.bin").stat().st_size == (fa / "big.bin").stat().st_size,
-             timeout, "the big file")  # fmt: skip
-        res["big"] = time.perf_counter() - t0
-        mem["peak_rss"] = max(rss_mb(a.proc.pid, "VmHWM"), rss_mb(b.proc.pid, "VmHWM"))
-        assert same_file(fa / "big.bin", fb / "big.bin"), "tofu-agent: big file differs"
-        copy_data(master, stage, "small")
-        t0 = time.perf_counter()
-        os.rename(stage / "small", fa / "small")
-        poll(lambda: count_files(fb / "small") == nfiles if (fb / "small").exists() else False, timeout,
-             "the small files", 0.1)  # fmt: skip
-        res["small"] = time.perf_counter() - t0
+        if cases & {"big", "change"}:
+            copy_data(master, stage, "big.bin")
+            t0 = time.perf_counter()
+            os.rename(stage / "big.bin", fa / "big.bin")
+            size = (fa / "big.bin").stat().st_size
+            poll(lambda: (fb / "big.bin").exists() and (fb / "big.bin").stat().st_size == size, timeout, "the big file")
+            if "big" in cases:
+                res["big"] = time.perf_counter() - t0
+                mem["peak_rss"] = max(rss_mb(a.proc.pid, "VmHWM"), rss_mb(b.proc.pid, "VmHWM"))
+            assert same_file(fa / "big.bin", fb / "big.bin"), "tofu-agent: big file differs"
+        if "small" in cases:
+            copy_data(master, stage, "small")
+            t0 = time.perf_counter()
+            os.rename(stage / "small", fa / "small")
+            poll(lambda: count_files(fb / "small") == nfiles if (fb / "small").exists() else False, timeout,
+                 "the small files", 0.1)  # fmt: skip
+            res["small"] = time.perf_counter() - t0
         wait_for(lambda: (s := b.status()) and s["folders"][0]["state"] == "idle", 30, "beta idle")
+        if "change" not in cases:
+            return res, mem
         st = b.status()
         assert st is not None
         received_before = st["folders"][0]["bytes_received"]
@@ -257,7 +268,7 @@ def bench_tofu(master: Path, work: Path, nfiles: int, timeout: float) -> tuple[d
 # -- rsync ---------------------------------------------------------------------------------------
 
 
-def bench_rsync(master: Path, work: Path, timeout: float) -> dict[str, float]:
+def bench_rsync(master: Path, work: Path, timeout: float, cases: frozenset[str] = CASES) -> dict[str, float]:
     src, dst = work / "rs-src", work / "rs-dst"
     dst.mkdir()
     port = free_port()
@@ -276,13 +287,16 @@ def bench_rsync(master: Path, work: Path, timeout: float) -> dict[str, float]:
             subprocess.run(["rsync", "-a", f"{src}/", f"rsync://127.0.0.1:{port}/m/"], check=True, timeout=timeout)
             return time.perf_counter() - t0
 
-        copy_data(master, src, "big.bin")
-        res["big"] = push()
-        copy_data(master, src, "small")
-        res["small"] = push()
-        flip_middle_byte(src / "big.bin")
-        res["change"] = push()
-        assert same_file(src / "big.bin", dst / "big.bin"), "rsync: changed file differs"
+        if cases & {"big", "change"}:
+            copy_data(master, src, "big.bin")
+            res["big"] = push()
+        if "small" in cases:
+            copy_data(master, src, "small")
+            res["small"] = push()
+        if "change" in cases:
+            flip_middle_byte(src / "big.bin")
+            res["change"] = push()
+            assert same_file(src / "big.bin", dst / "big.bin"), "rsync: changed file differs"
     finally:
         daemon.terminate()
         daemon.wait(10)
@@ -368,7 +382,9 @@ def _set(parent: ET.Element, tag: str, text: str) -> None:
     el.text = text
 
 
-def syncthing_inside(master: Path, work: Path, nfiles: int, timeout: float) -> dict[str, float]:
+def syncthing_inside(
+    master: Path, work: Path, nfiles: int, timeout: float, cases: frozenset[str] = CASES
+) -> dict[str, float]:
     """The Syncthing runs; call only inside a private network namespace."""
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
     fa, fb = work / "st-fa", work / "st-fb"
@@ -411,23 +427,28 @@ def syncthing_inside(master: Path, work: Path, nfiles: int, timeout: float) -> d
             poll(done, timeout, "syncthing to sync", 0.1)
             return time.perf_counter() - t0
 
-        res["big"] = timed(lambda: copy_data(master, fa, "big.bin"), True)
-        assert same_file(fa / "big.bin", fb / "big.bin"), "syncthing: big file differs"
-        res["small"] = timed(lambda: copy_data(master, fa, "small"), True)
-        assert count_files(fb / "small") == nfiles
-        res["change"] = timed(lambda: flip_middle_byte(fa / "big.bin"), True)
-        assert same_file(fa / "big.bin", fb / "big.bin"), "syncthing: changed file differs"
+        if cases & {"big", "change"}:
+            res["big"] = timed(lambda: copy_data(master, fa, "big.bin"), True)
+            assert same_file(fa / "big.bin", fb / "big.bin"), "syncthing: big file differs"
+        if "small" in cases:
+            res["small"] = timed(lambda: copy_data(master, fa, "small"), True)
+            assert count_files(fb / "small") == nfiles
+        if "change" in cases:
+            res["change"] = timed(lambda: flip_middle_byte(fa / "big.bin"), True)
+            assert same_file(fa / "big.bin", fb / "big.bin"), "syncthing: changed file differs"
     finally:
         a.stop()
         b.stop()
     return res
 
 
-def bench_syncthing(master: Path, work: Path, nfiles: int, timeout: float) -> dict[str, float]:
+def bench_syncthing(
+    master: Path, work: Path, nfiles: int, timeout: float, cases: frozenset[str] = CASES
+) -> dict[str, float]:
     """Run the Syncthing part in a fresh network namespace that holds only loopback."""
     out = subprocess.run(
         ["unshare", "-n", "--", sys.executable, __file__, "--syncthing-inside", str(master), str(work), str(nfiles),
-         str(timeout)],
+         str(timeout), ",".join(sorted(cases))],
         capture_output=True, text=True, timeout=timeout * 4 + 300, check=False,
     )  # fmt: skip
     if out.returncode != 0:
@@ -484,12 +505,14 @@ def main() -> int:
     p.add_argument("--workdir", default="/tmp", help="where data and homes go (one file system)")
     p.add_argument("--no-syncthing", action="store_true")
     p.add_argument("--no-rsync", action="store_true")
-    p.add_argument("--syncthing-inside", nargs=4, metavar=("MASTER", "WORK", "NFILES", "TIMEOUT"),
+    p.add_argument("--case", action="append", choices=sorted(CASES),
+                   help="run only this case (repeatable; default: all)")  # fmt: skip
+    p.add_argument("--syncthing-inside", nargs=5, metavar=("MASTER", "WORK", "NFILES", "TIMEOUT", "CASES"),
                    help=argparse.SUPPRESS)  # fmt: skip
     args = p.parse_args()
     if args.syncthing_inside:
-        master, work, n, to = args.syncthing_inside
-        print(json.dumps(syncthing_inside(Path(master), Path(work), int(n), float(to))))
+        master, work, n, to, which = args.syncthing_inside
+        print(json.dumps(syncthing_inside(Path(master), Path(work), int(n), float(to), frozenset(which.split(",")))))
         return 0
     big, nfiles, ndirs = (32 * MiB, 300, 10) if args.quick else (1024 * MiB, 10_000, 100)
     timeout = 120.0 if args.quick else 600.0
@@ -503,18 +526,19 @@ def main() -> int:
             "disk": disk_write_speed(work, min(big, 512 * MiB)),
         }
         results: Results = {}
-        ours, mem = bench_tofu(master, work, nfiles, timeout)
+        cases = frozenset(args.case) if args.case else CASES
+        ours, mem = bench_tofu(master, work, nfiles, timeout, cases)
         results["tofu-agent"] = ours
         if args.no_syncthing or shutil.which("syncthing") is None or shutil.which("unshare") is None:
             notes.append("Syncthing skipped (not installed or --no-syncthing): apt-get install -y syncthing")
         else:
-            st = bench_syncthing(master, work, nfiles, timeout)
+            st = bench_syncthing(master, work, nfiles, timeout, cases)
             mem["syncthing_idle_rss"] = st.pop("idle_rss")
             results["syncthing"] = st
         if args.no_rsync or shutil.which("rsync") is None:
             notes.append("rsync skipped (not installed or --no-rsync): apt-get install -y rsync")
         else:
-            results["rsync"] = bench_rsync(master, work, timeout)
+            results["rsync"] = bench_rsync(master, work, timeout, cases)
         sizes = {"big": big, "small": nfiles * 4096, "change": big}
         print(f"data: {big // MiB} MiB random file; {nfiles} x 4 KiB files in {ndirs} directories; "
               "one byte changed in the middle of the big file")  # fmt: skip

@@ -131,6 +131,32 @@ class FolderFS:
             raise OSError(errno.EINVAL, f"temp file for {name} is not a regular file")
         return fd, existed
 
+    def open_temp_direct(self, name: str, fd: int) -> int:
+        """A second, write-only O_DIRECT fd of the temp file already open as `fd`; -1 if unsupported.
+
+        Direct writes bypass the page cache: a large download then costs no page-cache allocation
+        and no writeback at fsync time (the data is on the device when each write returns).
+        """
+        flag = getattr(os, "O_DIRECT", 0)
+        if not flag:
+            return -1
+        parent, _ = split_name(name)
+        try:
+            dfd = self.open_dir(parent)
+        except OSError:
+            return -1
+        try:
+            dio = os.open(temp_name_for(name), os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC | flag, dir_fd=dfd)
+        except OSError:
+            return -1  # e.g. tmpfs refuses O_DIRECT
+        finally:
+            os.close(dfd)
+        a, b = os.fstat(fd), os.fstat(dio)
+        if (a.st_dev, a.st_ino) != (b.st_dev, b.st_ino):
+            os.close(dio)  # replaced under us: write through the fd we checked
+            return -1
+        return dio
+
     def commit_temp(self, name: str) -> os.stat_result:
         """Rename the temp file of `name` over `name` atomically; the stat of the result."""
         parent, base = split_name(name)

@@ -11,12 +11,14 @@ every received block is checked against its SHA-256 before it is written.
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 import stat
+import threading
 from collections import deque
 from dataclasses import dataclass, field
 
-from agent.sync.blocks import block_range
+from agent.sync.blocks import MAX_BLOCK_SIZE, block_range
 from agent.sync.fs import FolderFS
 from agent.sync.index import FolderIndex
 from agent.sync.model import FileInfo
@@ -31,6 +33,7 @@ class Job:
     expected: FileInfo | None  # our record when planned: the target must still match it on disk
     sources: set[str]
     fd: int = -1
+    dfd: int = -1  # the same temp file opened O_DIRECT for aligned writes, or -1
     fetch: deque[int] = field(default_factory=deque)  # block indexes still to request
     outstanding: set[int] = field(default_factory=set)  # block indexes requested, not yet answered
     copied: int = 0
@@ -94,6 +97,8 @@ def open_job(fs: FolderFS, index: FolderIndex, job: Job) -> None:
                 os.close(sfd)
     job.fetch.extend(plan.fetch)
     job.fetch = deque(sorted(job.fetch))
+    if job.fetch:
+        job.dfd = fs.open_temp_direct(target.name, job.fd)
 
 
 def _copy_block(job: Job, sfd: int, trusted: bool, i: int, src_off: int) -> bool:
@@ -120,12 +125,48 @@ def write_block(job: Job, i: int, data: bytes) -> bool:
     offset, size = block_range(t.size, t.block_size, i)
     if len(data) != size or hashlib.sha256(data).digest() != t.block_hash(i):
         return False
-    os.pwrite(job.fd, data, offset)
+    _write(job, data, offset)
     return True
+
+
+DIRECT_ALIGN = 4096  # offset, length and memory alignment that O_DIRECT accepts on common file systems
+_local = threading.local()
+
+
+def _aligned_buffer() -> mmap.mmap:
+    """This thread's page-aligned staging buffer for direct writes (anonymous mmap: page-aligned)."""
+    buf: mmap.mmap | None = getattr(_local, "buf", None)
+    if buf is None:
+        buf = _local.buf = mmap.mmap(-1, MAX_BLOCK_SIZE)
+    return buf
+
+
+def _write(job: Job, data: bytes | memoryview, offset: int) -> None:
+    """Write `data` at `offset` of the temp file: direct when aligned and supported, else buffered."""
+    n = len(data)
+    if job.dfd >= 0 and n and not n % DIRECT_ALIGN and not offset % DIRECT_ALIGN and n <= MAX_BLOCK_SIZE:
+        buf = _aligned_buffer()
+        with memoryview(buf) as view:
+            view[:n] = data
+            try:
+                if os.pwrite(job.dfd, view[:n], offset) == n:
+                    return
+            except OSError:
+                pass
+        os.close(job.dfd)  # the file system refused (or wrote short): buffered from now on
+        job.dfd = -1
+    os.pwrite(job.fd, data, offset)
+
+
+def _close_direct(job: Job) -> None:
+    if job.dfd >= 0:
+        os.close(job.dfd)
+        job.dfd = -1
 
 
 def finish_job(job: Job) -> None:
     """Set the exec bit and mtime on the complete temp file and close it (durability comes later)."""
+    _close_direct(job)
     os.fchmod(job.fd, 0o755 if job.target.executable else 0o644)
     os.utime(job.fd, ns=(job.target.mtime_ns, job.target.mtime_ns))
     os.close(job.fd)
@@ -134,6 +175,7 @@ def finish_job(job: Job) -> None:
 
 def abort_job(job: Job) -> None:
     """Close the temp file but keep it, so a later attempt resumes from it."""
+    _close_direct(job)
     if job.fd >= 0:
         os.close(job.fd)
         job.fd = -1

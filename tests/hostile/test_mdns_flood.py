@@ -81,7 +81,8 @@ def _flood_then_pair(lan: Lan, count: int) -> None:
         rss0 = rss_kib(victim.proc.pid)
         flooder = Flooder(lan, 2, count)
         expected = min(count, MAX_SERVICES)
-        wait_until(lambda: _advertised(victim) >= expected * 0.9, 20, f"the victim to see ~{expected} fakes")
+        # All of them (or a full table): only then is the race with the real peer's advert decided.
+        wait_until(lambda: _advertised(victim) >= expected, 30, f"the victim to see {expected} fakes")
         wait_until(lambda: flooder.rounds >= 3, 10, "three flood rounds")
         before = snapshot(victim.home)
         peer.start()
@@ -102,11 +103,11 @@ def test_mdns_flood_under_the_cap_then_a_real_peer_pairs(lan: Lan) -> None:
     _flood_then_pair(lan, 200)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: an mDNS flood of more than MAX_SERVICES (256) fake services fills the PeerTable and the "
-    "resolve queue, so a real peer that appears later is ignored ('tracking 256 services already') and "
-    "never dialled (agent/net/discovery.py PeerTable.observe and ZeroconfDiscovery._queue_resolve).",
-)
 def test_mdns_flood_over_the_cap_then_a_real_peer_pairs(lan: Lan) -> None:
+    """400 fakes: the victim's table is full (256) and it ignores any new advert, the real peer's too.
+
+    Pairing still works because a starting agent dials every peer it sees before its own advert
+    is out, and the victim answers its query at once while the flooder only announces. A flooder
+    that also answered queries could fill the newcomer's table first (see docs/RELIABILITY.md).
+    """
     _flood_then_pair(lan, 400)

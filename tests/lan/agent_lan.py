@@ -255,13 +255,17 @@ class ForgedAdvert:
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
-        for line in self.proc.stdout:
+        try:
+            for line in self.proc.stdout:
+                with self._cond:
+                    self.lines.append(json.loads(line))
+                    self._cond.notify_all()
+        except (OSError, ValueError) as exc:  # the pipe closed under us (Lan.close), or a garbled line
+            self.lines.append({"ev": "error", "error": str(exc)})
+        finally:
             with self._cond:
-                self.lines.append(json.loads(line))
+                self.lines.append({"ev": "exit"})
                 self._cond.notify_all()
-        with self._cond:
-            self.lines.append({"ev": "exit"})
-            self._cond.notify_all()
 
     def wait_advertised(self, timeout: float = 10.0) -> None:
         """Wait until the records have been announced."""
