@@ -115,7 +115,7 @@ async def _read_request(stream: anyio.abc.ByteStream) -> tuple[str, dict[str, An
             body += await stream.receive(length - len(body))
     try:
         req = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, deep nesting
         raise ControlError("request is not JSON") from exc
     if not isinstance(req, dict) or req.get("v") != VERSION:
         raise ControlError(f"unsupported control protocol version (this agent speaks v{VERSION})")
@@ -131,7 +131,8 @@ async def _serve_one(stream: anyio.abc.ByteStream, handler: Handler) -> None:
     async with stream:
         try:
             cmd, args = await _read_request(stream)
-        except (ControlError, TimeoutError, anyio.EndOfStream, anyio.BrokenResourceError, OSError) as exc:
+        except Exception as exc:
+            # Whatever a local client sends must not take the agent down.
             log.debug("bad control request: %s", exc)
             with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
                 await stream.send(_frame({"v": VERSION, "ok": False, "error": str(exc)}))

@@ -283,9 +283,11 @@ class Agent:
             delay = REFUSED_BACKOFF if target.refused else backoff_delay(target.attempt)
             if ok and not target.refused:
                 delay = backoff_delay(0)
-            target.kick = anyio.Event()
-            with anyio.move_on_after(delay):
-                await target.kick.wait()
+            # A kick that came while we were dialling (a retrust, an address change) counts now.
+            kicked, target.kick = target.kick.is_set(), anyio.Event()
+            if not kicked:
+                with anyio.move_on_after(delay):
+                    await target.kick.wait()
 
     async def _dial_once(self, target: Target) -> bool:
         for host in target.addresses:
@@ -298,7 +300,13 @@ class Agent:
                         log.warning("peer at %s:%d presented an unusable certificate: %s", host, target.port, exc)
                         continue
                     link = self._make_link(stream, Role.CLIENT, host, server_fp)
-                    await link.run(self)
+                    try:
+                        await link.run(self)
+                    except Exception:
+                        # A bug must cost this one connection, never the agent (inbound links
+                        # are guarded the same way in transport.serve).
+                        log.exception("connection to %s:%d failed unexpectedly", host, target.port)
+                        return False
                     if link.peer is not None:
                         target.device_id = link.peer.device_id
                     target.refused = link.peer is not None and not link.is_open and link.opened_at is None
@@ -334,14 +342,18 @@ class Agent:
     def _on_gone(self, event: PeerGone) -> None:
         # A goodbye is a hint: a live link stays (keepalives decide), but we stop dialling.
         log.info("mDNS: %s withdrew its advertisement", event.device_id)
-        view = self.peers.get(event.device_id)
-        if view is not None:
-            view.advertised_fp = None
-            view.mdns_addresses = ()
         # Only the record that created a target may end it: anyone can forge a goodbye for an id.
         for t in [t for t in self.targets if t.service_name == event.service_name]:
             self.targets.remove(t)
             t.kick.set()
+        view = self.peers.get(event.device_id)
+        if view is None:
+            return
+        if view.link is None and not any(t.device_id == event.device_id for t in self.targets):
+            del self.peers[event.device_id]  # keep no state for every id anyone ever advertised
+        else:
+            view.advertised_fp = None
+            view.mdns_addresses = ()
 
     def _on_seen(self, event: PeerSeen) -> None:
         # Unauthenticated: it may raise an anomaly only about the device id it names.

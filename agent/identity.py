@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
@@ -70,8 +70,10 @@ def load_certificate(cert_der: bytes) -> x509.Certificate:
     try:
         cert = x509.load_der_x509_certificate(cert_der)
         key = cert.public_key()
-    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
-        raise IdentityError(f"not a usable certificate: {exc}") from exc
+    except Exception as exc:
+        # cryptography raises ValueError, UnsupportedAlgorithm, InvalidVersion ... for bad DER;
+        # this is peer input, so any failure to parse is "not a usable certificate".
+        raise IdentityError(f"not a usable certificate: {type(exc).__name__}: {exc}") from exc
     if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
         raise IdentityError("certificate key is not ECDSA P-256")
     return cert

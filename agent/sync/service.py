@@ -56,6 +56,7 @@ from agent.sync.messages import (
     wire_size,
 )  # fmt: skip
 from agent.sync.paths import TEMP_PREFIX, is_valid_name
+from agent.sync._trace import tr
 from agent.wire.messages import WireMessage, clean_reason
 
 log = logging.getLogger(__name__)
@@ -230,6 +231,7 @@ class SyncService:
             raise ls.error
         match message:
             case Response():
+                tr("resp", message.request_id & 0xFFFFFF, len(message.data))
                 f = self._folder_of_request(message.request_id)
                 f.blocks_received += 1 if message.data else 0
                 f.bytes_received += len(message.data)
@@ -345,6 +347,7 @@ class SyncService:
                 if target is not None:
                     out.append((target, msg))
 
+        tr("work start", len(items), len(names), full)
         with f.lock:
             eng = f.engine
             for kind, ls, msg in items:
@@ -377,6 +380,7 @@ class SyncService:
                 f.snapshot = eng.status()
                 f.snapshot_at = now
                 route(self._progress(f))
+        tr("work end", len(out))
         return out, errors
 
     def _progress(self, f: _Folder) -> list[Outgoing]:
@@ -414,8 +418,12 @@ class SyncService:
             log.debug("sending to %s stopped: %s", ls.name, exc)
 
     def _serve(self, f: _Folder, requests: list[Request]) -> list[Response]:
+        tr("serve start", len(requests))
         with f.lock:
-            return [f.engine.serve(r) for r in requests]
+            tr("serve locked", len(requests))
+            r = [f.engine.serve(r) for r in requests]
+        tr("serve end", len(requests))
+        return r
 
     # -- watching --------------------------------------------------------------------------------
 

@@ -11,7 +11,8 @@ transaction. Nothing here reads a clock or a disk.
     pinned key, pending     -> pending (refused until `accept`)
     other key, not revoked  -> key_changed, old pin kept, new key stored as pending_fingerprint
     revoked, any key        -> revoked (refused)
-    key_changed, any key    -> key_changed (sticky until a person acts: a flip back is no all-clear)
+    key_changed, other key  -> key_changed (the newest offered key is pending)
+    key_changed, pinned key -> the level before the change (a flip back is flagged as an anomaly)
 """
 
 from __future__ import annotations
@@ -40,8 +41,13 @@ def decide(
     now: float,
     policy: TrustPolicy,
     address: str | None = None,
+    restore: TrustLevel = TrustLevel.TOFU,
 ) -> Decision:
-    """Decide the trust level of a device that has just proven `fingerprint`."""
+    """Decide the trust level of a device that has just proven `fingerprint`.
+
+    `restore` is the level a `key_changed` device had before the change; it returns to it when
+    it proves its pinned key again.
+    """
     if record is None or record.trust is TrustLevel.UNKNOWN:
         level = TrustLevel.TOFU if policy is TrustPolicy.AUTO else TrustLevel.PENDING
         notes = "" if level is TrustLevel.TOFU else f"new device waiting for approval ({policy.value} policy)"
@@ -65,7 +71,12 @@ def decide(
             seen = replace(seen, pending_fingerprint=fingerprint)
             # Another new key (or the same new key again) is still a key change.
             return Decision(TrustLevel.KEY_CHANGED, EventKind.KEY_CHANGED, seen, record)
-        return Decision(TrustLevel.KEY_CHANGED, EventKind.REFUSED, seen, record)
+        # The pinned key is proven again, as OpenSSH accepts the key in known_hosts: whoever
+        # offered the other key must not lock the real device out. The offered key is dropped
+        # (so `retrust` cannot pin it by mistake); the log keeps it, and the anomaly rules flag
+        # the flip (`key_flip_flop`) and repeated attempts (`repeated_key_change`).
+        back = replace(seen, trust=restore, pending_fingerprint=None)
+        return Decision(restore, EventKind.MATCH, back, record)
     if fingerprint != record.fingerprint:
         changed = replace(seen, trust=TrustLevel.KEY_CHANGED, pending_fingerprint=fingerprint)
         return Decision(TrustLevel.KEY_CHANGED, EventKind.KEY_CHANGED, changed, record)

@@ -247,7 +247,10 @@ class TrustStore:
         """The one decision point, for a device that has proven `fingerprint` in a handshake."""
         with self._transaction() as db:
             previous = self.get(device_id)
-            decision = policy.decide(previous, device_id, name, fingerprint, now, self.policy, address)
+            restore = TrustLevel.TOFU
+            if previous is not None and previous.trust is TrustLevel.KEY_CHANGED:
+                restore = self._level_before_change(db, device_id)
+            decision = policy.decide(previous, device_id, name, fingerprint, now, self.policy, address, restore)
             self._put(db, decision.record)
             if self._repeats_refusal(db, device_id, decision.event, fingerprint):
                 return decision
@@ -265,16 +268,31 @@ class TrustStore:
             )
         return decision
 
+    def _level_before_change(self, db: sqlite3.Connection, device_id: str) -> TrustLevel:
+        """The last level that allowed sync, from the log (`tofu` if none is recorded)."""
+        row = db.execute(
+            "SELECT trust_after FROM events WHERE device_id = ? AND trust_after IN ('tofu', 'verified')"
+            " ORDER BY seq DESC LIMIT 1",
+            (device_id,),
+        ).fetchone()
+        return TrustLevel(row["trust_after"]) if row else TrustLevel.TOFU
+
     def _repeats_refusal(self, db: sqlite3.Connection, device_id: str, kind: EventKind, fingerprint: str) -> bool:
-        """True if this refusal repeats the device's last event exactly (a peer retrying)."""
+        """True if this refusal was already logged since the device's last other decision.
+
+        A refused peer retries, and an impersonator may alternate keys: one entry per distinct
+        (kind, key) keeps the log bounded and readable, while every distinct key still counts for
+        the anomaly rules. The row's last_seen still moves.
+        """
         if kind not in (EventKind.REFUSED, EventKind.KEY_CHANGED):
             return False
-        # One entry per distinct refusal keeps the log readable while a refused peer keeps
-        # retrying; the row's last_seen still moves.
-        last = db.execute(
-            "SELECT kind, fingerprint FROM events WHERE device_id = ? ORDER BY seq DESC LIMIT 1", (device_id,)
+        row = db.execute(
+            "SELECT 1 FROM events WHERE device_id = ? AND kind = ? AND fingerprint = ? AND seq > COALESCE("
+            " (SELECT MAX(seq) FROM events WHERE device_id = ? AND kind NOT IN ('refused', 'key_changed', 'anomaly')),"
+            " 0) LIMIT 1",
+            (device_id, kind.value, fingerprint, device_id),
         ).fetchone()
-        return last is not None and last["kind"] == kind.value and last["fingerprint"] == fingerprint
+        return row is not None
 
     def _change(
         self,

@@ -10,6 +10,7 @@ bytes are seen, so a peer cannot make us buffer more than one frame of the curre
 from __future__ import annotations
 
 import struct
+from collections import deque
 from typing import Final
 
 from agent.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
@@ -48,12 +49,18 @@ class FrameDecoder:
 
     Call `next_frame()` until it returns None after each `feed()`: the decoder then holds less
     than `max_frame + 4` bytes, which is the bound on what a peer can make us buffer.
+
+    Received chunks are kept as they came (no copy) and joined once per frame: a 1 MiB frame
+    that arrives in 64 TLS records costs one copy, not a growing buffer that is copied again on
+    every append and sliced out at the end.
     """
 
-    __slots__ = ("_buf", "_max_frame")
+    __slots__ = ("_chunks", "_off", "_len", "_max_frame")
 
     def __init__(self, max_frame: int = PRE_AUTH_MAX_FRAME) -> None:
-        self._buf = bytearray()
+        self._chunks: deque[bytes] = deque()
+        self._off = 0  # bytes of the first chunk already consumed
+        self._len = 0  # bytes buffered and not yet returned
         self._max_frame = PRE_AUTH_MAX_FRAME
         self.max_frame = max_frame
 
@@ -71,15 +78,19 @@ class FrameDecoder:
     @property
     def buffered(self) -> int:
         """Bytes received but not yet returned as frames."""
-        return len(self._buf)
+        return self._len
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         """Append bytes from the transport.
 
         :raises RemoteProtocolError: the next frame's header announces an empty or oversized body.
         """
-        self._buf += data
-        if len(self._buf) >= HEADER_LEN:
+        if not data:
+            return
+        chunk = data if type(data) is bytes else bytes(data)  # the caller may reuse its buffer
+        self._chunks.append(chunk)
+        self._len += len(chunk)
+        if self._len >= HEADER_LEN:
             self._check_header()
 
     def next_frame(self) -> bytes | None:
@@ -87,29 +98,74 @@ class FrameDecoder:
 
         :raises RemoteProtocolError: the next frame's header announces an empty or oversized body.
         """
-        buf = self._buf
-        if len(buf) < HEADER_LEN:
+        if self._len < HEADER_LEN:
             return None
         size = self._check_header()
         end = HEADER_LEN + size
-        if len(buf) < end:
+        if self._len < end:
             return None
-        # One copy out of the buffer; deleting a bytearray prefix only moves its start (O(1)).
-        with memoryview(buf) as view:
-            body = bytes(view[HEADER_LEN:end])
-        del buf[:end]
+        chunks = self._chunks
+        first = chunks[0]
+        off = self._off
+        if len(first) - off >= end:  # the whole frame is in the first chunk (small messages)
+            body = first[off + HEADER_LEN : off + end]
+            off += end
+            if off == len(first):
+                chunks.popleft()
+                off = 0
+            self._off = off
+        else:
+            body = self._gather(off + HEADER_LEN, size)
+        self._len -= end
         return body
 
     def clear(self) -> None:
         """Forget everything buffered (the rest of a stream we no longer read)."""
-        self._buf.clear()
+        self._chunks.clear()
+        self._off = 0
+        self._len = 0
+
+    def _gather(self, skip: int, size: int) -> bytes:
+        """Join `size` bytes that start `skip` bytes into the chunks; consume them and what precedes."""
+        chunks = self._chunks
+        parts: list[memoryview] = []
+        while skip >= len(chunks[0]):  # the header may end exactly at (or span) a chunk boundary
+            skip -= len(chunks.popleft())
+        need = size
+        while need:
+            chunk = chunks[0]
+            take = min(len(chunk) - skip, need)
+            parts.append(memoryview(chunk)[skip : skip + take])
+            need -= take
+            if skip + take == len(chunk):
+                chunks.popleft()
+                skip = 0
+            else:
+                skip += take
+        self._off = skip
+        return b"".join(parts)
+
+    def _header(self) -> int:
+        first = self._chunks[0]
+        if len(first) - self._off >= HEADER_LEN:
+            (size,) = _HEADER.unpack_from(first, self._off)
+        else:  # the 4 header bytes span chunks
+            head = bytearray()
+            off = self._off
+            for chunk in self._chunks:
+                head += chunk[off : off + HEADER_LEN - len(head)]
+                off = 0
+                if len(head) == HEADER_LEN:
+                    break
+            (size,) = _HEADER.unpack(head)
+        return int(size)
 
     def _check_header(self) -> int:
-        (size,) = _HEADER.unpack_from(self._buf)
+        size = self._header()
         if size == 0:
             raise RemoteProtocolError("peer sent an empty frame", ErrorCode.MALFORMED)
         if size > self._max_frame:
             raise RemoteProtocolError(
                 f"peer announced a {size}-byte frame (limit {self._max_frame})", ErrorCode.FRAME_TOO_LARGE
             )
-        return int(size)
+        return size

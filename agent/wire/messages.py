@@ -63,6 +63,8 @@ MAX_CERT: Final = 1024  # our P-256 certificates are about 400 bytes
 MAX_SIGNATURE: Final = 256
 MAX_ROTATIONS: Final = 12  # 12 x 512 + a certificate fit the 8 KiB pre-auth frame
 MAX_ROTATION_LEN: Final = 512
+# Arrays and maps one message may hold in all: an index batch of 10,000 files needs about 30,000.
+MAX_CONTAINERS: Final = 100_000
 MAX_REASON: Final = 200
 MAX_U64: Final = 2**64 - 1
 _DEVICE_ID_LEN: Final = DEVICE_ID_BYTES * 8 // 5
@@ -260,6 +262,17 @@ def decode_message(body: bytes) -> WireMessage:
         Nothing else escapes, whatever `body` holds.
     """
     limit = min(len(body), MAX_FRAME)  # no container or string can be longer than the frame
+    # The max_*_len limits bound each container, not their sum: a frame of nested empty arrays
+    # would build millions of lists. Count every array and map against one budget instead.
+    budget = MAX_CONTAINERS
+
+    def spend(container: Any) -> Any:
+        nonlocal budget
+        budget -= 1
+        if budget < 0:
+            raise RemoteProtocolError(f"more than {MAX_CONTAINERS} arrays and maps in one message", ErrorCode.MALFORMED)
+        return container
+
     try:
         obj: Any = msgpack.unpackb(
             body,
@@ -272,7 +285,11 @@ def decode_message(body: bytes) -> WireMessage:
             max_map_len=limit,
             max_ext_len=0,
             ext_hook=_no_ext,
+            list_hook=spend,
+            object_hook=spend,
         )
+    except RemoteProtocolError:
+        raise
     except Exception as exc:  # msgpack raises a zoo (ValueError, TypeError, StackError, ...)
         raise RemoteProtocolError(f"undecodable message ({type(exc).__name__}: {exc})", ErrorCode.MALFORMED) from exc
     if not isinstance(obj, dict):

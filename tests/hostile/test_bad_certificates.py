@@ -56,12 +56,6 @@ def lone_agent() -> Iterator[tuple[AgentProc, HostileServer, Path]]:
         shutil.rmtree(home, ignore_errors=True)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a HELLO certificate with an unknown X.509 version raises cryptography's InvalidVersion "
-    "(not a ValueError) out of agent/identity.py load_certificate; as server the connection is dropped "
-    "with a traceback and no ERROR (agent/net/transport.py catches it as 'failed unexpectedly').",
-)
 def test_client_hello_with_unparsable_certificate_is_auth_failed(
     lone_agent: tuple[AgentProc, HostileServer, Path],
 ) -> None:
@@ -73,14 +67,6 @@ def test_client_hello_with_unparsable_certificate_is_auth_failed(
     assert "Traceback" not in agent.log()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a hostile *server* whose HELLO certificate has an unknown X.509 version crashes the dialling "
-    "agent: InvalidVersion escapes Connection.next_event (agent/wire/handshake.py _on_hello catches "
-    "IdentityError/UnsupportedAlgorithm/ValueError only after agent/identity.py load_certificate let it "
-    "through), PeerLink.run and Agent._dial_once do not catch it, and the agent's task group exits. "
-    "Any LAN host advertising a high device id over mDNS gets dialled, so it can stop every agent.",
-)
 def test_server_hello_with_unparsable_certificate_does_not_kill_the_dialler(
     lone_agent: tuple[AgentProc, HostileServer, Path],
 ) -> None:

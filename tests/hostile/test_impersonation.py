@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import pytest
-
 from agent.errors import ErrorCode
 from agent.identity import Identity
-from tests.agent.harness import AgentProc, wait_for
+from tests.agent.harness import AgentProc
 from tests.hostile.conftest import Victim, fast_peer, rss_kib, snapshot, wait_connected
 from tests.hostile.peer import HostileClient, ProtocolClient, new_identity
 
@@ -22,13 +20,13 @@ def _attempt(port: int, mallory: Identity) -> None:
 
 
 def test_impersonating_hello_is_refused_as_key_changed(fresh_pair: Pair) -> None:
-    """Refused with key_changed; the pin kept; Mallory's key stored as pending; exactly one event.
+    """Refused with key_changed; the pin kept; exactly one event; the real device keeps working.
 
-    And what it does to the real device today: its live link stays up, but once it reconnects it is
-    refused too (key_changed is sticky), and the pending key a person would accept with
-    `trust retrust` is the attacker's. See the xfail test below.
+    Mallory's key is stored as pending until the real device proves the pinned key again, which
+    re-admits it (as OpenSSH accepts the key in known_hosts) and drops the offered key, so a
+    `trust retrust` can never pin the attacker's key by mistake.
     """
-    a, b, ida, idb = fresh_pair
+    a, _b, ida, idb = fresh_pair
     assert a.proc is not None
     before, rss = snapshot(a.home), rss_kib(a.proc.pid)
     legit_fp = before.peers[idb]["fingerprint"]
@@ -37,10 +35,11 @@ def test_impersonating_hello_is_refused_as_key_changed(fresh_pair: Pair) -> None
     after = snapshot(a.home)
     record = after.peers[idb]
     assert record["fingerprint"] == legit_fp, "the pin must be kept"
-    assert record["trust"] == "key_changed"
-    assert record["pending_fingerprint"] == mallory.fingerprint
+    # key_changed with Mallory's key pending, unless the real device reconnected meanwhile.
+    assert (record["trust"], record["pending_fingerprint"]) in (("key_changed", mallory.fingerprint), ("tofu", None))
     new = after.new_events(before)
-    assert [(e["device_id"], e["kind"], e["fingerprint"]) for e in new] == [(idb, "key_changed", mallory.fingerprint)]
+    assert (idb, "key_changed", mallory.fingerprint) in [(e["device_id"], e["kind"], e["fingerprint"]) for e in new]
+    assert [e for e in new if e["kind"] not in ("key_changed", "match")] == []
     assert {d: p for d, p in after.peers.items() if d != idb} == {d: p for d, p in before.peers.items() if d != idb}
     assert "KEY CHANGED" in a.log() and "127.0.0.66" in a.log()
     assert rss_kib(a.proc.pid) - rss < 8 * 1024
@@ -50,32 +49,22 @@ def test_impersonating_hello_is_refused_as_key_changed(fresh_pair: Pair) -> None
     assert entry is not None
     if not entry["connected"]:
         assert "disconnected from legit" in a.log(), "the attempt dropped the real device's live link"
-    # ...but after a reconnect the real device, proving the pinned key, is refused.
-    refusals = b.log().count("key_changed")
-    b.stop()
-    b.start(peers=[a])
-    wait_for(lambda: b.log().count("key_changed") > refusals, 15, "the real device to be refused with key_changed")
     with ProtocolClient(a.port, new_identity("x"), source="127.0.0.67") as other:
         assert other.handshake()  # the agent itself still serves others
-    entry = fast_peer(a, idb)
-    assert entry is not None and entry["connected"] is False
-    assert entry["trust"] == "key_changed" and entry["fingerprint"] == legit_fp
-    assert entry["pending_fingerprint"] == mallory.fingerprint, "the key `trust retrust` would pin is the attacker's"
     assert ida
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: one impersonating HELLO locks the real device out: trust becomes key_changed (sticky), so the "
-    "legitimate device proving the *pinned* key is refused on its next connection until a person runs "
-    "`trust retrust` - which would pin the attacker's pending key (agent/trust/policy.py decide()).",
-)
 def test_legit_device_still_reconnects_after_an_impersonation_attempt(fresh_pair: Pair) -> None:
     a, b, ida, idb = fresh_pair
     _attempt(a.port, new_identity("legit", device_id=idb))
     b.stop()
     b.start(peers=[a])
-    wait_connected(b, ida, 6)  # what we would want: connected, with the anomaly shown in status
+    wait_connected(b, ida, 6)
+    entry = fast_peer(a, idb)
+    assert entry is not None and entry["trust"] == "tofu" and entry["pending_fingerprint"] is None
+    # ...and the flip back to the pinned key is flagged for a person to look at.
+    codes = {x["code"] for x in entry["anomalies"]}
+    assert "key_flip_flop" in codes
 
 
 def _pinned_target(victim: Victim) -> Identity:
@@ -97,12 +86,6 @@ def test_impersonation_retries_with_one_key_are_logged_once(victim: Victim) -> N
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: the trust log grows without bound under impersonation: refusals are de-duplicated only "
-    "against the device's last event (agent/trust/store.py _repeats_refusal), so an attacker alternating "
-    "two keys for one device id (or racing the real device's reconnects) appends a row per attempt.",
-)
 def test_impersonation_with_alternating_keys_does_not_grow_the_log_without_bound(victim: Victim) -> None:
     target = _pinned_target(victim)
     before = victim.before()

@@ -112,12 +112,6 @@ def test_oversized_request_is_refused_before_reading_it() -> None:
     assert answer is not None and not answer["ok"] and "too large" in answer["error"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a deeply nested JSON request raises RecursionError in json.loads (agent/control.py:117 only "
-    "catches JSONDecodeError/UnicodeDecodeError); it escapes _serve_one and the listener's task group "
-    "takes the whole agent down.",
-)
 @pytest.mark.parametrize("opener", [b"[", b'{"a":'])
 def test_deeply_nested_json_request_is_an_error_answer(opener: bytes) -> None:
     body = opener * (control.MAX_REQUEST // len(opener) - 1)

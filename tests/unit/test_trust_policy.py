@@ -135,8 +135,9 @@ DECIDE_TABLE: list[tuple[TrustLevel, str | None, str, TrustLevel, EventKind, str
     (TrustLevel.VERIFIED, None, NEW, TrustLevel.KEY_CHANGED, EventKind.KEY_CHANGED, NEW),
     (TrustLevel.PENDING, None, OLD, TrustLevel.PENDING, EventKind.REFUSED, None),
     (TrustLevel.PENDING, None, NEW, TrustLevel.KEY_CHANGED, EventKind.KEY_CHANGED, NEW),
-    # key_changed is sticky: the old key again is no all-clear, a third key updates pending.
-    (TrustLevel.KEY_CHANGED, NEW, OLD, TrustLevel.KEY_CHANGED, EventKind.REFUSED, NEW),
+    # key_changed: the pinned key again re-admits the device (as OpenSSH's known_hosts would) and
+    # drops the offered key; another new key updates pending.
+    (TrustLevel.KEY_CHANGED, NEW, OLD, TrustLevel.TOFU, EventKind.MATCH, None),
     (TrustLevel.KEY_CHANGED, NEW, NEW, TrustLevel.KEY_CHANGED, EventKind.KEY_CHANGED, NEW),
     (TrustLevel.KEY_CHANGED, NEW, THIRD, TrustLevel.KEY_CHANGED, EventKind.KEY_CHANGED, THIRD),
     # revoked stays revoked whatever key is shown, and the offered key is not even recorded.
@@ -220,7 +221,8 @@ def test_no_address_leaves_the_list_alone() -> None:
 @pytest.mark.parametrize("level", [TrustLevel.REVOKED, TrustLevel.KEY_CHANGED, TrustLevel.PENDING])
 def test_refused_devices_still_record_where_they_came_from(level: TrustLevel) -> None:
     pending = NEW if level is TrustLevel.KEY_CHANGED else None
-    d = policy.decide(rec(level, pending=pending), DEV, "laptop", OLD, T0 + 1, TrustPolicy.AUTO, "10.9.9.9")
+    key = THIRD if level is TrustLevel.KEY_CHANGED else OLD  # the pinned key would re-admit it
+    d = policy.decide(rec(level, pending=pending), DEV, "laptop", key, T0 + 1, TrustPolicy.AUTO, "10.9.9.9")
     assert not d.may_sync
     assert d.record.addresses == ("10.9.9.9",)
 
@@ -297,7 +299,8 @@ class TrustMachine(RuleBasedStateMachine):
     The model keeps only what the invariants need: the pin each device should have (it moves only
     by retrust or rotate_pin; first sight, add and import set it on a new device), which devices
     should be revoked (left only by verify, retrust, add or forget), and how many events the log
-    should hold (one per decision, except that a refusal repeating the last one is logged once).
+    should hold (one per decision, except that a refusal already logged since the device's last
+    other decision is not logged again).
     """
 
     def __init__(self) -> None:
@@ -320,14 +323,15 @@ class TrustMachine(RuleBasedStateMachine):
     @rule(device=st.sampled_from(DEVICES), key=st.sampled_from(KEYS), addr=st.sampled_from([None, "10.0.0.1"]))
     def handshake(self, device: str, key: str, addr: str | None) -> None:
         before = self.store.get(device)
-        last = self.store.events(device, limit=1)
+        # Refusals logged since the device's last other decision: a refusal already among them
+        # (a peer retrying, an impersonator alternating keys) is logged once.
+        since: list[tuple[EventKind, str | None]] = []
+        for e in self.store.events(device):
+            if e.kind not in (EventKind.REFUSED, EventKind.KEY_CHANGED, EventKind.ANOMALY):
+                break
+            since.append((e.kind, e.fingerprint))
         d = self.store.verify_device(device, "name", key, self.tick(), addr)
-        # A refusal that repeats the device's last event exactly (a peer retrying) is logged once.
-        repeat = (
-            d.event in (EventKind.REFUSED, EventKind.KEY_CHANGED)
-            and bool(last)
-            and (last[0].kind, last[0].fingerprint) == (d.event, key)
-        )
+        repeat = d.event in (EventKind.REFUSED, EventKind.KEY_CHANGED) and (d.event, key) in since
         self.events += 0 if repeat else 1
         assert self.store.get(device) == d.record
         assert d.record.last_seen == self.now
@@ -342,7 +346,11 @@ class TrustMachine(RuleBasedStateMachine):
         if key != before.fingerprint:
             assert not d.may_sync
         if before.trust is TrustLevel.KEY_CHANGED:
-            assert d.level is TrustLevel.KEY_CHANGED
+            if key == before.fingerprint:
+                # The pinned key again: re-admitted, and the offered key is dropped.
+                assert d.may_sync and d.record.pending_fingerprint is None
+            else:
+                assert d.level is TrustLevel.KEY_CHANGED and d.record.pending_fingerprint == key
         if device in self.revoked:
             assert d.level is TrustLevel.REVOKED
 

@@ -102,7 +102,8 @@ def test_every_decision_is_logged_with_old_and_new_fingerprints(store: TrustStor
     store.verify_device(A, "laptop", K1, T0, "10.0.0.1")  # first use
     store.verify_device(A, "laptop", K1, T0 + 1)  # match
     store.verify_device(A, "laptop", K2, T0 + 2)  # key change
-    store.verify_device(A, "laptop", K1, T0 + 3)  # refused (sticky)
+    store.verify_device(A, "laptop", K1, T0 + 3)  # the pinned key again: re-admitted
+    store.verify_device(A, "laptop", K2, T0 + 3.5)  # key change again (a new decision since)
     store.retrust(A, T0 + 4)
     store.verify(A, T0 + 5, "safety number")
     store.revoke(A, T0 + 6, "stolen")
@@ -114,7 +115,8 @@ def test_every_decision_is_logged_with_old_and_new_fingerprints(store: TrustStor
         (EventKind.FIRST_USE, K1, None, TrustLevel.TOFU, T0),
         (EventKind.MATCH, K1, None, TrustLevel.TOFU, T0 + 1),
         (EventKind.KEY_CHANGED, K2, K1, TrustLevel.KEY_CHANGED, T0 + 2),
-        (EventKind.REFUSED, K1, None, TrustLevel.KEY_CHANGED, T0 + 3),
+        (EventKind.MATCH, K1, None, TrustLevel.TOFU, T0 + 3),
+        (EventKind.KEY_CHANGED, K2, K1, TrustLevel.KEY_CHANGED, T0 + 3.5),
         (EventKind.RETRUSTED, K2, K1, TrustLevel.TOFU, T0 + 4),
         (EventKind.VERIFIED, K2, None, TrustLevel.VERIFIED, T0 + 5),
         (EventKind.REVOKED, K2, None, TrustLevel.REVOKED, T0 + 6),
@@ -123,8 +125,8 @@ def test_every_decision_is_logged_with_old_and_new_fingerprints(store: TrustStor
     ]
     assert events[0].address == "10.0.0.1"
     assert events[0].detail == "name=laptop"
-    assert events[5].detail == "safety number"
-    assert events[6].detail == "stolen"
+    assert events[6].detail == "safety number"
+    assert events[7].detail == "stolen"
     assert [e.seq for e in events] == sorted(e.seq for e in events)
     assert all(e.device_id == A for e in events)
 
@@ -137,14 +139,13 @@ def test_a_refused_peer_retrying_is_logged_once_but_still_seen(store: TrustStore
     for i in range(3):
         store.verify_device(A, "laptop", K3, T0 + 11 + i)
     store.verify_device(A, "laptop", K1, T0 + 20)  # another key: a new refusal
-    store.verify_device(A, "laptop", K3, T0 + 21)  # and back: not the last event, so logged again
+    store.verify_device(A, "laptop", K3, T0 + 21)  # and back: already logged since the revoke
     assert [(e.kind, e.fingerprint) for e in reversed(store.events())] == [
         (EventKind.FIRST_USE, K1),
         (EventKind.KEY_CHANGED, K2),
         (EventKind.REVOKED, K1),
         (EventKind.REFUSED, K3),
         (EventKind.REFUSED, K1),
-        (EventKind.REFUSED, K3),
     ]
     got = store.get(A)
     assert got is not None
