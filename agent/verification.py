@@ -20,10 +20,8 @@ import io
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, quote, urlsplit
 
-import segno
-
 from agent.errors import UserError
-from agent.identity import clean_name, is_device_id, is_fingerprint
+from agent.ids import clean_name, is_device_id, is_fingerprint
 from agent.wordlist import BITS_PER_WORD, int_to_words
 
 SAFETY_LABEL = b"tofu-agent/v1/safety-number"
@@ -202,6 +200,8 @@ def parse_identity_uri(text: str) -> ParsedIdentity:
 
 def qr_text(uri: str) -> str:
     """`uri` as a QR code drawn with Unicode half blocks, for printing to a terminal."""
+    import segno  # only `id --qr` needs it: keep every other command quick to start
+
     qr = segno.make(uri, error="m", micro=False)
     out = io.StringIO()
     qr.terminal(out=out, compact=True)

@@ -123,7 +123,8 @@ def encode_txt(device_id: str, fingerprint: str, name: str) -> dict[bytes, bytes
         raise ValueError("not a fingerprint (64 lower-case hex characters)")
     props = {b"v": TXT_VERSION.encode(), b"id": device_id.encode(), b"fp": fingerprint.encode(), b"name": b""}
     budget = MAX_TXT_BYTES - txt_wire_size(props)
-    props[b"name"] = truncate_utf8(clean_name(name), budget).encode("utf-8")
+    # Clean again after cutting, so the name a peer parses back is exactly the one we sent.
+    props[b"name"] = clean_name(truncate_utf8(clean_name(name), budget)).encode("utf-8")
     return props
 
 

@@ -435,6 +435,9 @@ class SyncService:
             async for changes in watchfiles.awatch(
                 root, watch_filter=None, debounce=WATCH_DEBOUNCE_MS, step=WATCH_STEP_MS, recursive=True,
                 ignore_permission_denied=True,
+                # The watcher thread notices cancellation only between waits: keep them short so
+                # SIGTERM stops the agent well inside its 5 s.
+                rust_timeout=500,
             ):  # fmt: skip
                 for _, path in changes:
                     name = self._event_name(root, path)

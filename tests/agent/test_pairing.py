@@ -153,9 +153,19 @@ class Relay:
     def _relay(self, raw: socket.socket) -> None:
         try:
             inner = self.server_ctx.wrap_socket(raw, server_side=True)
-            outer = self.client_ctx.wrap_socket(socket.create_connection(("127.0.0.1", self.target_port)))
         except (OSError, ssl.SSLError):
             raw.close()
+            return
+        try:
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+        except OSError:
+            inner.close()
+            return
+        try:
+            outer = self.client_ctx.wrap_socket(upstream)
+        except (OSError, ssl.SSLError):
+            upstream.close()
+            inner.close()
             return
         self.connections += 1
 
