@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from agent import __version__, config, control, ids, logs
 from agent.errors import ConfigError, TofuError, UnknownDeviceError, UserError
 from agent.paths import Paths, resolve_paths, write_private_file
+from agent.report import rfc3339
 from agent.trust.model import DeviceRecord, TrustEvent, TrustLevel
 from agent.trust.store import TrustStore
 
@@ -74,13 +75,6 @@ def _stored_name(paths: Paths) -> str | None:
         return (paths.data_dir / "name").read_text("utf-8").strip() or None
     except OSError:
         return None
-
-
-def rfc3339(ts: float | None) -> str | None:
-    """Unix seconds as RFC 3339 UTC with a Z, as in the seed's trusted_peers.json."""
-    if ts is None:
-        return None
-    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def parse_rfc3339(text: object, what: str) -> float:

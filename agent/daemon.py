@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 import random
 import signal
 import ssl
@@ -33,6 +34,7 @@ from agent.net import transport
 from agent.net.discovery import Discovery, DiscoveryError, PeerGone, PeerSeen, ZeroconfDiscovery
 from agent.net.link import PeerLink, Verdict
 from agent.paths import Paths
+from agent.report import LiveView, StatusSnapshot, build_status, rfc3339
 from agent.sync.service import SyncService
 from agent.trust import guard
 from agent.trust.anomaly import AdvertObservation, LiveConnection, NameSighting, Observation
@@ -94,26 +96,6 @@ class PeerView:
     advertised_fp: str | None = None
     mdns_addresses: tuple[str, ...] = ()
     disconnected: anyio.Event = field(default_factory=anyio.Event)
-
-
-@dataclass(frozen=True, slots=True)
-class LiveView:
-    """A copy of one device's live state for `status`."""
-
-    name: str
-    connected: bool
-    address: str | None
-    advertised_fp: str | None
-
-
-@dataclass(frozen=True, slots=True)
-class StatusSnapshot:
-    """Everything `status` reads from the event loop, copied so a worker thread can use it."""
-
-    views: dict[str, LiveView]
-    live: list[LiveConnection]
-    observations: list[Observation]
-    folders: list[dict[str, Any]]
 
 
 class Agent:
@@ -631,55 +613,18 @@ class Agent:
 
     def status_from(self, snap: StatusSnapshot) -> dict[str, Any]:
         """The `status --json` object (in a worker thread: reads the store)."""
-        anomalies: dict[str, list[dict[str, Any]]] = {}
-        for a in self.anomalies(snap.live, snap.observations):
-            anomalies.setdefault(str(a["device_id"]), []).append(a)
-        records = {r.device_id: r for r in self.store.all()}
-        peers = []
-        shown = {d for d, v in snap.views.items() if v.connected or v.advertised_fp}
-        for device_id in sorted(set(records) | shown):
-            r = records.get(device_id)
-            v = snap.views.get(device_id)
-            peers.append(
-                {
-                    "device_id": device_id,
-                    "name": (r.name if r else "") or (v.name if v else ""),
-                    "trust": r.trust.value if r else TrustLevel.UNKNOWN.value,
-                    "connected": bool(v and v.connected),
-                    "address": (v.address if v else None) or (r.addresses[0] if r and r.addresses else None),
-                    "fingerprint": r.fingerprint if r else (v.advertised_fp if v else None),
-                    "pending_fingerprint": r.pending_fingerprint if r else None,
-                    "last_seen": _rfc3339(time.time() if v and v.connected else (r.last_seen if r else None)),
-                    "sync_count": r.sync_count if r else 0,
-                    "anomalies": anomalies.get(device_id, []),
-                }
-            )
-        return {
-            "running": True,
+        own = {
             "device_id": self.identity.device_id,
             "name": self.identity.name,
             "fingerprint": self.identity.fingerprint,
             "bind": self.config.bind,
             "port": self.port,
-            "pid": _pid(),
-            "started_at": _rfc3339(self.started_at),
+            "pid": os.getpid(),
+            "started_at": rfc3339(self.started_at),
             "trust_policy": self.config.trust_policy.value,
             "mdns": self.config.mdns,
-            "peers": peers,
-            "folders": snap.folders,
         }
-
-
-def _pid() -> int:
-    import os
-
-    return os.getpid()
-
-
-def _rfc3339(ts: float | None) -> str | None:
-    if ts is None:
-        return None
-    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+        return build_status(own, snap, self.store.all(), self.anomalies(snap.live, snap.observations))
 
 
 def _refusal_reason(code: ErrorCode) -> str:
