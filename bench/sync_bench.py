@@ -325,25 +325,7 @@ class Syncthing:
         )  # fmt: skip
         text = out.stdout + out.stderr
         self.device_id = text.split("Device ID:")[1].split()[0]
-        cfg = home / "config.xml"
-        tree = ET.parse(cfg)  # noqa: S314 - the file Syncthing just generated for us
-        root = tree.getroot()
-        gui = root.find("gui")
-        assert gui is not None
-        _set(gui, "address", f"127.0.0.1:{gui_port}")
-        _set(gui, "apikey", self.key)
-        opts = root.find("options")
-        assert opts is not None
-        for el in opts.findall("listenAddress"):
-            opts.remove(el)
-        ET.SubElement(opts, "listenAddress").text = self.listen
-        for k, v in {
-            "globalAnnounceEnabled": "false", "localAnnounceEnabled": "false", "relaysEnabled": "false",
-            "natEnabled": "false", "startBrowser": "false", "crashReportingEnabled": "false", "urAccepted": "-1",
-            "autoUpgradeIntervalH": "0", "stunKeepaliveStartS": "0", "reconnectionIntervalS": "5",
-        }.items():  # fmt: skip
-            _set(opts, k, v)
-        tree.write(cfg)
+        configure_syncthing(home / "config.xml", gui_port, self.key, self.listen)
         self.proc = subprocess.Popen(
             ["syncthing", "serve", f"--home={home}", "--no-browser", "--no-restart", "--no-upgrade"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "STNOUPGRADE": "1"},
@@ -373,6 +355,32 @@ class Syncthing:
             self.proc.wait(10)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+
+
+SYNCTHING_OPTIONS = {
+    "globalAnnounceEnabled": "false", "localAnnounceEnabled": "false", "relaysEnabled": "false",
+    "natEnabled": "false", "startBrowser": "false", "crashReportingEnabled": "false", "urAccepted": "-1",
+    "autoUpgradeIntervalH": "0", "stunKeepaliveStartS": "0", "reconnectionIntervalS": "5",
+}  # fmt: skip
+
+
+def configure_syncthing(cfg: Path, gui_port: int, api_key: str, listen: str) -> None:
+    """Edit a generated config.xml: GUI/REST on loopback with our API key, one listen address,
+    and discovery, relays, NAT, upgrades and usage reports off."""
+    tree = ET.parse(cfg)  # noqa: S314 - the file Syncthing just generated for us
+    root = tree.getroot()
+    gui = root.find("gui")
+    assert gui is not None
+    _set(gui, "address", f"127.0.0.1:{gui_port}")
+    _set(gui, "apikey", api_key)
+    opts = root.find("options")
+    assert opts is not None
+    for el in opts.findall("listenAddress"):
+        opts.remove(el)
+    ET.SubElement(opts, "listenAddress").text = listen
+    for k, v in SYNCTHING_OPTIONS.items():
+        _set(opts, k, v)
+    tree.write(cfg)
 
 
 def _set(parent: ET.Element, tag: str, text: str) -> None:

@@ -61,13 +61,17 @@ def _hash_range(fd: int, start: int, end: int, bs: int) -> bytes:
     """Block hashes of [start, end) of an open file; start is block-aligned."""
     out: list[bytes] = []
     pos = start
-    while pos < end:
-        want = min(READ_CHUNK, end - pos)
-        chunk = os.pread(fd, want, pos)
-        if len(chunk) != want:
-            raise OSError(f"file shrank while hashing (wanted {want} bytes at {pos})")
-        out.append(hash_bytes(chunk, bs))
-        pos += want
+    # One buffer reused for every chunk: a fresh 8 MiB bytes per read would be fresh pages
+    # (page faults) every time.
+    with memoryview(bytearray(min(READ_CHUNK, end - start))) as buf:
+        while pos < end:
+            want = min(READ_CHUNK, end - pos)
+            with buf[:want] as chunk:
+                got = os.preadv(fd, [chunk], pos)
+                if got != want:
+                    raise OSError(f"file shrank while hashing (wanted {want} bytes at {pos}, got {got})")
+                out.append(hash_bytes(chunk, bs))
+            pos += want
     return b"".join(out)
 
 

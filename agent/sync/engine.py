@@ -43,7 +43,6 @@ from agent.sync.model import FileInfo, FileType
 from agent.sync.planner import Action, decide
 from agent.sync.scanner import Scanner
 from agent.sync.vectors import Vector
-from agent.sync._trace import tr
 
 log = logging.getLogger(__name__)
 Outgoing = tuple[str, SyncMessage]
@@ -200,10 +199,8 @@ class SyncEngine:
     def flush(self, now: float) -> list[Outgoing]:
         """Commit finished files durably, record them, and announce them to peers."""
         jobs, self.done = self.done, []
-        tr("flush start", len(jobs))
         if jobs:
             self._sync_data(jobs)
-        tr("flush synced")
         rescan: list[str] = []
         for job in jobs:
             if not puller.unchanged(self.fs.lstat(job.name), job.expected):
@@ -305,9 +302,7 @@ class SyncEngine:
 
     def _scan(self, now: float, names: list[str] | None) -> list[str]:
         self.state = "scanning"
-        tr("scan start", names and names[:3])
         result = self.scanner.scan(int(now), names)
-        tr("scan end", len(result.changed))
         for name, ino, mtime in result.refreshed:
             self.index.set_inode(name, ino, mtime)
         self.index.update_local(result.changed)
@@ -364,7 +359,7 @@ class SyncEngine:
                 self._set_metadata(d.target)
             elif d.action is Action.PULL:
                 job = puller.Job(d.target, local, set(n.sources))
-                puller.open_job(self.fs, self.index, job)
+                puller.open_job(self.fs, self.index, job, self.scanner.executor)
                 self.jobs[name] = job
                 self._maybe_done(job)
                 return

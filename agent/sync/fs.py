@@ -132,28 +132,34 @@ class FolderFS:
         return fd, existed
 
     def open_temp_direct(self, name: str, fd: int) -> int:
-        """A second, write-only O_DIRECT fd of the temp file already open as `fd`; -1 if unsupported.
+        """A second, write-only O_DIRECT fd of the temp file of `name` already open as `fd`; -1 if unsupported.
 
         Direct writes bypass the page cache: a large download then costs no page-cache allocation
         and no writeback at fsync time (the data is on the device when each write returns).
         """
+        return self._reopen_direct(name, temp_name_for(name), os.O_WRONLY, fd)
+
+    def open_read_direct(self, name: str, fd: int) -> int:
+        """A second, read-only O_DIRECT fd of file `name` already open as `fd`; -1 if unsupported."""
+        return self._reopen_direct(name, split_name(name)[1], os.O_RDONLY, fd)
+
+    def _reopen_direct(self, name: str, base: str, mode: int, fd: int) -> int:
         flag = getattr(os, "O_DIRECT", 0)
         if not flag:
             return -1
-        parent, _ = split_name(name)
         try:
-            dfd = self.open_dir(parent)
+            dfd = self.open_dir(split_name(name)[0])
         except OSError:
             return -1
         try:
-            dio = os.open(temp_name_for(name), os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC | flag, dir_fd=dfd)
+            dio = os.open(base, mode | os.O_NOFOLLOW | os.O_CLOEXEC | flag, dir_fd=dfd)
         except OSError:
             return -1  # e.g. tmpfs refuses O_DIRECT
         finally:
             os.close(dfd)
         a, b = os.fstat(fd), os.fstat(dio)
         if (a.st_dev, a.st_ino) != (b.st_dev, b.st_ino):
-            os.close(dio)  # replaced under us: write through the fd we checked
+            os.close(dio)  # replaced under us: use only the fd that was checked
             return -1
         return dio
 

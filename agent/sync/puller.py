@@ -3,9 +3,11 @@
 Theory: a pulled file is assembled in `.tofu-tmp-<hash of name>` beside its target. The name is
 deterministic so that after a crash or disconnect the next attempt finds the temp file, rehashes
 its blocks and keeps every block that already matches: an interrupted transfer resumes without
-re-requesting finished blocks. Blocks present in any local file are copied (copy_file_range when
+re-requesting finished blocks. Blocks present in any local file are copied (without rehashing when
 the source still matches its index record, else read and verified); the rest are requested, and
-every received block is checked against its SHA-256 before it is written.
+every received block is checked against its SHA-256 before it is written. Aligned blocks go
+through O_DIRECT (no page cache to allocate or write back; see docs/SYNC.md), the rest through
+ordinary writes; copy_file_range is the fallback for copies.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import os
 import stat
 import threading
 from collections import deque
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
 from agent.sync.blocks import MAX_BLOCK_SIZE, block_range
@@ -34,6 +37,7 @@ class Job:
     sources: set[str]
     fd: int = -1
     dfd: int = -1  # the same temp file opened O_DIRECT for aligned writes, or -1
+    direct_failed: bool = False  # the file system refused a direct write: buffered from then on
     fetch: deque[int] = field(default_factory=deque)  # block indexes still to request
     outstanding: set[int] = field(default_factory=set)  # block indexes requested, not yet answered
     copied: int = 0
@@ -62,8 +66,9 @@ def unchanged(st: os.stat_result | None, rec: FileInfo | None) -> bool:
     )  # fmt: skip
 
 
-def open_job(fs: FolderFS, index: FolderIndex, job: Job) -> None:
-    """Open the temp file, keep blocks it already holds, copy local blocks; fill `job.fetch`."""
+def open_job(fs: FolderFS, index: FolderIndex, job: Job, executor: Executor | None = None) -> None:
+    """Open the temp file, keep blocks it already holds, copy local blocks (on `executor` if
+    given); fill `job.fetch`."""
     target = job.target
     job.fd, existed = fs.open_temp(target.name)
     have: set[int] = set()
@@ -75,52 +80,99 @@ def open_job(fs: FolderFS, index: FolderIndex, job: Job) -> None:
         job.reused = len(have)
     os.ftruncate(job.fd, target.size)
     plan = plan_blocks(target, have, index.find_block)
-    sources: dict[str, tuple[int, bool, int]] = {}
+    if plan.copy or plan.fetch:
+        job.dfd = fs.open_temp_direct(target.name, job.fd)
+    sources: dict[str, _Source] = {}
     try:
+        copies: list[tuple[int, _Source, int]] = []
         for i, src_name, src_i in plan.copy:
-            if src_name not in sources:
-                rec = index.local(src_name)
-                try:
-                    sfd = fs.open_read(src_name)
-                except OSError:
-                    sources[src_name] = (-1, False, 0)
-                else:
-                    sources[src_name] = (sfd, unchanged(os.fstat(sfd), rec), rec.block_size if rec else 0)
-            sfd, trusted, src_bs = sources[src_name]
-            if sfd < 0 or not src_bs or not _copy_block(job, sfd, trusted, i, src_i * src_bs):
+            src = sources.get(src_name)
+            if src is None:
+                src = sources[src_name] = _open_source(fs, index, src_name, direct=job.dfd >= 0)
+            if src.fd < 0 or not src.block_size:
                 job.fetch.append(i)
             else:
+                copies.append((i, src, src_i * src.block_size))
+
+        def copy(c: tuple[int, _Source, int]) -> bool:
+            return _copy_block(job, c[1], c[0], c[2])
+
+        # Direct I/O waits for the device on every block: a few threads keep it busy.
+        results = executor.map(copy, copies) if executor is not None and len(copies) > 1 else map(copy, copies)
+        for (i, _, _), ok in zip(copies, list(results), strict=True):
+            if ok:
                 job.copied += 1
+            else:
+                job.fetch.append(i)
     finally:
-        for sfd, _, _ in sources.values():
-            if sfd >= 0:
-                os.close(sfd)
+        for src in sources.values():
+            for fd in (src.fd, src.dfd):
+                if fd >= 0:
+                    os.close(fd)
     job.fetch.extend(plan.fetch)
     job.fetch = deque(sorted(job.fetch))
-    if job.fetch:
-        job.dfd = fs.open_temp_direct(target.name, job.fd)
 
 
-def _copy_block(job: Job, sfd: int, trusted: bool, i: int, src_off: int) -> bool:
+@dataclass(slots=True)
+class _Source:
+    """A local file blocks are copied from."""
+
+    fd: int  # -1: could not be opened
+    dfd: int  # the same file opened O_DIRECT, or -1
+    trusted: bool  # it still matches its index record, so its blocks need no rehash
+    block_size: int
+
+
+def _open_source(fs: FolderFS, index: FolderIndex, name: str, direct: bool) -> _Source:
+    rec = index.local(name)
+    try:
+        fd = fs.open_read(name)
+    except OSError:
+        return _Source(-1, -1, False, 0)
+    dfd = fs.open_read_direct(name, fd) if direct else -1
+    return _Source(fd, dfd, unchanged(os.fstat(fd), rec), rec.block_size if rec else 0)
+
+
+def _copy_block(job: Job, src: _Source, i: int, src_off: int) -> bool:
     """Copy the block at `src_off` of the open source into block `i` of the temp file; False if it differs."""
     t = job.target
     offset, size = block_range(t.size, t.block_size, i)
-    if trusted:
+    if job.dfd >= 0 and not job.direct_failed and src.dfd >= 0 and _aligned(size, offset, src_off):
+        # Direct read and write through one staging buffer: no page cache is allocated for either
+        # file, which costs more than the copy itself when the source is not cached.
+        with memoryview(_aligned_buffer()) as view, view[:size] as chunk:
+            try:
+                if os.preadv(src.dfd, [chunk], src_off) == size:
+                    if not src.trusted and hashlib.sha256(chunk).digest() != t.block_hash(i):
+                        return False
+                    if os.pwrite(job.dfd, chunk, offset) == size:
+                        return True
+            except OSError:
+                pass
+    if src.trusted:
         try:
-            n = os.copy_file_range(sfd, job.fd, size, src_off, offset)
+            n = os.copy_file_range(src.fd, job.fd, size, src_off, offset)
             if n == size:
                 return True
         except OSError:
             pass
-    data = os.pread(sfd, size, src_off)
+    data = os.pread(src.fd, size, src_off)
     if len(data) != size or hashlib.sha256(data).digest() != t.block_hash(i):
         return False
     os.pwrite(job.fd, data, offset)
     return True
 
 
+def _aligned(size: int, *offsets: int) -> bool:
+    return 0 < size <= MAX_BLOCK_SIZE and not size % DIRECT_ALIGN and all(not o % DIRECT_ALIGN for o in offsets)
+
+
 def write_block(job: Job, i: int, data: bytes) -> bool:
-    """Write received block `i` if its length and SHA-256 match; False if it does not."""
+    """Write received block `i` if its length and SHA-256 match; False if it does not.
+
+    Safe to run in several threads at once for different blocks of the same job (each thread
+    writes through its own staging buffer at its own offset); `job.fd` must stay open meanwhile.
+    """
     t = job.target
     offset, size = block_range(t.size, t.block_size, i)
     if len(data) != size or hashlib.sha256(data).digest() != t.block_hash(i):
@@ -144,18 +196,17 @@ def _aligned_buffer() -> mmap.mmap:
 def _write(job: Job, data: bytes | memoryview, offset: int) -> None:
     """Write `data` at `offset` of the temp file: direct when aligned and supported, else buffered."""
     n = len(data)
-    if job.dfd >= 0 and n and not n % DIRECT_ALIGN and not offset % DIRECT_ALIGN and n <= MAX_BLOCK_SIZE:
-        buf = _aligned_buffer()
-        with memoryview(buf) as view:
+    if job.dfd >= 0 and not job.direct_failed and _aligned(n, offset):
+        with memoryview(_aligned_buffer()) as view:
             view[:n] = data
             try:
                 if os.pwrite(job.dfd, view[:n], offset) == n:
                     return
             except OSError:
                 pass
-        os.close(job.dfd)  # the file system refused (or wrote short): buffered from now on
-        job.dfd = -1
-    os.pwrite(job.fd, data, offset)
+        job.direct_failed = True  # refused, or short: buffered from now on (dfd closes with the job)
+    if os.pwrite(job.fd, data, offset) != n:
+        raise OSError(f"short write to the temp file of {job.name!r}")
 
 
 def _close_direct(job: Job) -> None:

@@ -56,7 +56,6 @@ from agent.sync.messages import (
     wire_size,
 )  # fmt: skip
 from agent.sync.paths import TEMP_PREFIX, is_valid_name
-from agent.sync._trace import tr
 from agent.wire.messages import WireMessage, clean_reason
 
 log = logging.getLogger(__name__)
@@ -147,7 +146,7 @@ class SyncService:
     # -- life cycle ------------------------------------------------------------------------------
 
     def _open_folders(self) -> None:
-        self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="sync-hash")
+        self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="sync-hash")
         (self.paths.data_dir / "sync").mkdir(parents=True, exist_ok=True, mode=0o700)
         for cfg in self.config.folders[:MAX_FOLDERS]:
             root = cfg.path.absolute()
@@ -231,7 +230,6 @@ class SyncService:
             raise ls.error
         match message:
             case Response():
-                tr("resp", message.request_id & 0xFFFFFF, len(message.data))
                 f = self._folder_of_request(message.request_id)
                 f.blocks_received += 1 if message.data else 0
                 f.bytes_received += len(message.data)
@@ -347,7 +345,6 @@ class SyncService:
                 if target is not None:
                     out.append((target, msg))
 
-        tr("work start", len(items), len(names), full)
         with f.lock:
             eng = f.engine
             for kind, ls, msg in items:
@@ -380,7 +377,6 @@ class SyncService:
                 f.snapshot = eng.status()
                 f.snapshot_at = now
                 route(self._progress(f))
-        tr("work end", len(out))
         return out, errors
 
     def _progress(self, f: _Folder) -> list[Outgoing]:
@@ -418,12 +414,8 @@ class SyncService:
             log.debug("sending to %s stopped: %s", ls.name, exc)
 
     def _serve(self, f: _Folder, requests: list[Request]) -> list[Response]:
-        tr("serve start", len(requests))
         with f.lock:
-            tr("serve locked", len(requests))
-            r = [f.engine.serve(r) for r in requests]
-        tr("serve end", len(requests))
-        return r
+            return [f.engine.serve(r) for r in requests]
 
     # -- watching --------------------------------------------------------------------------------
 

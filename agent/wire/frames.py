@@ -55,7 +55,7 @@ class FrameDecoder:
     every append and sliced out at the end.
     """
 
-    __slots__ = ("_chunks", "_off", "_len", "_max_frame")
+    __slots__ = ("_chunks", "_len", "_max_frame", "_off")
 
     def __init__(self, max_frame: int = PRE_AUTH_MAX_FRAME) -> None:
         self._chunks: deque[bytes] = deque()
