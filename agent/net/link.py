@@ -8,6 +8,7 @@ names the peer and the code.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 import ssl
@@ -166,6 +167,11 @@ class PeerLink:
             who = f"{self.peer.name} ({self.peer.device_id[:8]}..)" if self.peer else "unauthenticated peer"
             level = logging.WARNING if isinstance(exc, RemoteProtocolError) else logging.ERROR
             log.log(level, "closing connection with %s at %s: %s", who, self.address, reason)
+            if self.conn.state not in (State.ERROR, State.CLOSED):
+                # Raised by a hook (e.g. sync refusing a message), not by the machine, which
+                # would have queued the ERROR itself: tell the peer why before closing.
+                with contextlib.suppress(ProtocolError):
+                    self.conn.close(exc.code, str(exc))
             try:
                 with anyio.move_on_after(1.0):
                     await self._flush()

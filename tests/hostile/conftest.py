@@ -9,7 +9,10 @@ and the trust log gained only what the attack is expected to add, and RSS grew o
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import secrets
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -23,7 +26,7 @@ from agent.errors import TofuError
 from agent.identity import Identity
 from agent.paths import resolve_paths
 from tests.agent.harness import AgentProc, cli, short_home, wait_for
-from tests.hostile.peer import HostileServer, ProtocolClient, new_identity
+from tests.hostile.peer import HostileServer, ProtocolClient, SyncPeer, new_identity
 
 # Short keepalives: an attack that stalls the agent's event loop for more than ~3 s shows up as
 # the legitimate peer being dropped. Sync is off (`folder = []`): sync attacks come later.
@@ -216,3 +219,201 @@ def scratch() -> Iterator[Path]:
     path = short_home("ta-x-")
     yield path
     shutil.rmtree(path, ignore_errors=True)
+
+
+# -- a victim that syncs a folder --------------------------------------------------------------
+
+ATTACKER_SOURCE = "127.0.0.3"
+SYNC_RSS_SLACK_KIB = 24 * 1024
+
+
+def tree(root: Path) -> dict[str, str]:
+    """{relative path: 'dir' | 'link:TARGET' | sha256 of the content} of everything under `root`."""
+    out: dict[str, str] = {}
+    if not root.exists():
+        return out
+    for dirpath, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = Path(dirpath) / name
+            rel = str(path.relative_to(root))
+            if path.is_symlink():
+                out[rel] = f"link:{os.readlink(path)}"
+            elif path.is_dir():
+                out[rel] = "dir"
+            elif name.startswith(".tofu-tmp-"):
+                out[rel] = "temp"  # may be a sparse claim of 128 GiB: never read
+            else:
+                with path.open("rb") as fh:
+                    out[rel] = hashlib.file_digest(fh, "sha256").hexdigest()
+    return out
+
+
+def is_temp(rel: str) -> bool:
+    return Path(rel).name.startswith(".tofu-tmp-")
+
+
+@dataclass
+class SyncBefore:
+    trust: TrustSnapshot
+    rss: int
+    folder: dict[str, str]
+    canary: dict[str, str]
+    home: set[str]
+    log_at: int  # length of the victim's log: only what the attack made it write is checked
+
+
+@dataclass
+class SyncVictim:
+    """A real agent syncing folder `default` at HOME/f with a legitimate agent, and a pinned attacker.
+
+    Next to the folder is HOME/canary (a secret file and a directory) that nothing may touch; the
+    folder holds symlinks planted by its owner pointing there (`trap` -> the canary directory,
+    `trapfile` -> the secret, `hostlink` -> /etc/hostname), which the agent must never follow.
+    """
+
+    agent: AgentProc
+    legit: AgentProc
+    agent_id: str
+    legit_id: str
+    attacker: Identity
+    homes: list[Path]
+    probes: int = 0
+
+    @property
+    def port(self) -> int:
+        return self.agent.port
+
+    @property
+    def folder(self) -> Path:
+        return self.homes[0] / "f"
+
+    @property
+    def legit_folder(self) -> Path:
+        return self.homes[1] / "f"
+
+    @property
+    def canary(self) -> Path:
+        return self.homes[0] / "canary"
+
+    @property
+    def pid(self) -> int:
+        assert self.agent.proc is not None
+        return self.agent.proc.pid
+
+    def peer(self, *, source: str = ATTACKER_SOURCE) -> SyncPeer:
+        """A connected attacker that said FOLDER_HELLO (close it with `done`)."""
+        self.wait_attacker_gone()
+        p = SyncPeer(self.port, self.attacker, source=source)
+        p.start()
+        return p
+
+    def done(self, p: SyncPeer) -> None:
+        p.close()
+        self.wait_attacker_gone()
+
+    def wait_attacker_gone(self) -> None:
+        """The victim noticed our last attack connection closed (else the next is a duplicate)."""
+        wait_for(
+            lambda: not (fast_peer(self.agent, self.attacker.device_id) or {}).get("connected"),
+            10,
+            "the victim to drop the attacker",
+        )
+
+    def before(self) -> SyncBefore:
+        return SyncBefore(
+            snapshot(self.agent.home), rss_kib(self.pid), tree(self.folder), tree(self.canary),
+            {p.name for p in self.homes[0].iterdir()}, len(self.agent.log()),
+        )  # fmt: skip
+
+    def folder_status(self) -> dict[str, Any]:
+        st = control.request(resolve_paths(self.agent.home).control_socket, "status", timeout=5.0)
+        assert isinstance(st, dict)
+        folder: dict[str, Any] = st["folders"][0]
+        return folder
+
+    def legit_still_syncs(self) -> None:
+        """A file created on the legitimate agent reaches the victim, byte for byte."""
+        self.probes += 1
+        name = f"probe-{self.probes}-{secrets.token_hex(3)}.txt"
+        data = secrets.token_bytes(1000 + self.probes)
+        (self.legit_folder / name).write_bytes(data)
+        target = self.folder / name
+        try:
+            wait_for(lambda: target.exists() and target.read_bytes() == data, 20, f"{name} to reach the victim")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n--- victim log ---\n{self.agent.log()[-4000:]}") from None
+
+    def check_after(
+        self,
+        before: SyncBefore,
+        *,
+        allowed: frozenset[str] = frozenset(),
+        rss_slack_kib: int = SYNC_RSS_SLACK_KIB,
+        traceback_ok: bool = False,
+        legit_drop_ok: bool = False,
+    ) -> None:
+        """The victim survived: still syncs with the legitimate peer, wrote nothing outside its folder,
+        changed in its folder only the names in `allowed` (their parents and contents), kept its trust store
+        (only `match` events), and grew by less than `rss_slack_kib` of RSS."""
+        assert self.agent.proc is not None and self.agent.proc.poll() is None, "the victim died"
+        wait_connected(self.agent, self.legit_id)
+        wait_connected(self.legit, self.agent_id)
+        self.legit_still_syncs()
+        assert tree(self.canary) == before.canary, "the canary next to the folder changed"
+        assert {p.name for p in self.homes[0].iterdir()} == before.home, "a file appeared next to the folder"
+        after = tree(self.folder)
+
+        def relevant(d: dict[str, str]) -> dict[str, str]:
+            return {
+                k: v for k, v in d.items()
+                if not is_temp(k) and not k.startswith("probe-")
+                and not any(k == a or a.startswith(k + "/") or k.startswith(a + "/") for a in allowed)
+            }  # fmt: skip
+
+        assert relevant(after) == relevant(before.folder), "the folder changed beyond what the attack may do"
+        t = snapshot(self.agent.home)
+        assert t.pins() == before.trust.pins(), "the attack changed a pin or a trust level"
+        new = [(e["device_id"], e["kind"]) for e in t.new_events(before.trust) if e["kind"] != "match"]
+        assert new == [], f"unexpected trust events: {new}"
+        growth = rss_kib(self.pid) - before.rss
+        assert growth < rss_slack_kib, f"RSS grew by {growth} KiB"
+        log = self.agent.log()[before.log_at :]
+        if not traceback_ok:
+            assert "Traceback" not in log, log[-4000:]
+        dropped = "disconnected from legit" in log
+        assert legit_drop_ok or not dropped, f"the legitimate peer's link dropped: {log[-4000:]}"
+
+
+@pytest.fixture(scope="session")
+def sync_victim() -> Iterator[SyncVictim]:
+    homes = [configure(short_home("ta-s-")), configure(short_home("ta-s-"))]
+    folder, legit_folder, canary = homes[0] / "f", homes[1] / "f", homes[0] / "canary"
+    for d in (folder / "sub", legit_folder, canary / "inner"):
+        d.mkdir(parents=True)
+    (canary / "secret.txt").write_bytes(b"canary secret " + secrets.token_bytes(64))
+    (canary / "inner" / "evil.txt").write_bytes(b"pre-existing canary file")
+    (folder / "keep.txt").write_bytes(b"the victim's own file")
+    (folder / "sub" / "data.bin").write_bytes(secrets.token_bytes(300_000))
+    (folder / "trap").symlink_to(canary)
+    (folder / "trapfile").symlink_to(canary / "secret.txt")
+    (folder / "hostlink").symlink_to("/etc/hostname")
+    (legit_folder / "from-legit.txt").write_bytes(b"legit's file")
+    a, b = AgentProc(homes[0], "victim"), AgentProc(homes[1], "legit")
+    try:
+        a.start("--folder", str(folder), peers=[b])
+        b.start("--folder", str(legit_folder), peers=[a])
+        ida, idb = a.identity()["device_id"], b.identity()["device_id"]
+        wait_connected(a, idb, 15)
+        wait_connected(b, ida, 15)
+        wait_for(lambda: (legit_folder / "keep.txt").exists() and (folder / "from-legit.txt").exists(), 20,
+                 "the first sync")  # fmt: skip
+        v = SyncVictim(a, b, ida, idb, new_identity("mallory"), homes)
+        with SyncPeer(v.port, v.attacker, source=ATTACKER_SOURCE) as first:  # pinned on first use
+            first.start()
+        v.wait_attacker_gone()
+        yield v
+    finally:
+        for p in (a, b):
+            p.kill()
+        for h in homes:
+            shutil.rmtree(h, ignore_errors=True)

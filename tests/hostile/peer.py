@@ -29,12 +29,15 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import msgpack
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent import identity as ident
 from agent.errors import ErrorCode, ProtocolError
 from agent.identity import Identity
+from agent.sync.blocks import block_size_for, hash_bytes
+from agent.sync.messages import Request  # also registers the sync messages, so they decode
 from agent.wire.frames import MAX_FRAME, FrameDecoder
 from agent.wire.handshake import (
     Connection,
@@ -47,6 +50,7 @@ from agent.wire.handshake import (
     auth_transcript,
 )
 from agent.wire.messages import NONCE_LEN, Auth, Error, Hello, WireMessage, decode_message, encode_message
+from agent.wire.session import MessageReceived
 
 _HEADER_LEN = 4
 DEFAULT_TIMEOUT = 10.0
@@ -513,3 +517,103 @@ def agent_error(tls: ssl.SSLSocket, timeout: float = DEFAULT_TIMEOUT) -> ErrorCo
         raise AssertionError(f"the agent did not close within {timeout} s: {messages}")
     codes = [m.code for m in messages if isinstance(m, Error)]
     return codes[0] if codes else None
+
+
+# -- a pinned peer that shares a folder and says anything in sync messages -----------------------
+
+
+def sync_body(kind: str, **fields: object) -> bytes:
+    """The msgpack body of a sync message with arbitrary field values (no validation: we are the attacker)."""
+    return msgpack.packb({"t": kind, **fields}, use_bin_type=True)
+
+
+def wire_file(
+    name: object,
+    data: bytes | None,
+    device_id: str,
+    *,
+    sequence: int = 1,
+    version: dict[object, object] | None = None,
+    size: int | None = None,
+    block_size: int | None = None,
+    hashes: bytes | None = None,
+    flags: int = 0,
+    mtime_ns: int = 1_700_000_000 * 10**9,
+) -> list[object]:
+    """A FileInfo as the wire list; `data` None is a directory. Any field can be bent."""
+    if data is None:
+        ftype, dsize, bs, hs = 1, 0, 0, b""
+    else:
+        ftype, dsize = 0, len(data)
+        bs = block_size_for(len(data))
+        hs = hash_bytes(data, bs)
+    return [
+        name, ftype, dsize if size is None else size, mtime_ns, flags,
+        version if version is not None else {device_id: int(time.time())},
+        sequence, bs if block_size is None else block_size, hs if hashes is None else hashes, device_id,
+    ]  # fmt: skip
+
+
+class SyncPeer(ProtocolClient):
+    """A peer pinned on the victim that shares folder `folder`: honest handshake, then any sync message.
+
+    `incoming()` pumps the agent's bytes through our machine (so its keepalive PINGs are answered)
+    and collects the sync messages it sends; `serve()` answers its block requests.
+    """
+
+    def __init__(self, port: int, who: Identity, *, source: str = "127.0.0.3", folder: str = "default") -> None:
+        super().__init__(port, who, source=source)
+        self.folder = folder
+        self.inbox: list[WireMessage] = []
+        self.failure: ProtocolError | None = None  # our own machine refused the agent's bytes
+
+    def __enter__(self) -> SyncPeer:
+        return self
+
+    def start(self, *, index_id: bytes | None = None) -> None:
+        """Handshake, then FOLDER_HELLO with a fresh index id (the victim forgets our previous records)."""
+        assert self.handshake(), f"the attacker was not admitted: {self.log.events}"
+        self.send_body("folder_hello", folder=self.folder, index_id=index_id or secrets.token_bytes(16),
+                       have_index_id=b"", have_sequence=0)  # fmt: skip
+
+    def send_body(self, kind: str, **fields: object) -> bool:
+        return self.send_raw(frame(sync_body(kind, **fields)))
+
+    def announce(self, files: list[list[object]], kind: str = "index") -> bool:
+        return self.send_body(kind, folder=self.folder, files=files)
+
+    def incoming(self, until: Callable[[WireMessage], bool] = lambda m: False, timeout: float = 5.0) -> bool:
+        """Collect the agent's messages into `inbox` until one satisfies `until` (True), EOF or timeout."""
+
+        def stop(event: Event) -> bool:
+            if isinstance(event, MessageReceived):
+                self.inbox.append(event.message)
+                return until(event.message)
+            return False
+
+        try:
+            return self.pump(stop, timeout) is not None
+        except ProtocolError as exc:
+            self.failure = exc
+            return False
+
+    def serve(
+        self,
+        contents: dict[str, bytes],
+        until: Callable[[], bool],
+        timeout: float = 10.0,
+        corrupt: Callable[[bytes], bytes] | None = None,
+    ) -> int:
+        """Answer block requests from `contents` (through `corrupt` if given) until `until()` or EOF; requests seen."""
+        seen = 0
+        deadline = time.monotonic() + timeout
+        while not until() and not self.eof and self.closed_with is None and time.monotonic() < deadline:
+            self.incoming(lambda m: isinstance(m, Request), timeout=0.1)
+            for msg in [m for m in self.inbox if isinstance(m, Request)]:
+                self.inbox.remove(msg)
+                seen += 1
+                data = contents.get(msg.name, b"")[msg.offset : msg.offset + msg.size]
+                if corrupt is not None:
+                    data = corrupt(data)
+                self.send_body("response", request_id=msg.request_id, data=data, error="")
+        return seen
