@@ -37,6 +37,7 @@ from agent.wire.messages import WireMessage
 log = logging.getLogger(__name__)
 
 READ_SIZE = 256 * 1024
+TIMER_GRACE = 0.05
 DRAIN_RECORDS = 64  # TLS records decrypted per wake-up at most (16 KiB each), so other tasks get turns
 
 
@@ -193,7 +194,9 @@ class PeerLink:
                 await self._flush()
                 return f"closed by us: {code.value}"
             timer = conn.get_timer()
-            timeout = None if timer is None else max(0.0, timer - time.monotonic())
+            # Never judge a timer without a look at what already arrived: after the pump was held
+            # up (backpressure), the peer's answer may be waiting in the socket.
+            timeout = None if timer is None else max(TIMER_GRACE, timer - time.monotonic())
             data = await self._receive(timeout)
             if data is None:
                 if self._closing is None:
