@@ -101,6 +101,9 @@ class SyncEngine:
         self.deletes: set[str] = set()
         self.jobs: dict[str, puller.Job] = {}
         self.requests: dict[int, tuple[str, str, int]] = {}  # request id -> (peer, name, block)
+        # Requests of pulls we gave up (a newer version superseded them): an honest peer's late
+        # answer to one is expected, so it is dropped quietly instead of closing the link.
+        self.cancelled: dict[int, str] = {}  # request id -> peer
         self.done: list[puller.Job] = []  # complete temp files waiting for `flush`
         self.records: list[FileInfo] = []  # index records waiting for `flush`
         self.dirty_dirs: set[str] = set()
@@ -143,6 +146,7 @@ class SyncEngine:
     def peer_disconnected(self, peer: str) -> None:
         """Forget in-flight requests to `peer`; their blocks will be asked of someone else."""
         self.peers.pop(peer, None)
+        self.cancelled = {rid: p for rid, p in self.cancelled.items() if p != peer}
         for rid, (p, name, i) in list(self.requests.items()):
             if p == peer:
                 del self.requests[rid]
@@ -199,17 +203,23 @@ class SyncEngine:
     def flush(self, now: float) -> list[Outgoing]:
         """Commit finished files durably, record them, and announce them to peers."""
         jobs, self.done = self.done, []
-        if jobs:
-            self._sync_data(jobs)
         rescan: list[str] = []
+        if jobs:
+            # A temp file that is gone (its directory was replaced or became a symlink while we
+            # fetched) is never committed: the name is scanned and decided again.
+            lost = self.fs.sync_temps([j.name for j in jobs])
+            rescan.extend(sorted(lost))
+            jobs = [j for j in jobs if j.name not in lost]
         for job in jobs:
-            if not puller.unchanged(self.fs.lstat(job.name), job.expected):
-                rescan.append(job.name)  # changed locally while we fetched: keep both, decide again
-                continue
             try:
+                unchanged = puller.unchanged(self.fs.lstat(job.name), job.expected)
+                if not unchanged:
+                    rescan.append(job.name)  # changed locally while we fetched: keep both, decide again
+                    continue
                 st = self.fs.commit_temp(job.name)
             except OSError as exc:
                 log.warning("cannot put %r in place: %s", job.name, exc)
+                rescan.append(job.name)
                 continue
             self.records.append(job.target.replace(inode=st.st_ino, mtime_ns=st.st_mtime_ns))
             self.dirty_dirs.add(job.name.rpartition("/")[0])
@@ -434,6 +444,9 @@ class SyncEngine:
 
     def _on_response(self, peer: str, state: Peer, msg: Response) -> None:
         entry = self.requests.pop(msg.request_id, None)
+        if entry is None and self.cancelled.get(msg.request_id) == peer:
+            del self.cancelled[msg.request_id]
+            return
         if entry is None or entry[0] != peer:
             raise RemoteProtocolError("response to no request of ours", ErrorCode.UNEXPECTED_MESSAGE)
         _, name, i = entry
@@ -471,9 +484,15 @@ class SyncEngine:
         job = self.jobs.pop(name, None)
         if job is not None:
             puller.abort_job(job)
-            for rid, (_, n, _) in list(self.requests.items()):
+            t = job.target
+            for rid, (p, n, i) in list(self.requests.items()):
                 if n == name:
                     del self.requests[rid]
+                    self.cancelled[rid] = p
+                    # Its bytes are no longer in flight for our window, whether or not it answers.
+                    state = self.peers.get(p)
+                    if state is not None:
+                        state.inflight_bytes -= min(t.block_size, t.size - i * t.block_size)
 
     def _apply_deletes(self) -> None:
         # deepest first, so a directory's files go before the directory itself
@@ -500,9 +519,6 @@ class SyncEngine:
                 self.dirty_dirs.add(name.rpartition("/")[0])
             self.records.append(d.target)
         self.deletes.clear()
-
-    def _sync_data(self, jobs: list[puller.Job]) -> None:
-        self.fs.sync_temps([j.name for j in jobs])
 
     def _temp_of(self, name: str) -> str:
         parent = name.rpartition("/")[0]

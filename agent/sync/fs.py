@@ -246,13 +246,41 @@ class FolderFS:
         finally:
             os.close(fd)
 
-    def sync_temps(self, names: list[str]) -> None:
-        """Make the data of the temp files of `names` durable: one syncfs for many, else fsync each."""
+    def sync_temps(self, names: list[str]) -> set[str]:
+        """Make the data of the temp files of `names` durable; returns the names whose temp is gone.
+
+        One syncfs for many, else fsync each. A temp file is opened, never created, here: if its
+        directory was swapped meanwhile, an empty new temp file must not be mistaken for the data.
+        """
         if len(names) > 8 and _SYNCFS is not None and _SYNCFS(self._root_fd) == 0:
-            return
+            return {n for n in names if not self._temp_exists(n)}
+        lost: set[str] = set()
         for name in names:
-            fd, _ = self.open_temp(name)
+            try:
+                fd = self._open_existing_temp(name)
+            except OSError:
+                lost.add(name)
+                continue
             try:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+        return lost
+
+    def _open_existing_temp(self, name: str) -> int:
+        dfd = self.open_dir(split_name(name)[0])
+        try:
+            fd = os.open(temp_name_for(name), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+        finally:
+            os.close(dfd)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise OSError(errno.EINVAL, f"temp file for {name} is not a regular file")
+        return fd
+
+    def _temp_exists(self, name: str) -> bool:
+        try:
+            os.close(self._open_existing_temp(name))
+        except OSError:
+            return False
+        return True

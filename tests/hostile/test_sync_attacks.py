@@ -227,8 +227,7 @@ def _unswap(v: SyncVictim, name: str) -> None:
 
 def test_directory_swapped_for_a_symlink_between_planning_and_writing(sync_victim: SyncVictim) -> None:
     """The victim opened `race/big.bin`'s temp file and asked for blocks; then `race` becomes a symlink
-    to the canary. The blocks arrive: the file must not land in the canary (it does not; the link is
-    dropped with a traceback, see the xfail below)."""
+    to the canary. The blocks arrive: the file must not land in the canary (it does not)."""
     v = sync_victim
     before = v.before()
     try:
@@ -242,9 +241,9 @@ def test_directory_swapped_for_a_symlink_between_planning_and_writing(sync_victi
 
 @pytest.mark.xfail(
     strict=True,
-    reason="engine.flush -> FolderFS.sync_temps -> open_temp(create=True) raises NotADirectoryError when a "
-    "parent became a symlink; it escapes flush, the service logs a traceback and closes the link "
-    "with internal_error (no write escapes the folder)",
+    reason="the flush no longer fails (the lost temp is rescanned), but the victim still closes this link "
+    "with `timeout` after the swap; not yet understood whether the victim's worker or the test peer stalls "
+    "(no write escapes the folder either way)",
 )
 def test_directory_swapped_for_a_symlink_mid_transfer_keeps_the_link(sync_victim: SyncVictim) -> None:
     v = sync_victim
@@ -258,12 +257,6 @@ def test_directory_swapped_for_a_symlink_mid_transfer_keeps_the_link(sync_victim
         _unswap(v, "race2")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="FolderFS.sync_temps (<= 8 files) re-opens each temp file by name with open_temp(create=True): "
-    "when the directory was replaced it creates a NEW empty temp file, fsyncs that, and flush renames it "
-    "over the target and records the announced hashes: an empty (torn) file is committed as synced",
-)
 def test_directory_swapped_for_a_new_directory_mid_transfer_never_commits_wrong_data(
     sync_victim: SyncVictim,
 ) -> None:
@@ -336,12 +329,6 @@ def test_error_responses_drop_the_source_without_closing(sync_victim: SyncVictim
     v.check_after(before)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="SyncEngine._drop_job deletes the request ids of a superseded pull, so the honest, late answer "
-    "to one is 'response to no request of ours' and the link is closed (unexpected_message); it also "
-    "never gives back those requests' Peer.inflight_bytes",
-)
 def test_a_late_answer_to_a_superseded_request_does_not_close_the_link(sync_victim: SyncVictim) -> None:
     """An honest pattern: the sender edits a file while the receiver fetches it. Mallory announces v1,
     the victim asks for its block, mallory announces v2, then answers the v1 request (late, correct)."""
