@@ -433,7 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     ad.set_defaults(func=cmd_trust_add)
 
     r = sub.add_parser("run", parents=[common], help="run the agent in the foreground")
-    r.add_argument("--port", type=_port_arg, default=None, help="TCP port (default 39001; 0 = any)")
+    r.add_argument("--port", type=port_arg, default=None, help="TCP port (default 39001; 0 = any)")
     r.add_argument("--bind", default=None, help="address to listen on (default all)")
     r.add_argument("--name", default=None, help="display name (default: host name)")
     r.add_argument("--peer", action="append", default=[], metavar="HOST:PORT", help="static peer")
@@ -471,7 +471,8 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _port_arg(text: str) -> int:
+def port_arg(text: str) -> int:
+    """argparse type for a TCP port (0 = any free port)."""
     try:
         value = int(text)
     except ValueError:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from agent import config, control, ids
-from agent.cli import EXIT_OK, Ctx, record_json
+from agent.cli import EXIT_OK, Ctx, port_arg, record_json
 from agent.errors import UserError
 from agent.trust import policy
 from agent.trust.model import DeviceRecord, EventKind, TrustLevel
@@ -344,16 +344,6 @@ def _seconds(text: str) -> float:
     return value
 
 
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"port {value} is out of range")
-    return value
-
-
 def register(sub: argparse._SubParsersAction[Any], common: argparse.ArgumentParser) -> None:
     """Add `verify` and `pair` to the `tofu-agent` parser."""
     v = sub.add_parser(
@@ -374,7 +364,7 @@ def register(sub: argparse._SubParsersAction[Any], common: argparse.ArgumentPars
         help=f"waiting side: how long the code is good (default {WAIT_DEFAULT:g}); "
         f"joining side: how long to try (default {JOIN_DEFAULT:g})",
     )
-    p.add_argument("--port", type=_port, default=None, help="waiting side: TCP port to listen on (default 0 = any)")
+    p.add_argument("--port", type=port_arg, default=None, help="waiting side: TCP port to listen on (default 0 = any)")
     p.add_argument("--bind", default=None, metavar="ADDRESS", help="waiting side: address to listen on (default all)")
     p.add_argument("--no-mdns", action="store_true", help="waiting side: do not advertise the code's number")
     p.set_defaults(func=cmd_pair)

@@ -84,6 +84,10 @@ def _row_to_event(row: sqlite3.Row) -> TrustEvent:
     )
 
 
+# An import may raise a known key to these levels, never lower it.
+_IMPORT_RANK = {TrustLevel.REVOKED: 3, TrustLevel.VERIFIED: 2}
+
+
 class TrustStore:
     """Devices and their trust levels; safe to open from several processes at once."""
 
@@ -446,31 +450,22 @@ class TrustStore:
         with self._transaction() as db:
             existing = self.get(record.device_id)
             if existing is None:
-                self._put(db, replace(record, pending_fingerprint=None))
-                self._log(
-                    db,
-                    now,
-                    record.device_id,
-                    EventKind.ADDED,
-                    fingerprint=record.fingerprint,
-                    detail="imported",
-                    trust_after=record.trust,
-                )
-                return "added"
-            if existing.fingerprint != record.fingerprint:
+                stored, outcome = replace(record, pending_fingerprint=None), "added"
+            elif existing.fingerprint != record.fingerprint:
                 return "conflict"
-            stronger = {TrustLevel.REVOKED: 3, TrustLevel.VERIFIED: 2}
-            if stronger.get(record.trust, 0) > stronger.get(existing.trust, 0):
+            elif _IMPORT_RANK.get(record.trust, 0) > _IMPORT_RANK.get(existing.trust, 0):
                 pending = None if record.trust is TrustLevel.VERIFIED else existing.pending_fingerprint
-                self._put(db, replace(existing, trust=record.trust, pending_fingerprint=pending))
-                self._log(
-                    db,
-                    now,
-                    record.device_id,
-                    EventKind.ADDED,
-                    fingerprint=record.fingerprint,
-                    detail="imported",
-                    trust_after=record.trust,
-                )
-                return "updated"
-            return "kept"
+                stored, outcome = replace(existing, trust=record.trust, pending_fingerprint=pending), "updated"
+            else:
+                return "kept"
+            self._put(db, stored)
+            self._log(
+                db,
+                now,
+                record.device_id,
+                EventKind.ADDED,
+                fingerprint=record.fingerprint,
+                detail="imported",
+                trust_after=record.trust,
+            )
+            return outcome
