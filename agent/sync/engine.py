@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 from collections import deque
 from concurrent.futures import Executor
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,6 +49,8 @@ from agent.sync.vectors import Vector
 log = logging.getLogger(__name__)
 Outgoing = tuple[str, SyncMessage]
 MAX_BAD_BLOCKS = 3
+MAX_EVENT_NAMES = 256  # more changed names than this at once (after our own writes): one full scan
+MAX_WRITTEN = 65536  # names remembered as our own writes until their file-system event comes back
 REQUEST_ID_MASK = 0xFFFFFF  # low 24 bits count; the top 8 bits are the engine's `request_id_base`
 
 
@@ -107,11 +111,16 @@ class SyncEngine:
         self.done: list[puller.Job] = []  # complete temp files waiting for `flush`
         self.records: list[FileInfo] = []  # index records waiting for `flush`
         self.dirty_dirs: set[str] = set()
+        # Files we put in place ourselves: name -> (inode, mtime_ns). The file-system event our
+        # own rename causes is dropped if the name still looks like that. (Not directories: the
+        # event of a new directory also stands for files made in it before it was watched.)
+        self.written: dict[str, tuple[int, int]] = {}
         self.max_inflight_bytes = max_inflight_bytes
         self.max_jobs = max_jobs
         self.batch_files = batch_files
         self.rescan_interval = rescan_interval
         self.next_scan = 0.0
+        self.flush_due = False  # a batch is complete and waits for the next `pump` (call it soon)
         self.requested_blocks = 0  # counters for tests and status
         self.state = "idle"
         self._next_request_id = 0
@@ -157,11 +166,26 @@ class SyncEngine:
 
     # -- inputs --------------------------------------------------------------------------------
 
-    def on_peer_message(self, peer: str, msg: SyncMessage, now: float) -> list[Outgoing]:
-        """Handle one sync message from `peer`.
+    def batch(self) -> AbstractContextManager[None]:
+        """Group several calls (one batch of inputs): walked directories are reused meanwhile."""
+        return self.fs.batch()
+
+    def on_peer_message(self, peer: str, msg: SyncMessage, now: float, pump: bool = True) -> list[Outgoing]:
+        """Handle one sync message from `peer`. With `pump=False` the pulling work it enables
+        (starting files, requests, flushes) waits for `pump`: a batch of messages pumps once.
 
         :raises RemoteProtocolError: the peer broke the protocol; close its connection with `code`.
         """
+        with self.fs.batch():
+            out = self._on_peer_message(peer, msg)
+            return out + self._pump(now) if pump else out
+
+    def pump(self, now: float) -> list[Outgoing]:
+        """Start pulls, issue requests, flush finished files, announce (after `pump=False` calls)."""
+        with self.fs.batch():
+            return self._pump(now)
+
+    def _on_peer_message(self, peer: str, msg: SyncMessage) -> list[Outgoing]:
         state = self.peers.get(peer)
         if state is None:
             raise RemoteProtocolError("sync message before the session was set up", ErrorCode.UNEXPECTED_MESSAGE)
@@ -183,12 +207,28 @@ class SyncEngine:
                 self._on_response(peer, state, msg)
             case Progress():
                 state.progress = (msg.need_files, msg.need_bytes)
-        return out + self._pump(now)
+        return out
 
     def on_local_change(self, names: list[str], now: float) -> list[Outgoing]:
-        """Rescan `names` (relative paths from file-system events) and announce what changed."""
-        self._scan(now, names)
-        return self._pump(now)
+        """Rescan `names` (relative paths from file-system events; '' is everything) and announce
+        what changed. Names that still are exactly what we wrote there are skipped."""
+        with self.fs.batch():
+            names = [n for n in names if not self._own_write(n)]
+            if names:
+                self._scan(now, [""] if len(names) > MAX_EVENT_NAMES else names)
+            return self._pump(now)
+
+    def _own_write(self, name: str) -> bool:
+        mark = self.written.pop(name, None)
+        if mark is None:
+            return False
+        st = self.fs.lstat(name)
+        return st is not None and stat.S_ISREG(st.st_mode) and (st.st_ino, st.st_mtime_ns) == mark
+
+    def _wrote(self, name: str, st: os.stat_result) -> None:
+        if len(self.written) >= MAX_WRITTEN:
+            self.written.clear()  # events are not coming back (no watcher): forget, costs rescans only
+        self.written[name] = (st.st_ino, st.st_mtime_ns)
 
     def get_timer(self) -> float:
         """When `handle_timer` wants to run next."""
@@ -196,33 +236,32 @@ class SyncEngine:
 
     def handle_timer(self, now: float) -> list[Outgoing]:
         """Periodic full rescan (the safety net under file-system events) and batch flush."""
-        if now >= self.next_scan:
-            self._scan(now, None)
-        return self._pump(now, force_flush=True)
+        with self.fs.batch():
+            if now >= self.next_scan:
+                self._scan(now, None)
+            return self._pump(now, force_flush=True)
 
     def flush(self, now: float) -> list[Outgoing]:
         """Commit finished files durably, record them, and announce them to peers."""
+        with self.fs.batch():
+            return self._flush(now)
+
+    def _flush(self, now: float) -> list[Outgoing]:
+        self.flush_due = False
         jobs, self.done = self.done, []
         rescan: list[str] = []
         if jobs:
-            # A temp file that is gone (its directory was replaced or became a symlink while we
-            # fetched) is never committed: the name is scanned and decided again.
+            # 1. the data of every temp file is durable before any rename (one syncfs for many)
             lost = self.fs.sync_temps([j.name for j in jobs])
             rescan.extend(sorted(lost))
-            jobs = [j for j in jobs if j.name not in lost]
-        for job in jobs:
-            try:
-                unchanged = puller.unchanged(self.fs.lstat(job.name), job.expected)
-                if not unchanged:
-                    rescan.append(job.name)  # changed locally while we fetched: keep both, decide again
-                    continue
-                st = self.fs.commit_temp(job.name)
-            except OSError as exc:
-                log.warning("cannot put %r in place: %s", job.name, exc)
-                rescan.append(job.name)
-                continue
-            self.records.append(job.target.replace(inode=st.st_ino, mtime_ns=st.st_mtime_ns))
-            self.dirty_dirs.add(job.name.rpartition("/")[0])
+            by_dir: dict[str, list[puller.Job]] = {}
+            for job in jobs:
+                if job.name not in lost:
+                    by_dir.setdefault(job.name.rpartition("/")[0], []).append(job)
+            for parent, group in by_dir.items():
+                if self._commit_dir(parent, group, rescan):
+                    self.dirty_dirs.add(parent)
+        # 4. every directory that changed is durable before the index says so
         for d in sorted(self.dirty_dirs):
             self.fs.fsync_dir(d)
         self.dirty_dirs.clear()
@@ -230,7 +269,42 @@ class SyncEngine:
         self.index.update_local(records)
         if rescan:
             self._scan(now, rescan)
+            # what the scan did not turn into a decision is asked for again (a fresh temp file)
+            self._reconsider([n for n in rescan if n not in self.need])
         return self._announce()
+
+    def _commit_dir(self, parent: str, jobs: list[puller.Job], rescan: list[str]) -> bool:
+        """Steps 2 and 3 of `flush` for the finished files of one directory, walked once; True if
+        anything was renamed. A name whose temp file is not the one we wrote (its directory was
+        replaced or became a symlink while we fetched), or whose target changed locally, is not
+        committed: it is scanned and decided again (a local edit becomes a conflict)."""
+        try:
+            dfd = self.fs.open_dir(parent)
+        except OSError:
+            rescan.extend(j.name for j in jobs)
+            return False
+        moved = False
+        try:
+            for job in jobs:
+                try:
+                    tmp = self.fs.lstat_at(dfd, temp_name_for(job.name))
+                    if tmp is None or (tmp.st_dev, tmp.st_ino, tmp.st_ctime_ns) != job.temp_id:
+                        rescan.append(job.name)
+                        continue
+                    if not puller.unchanged(self.fs.lstat_at(dfd, job.name.rpartition("/")[2]), job.expected):
+                        rescan.append(job.name)
+                        continue
+                    st = self.fs.commit_temp_at(dfd, job.name)
+                except OSError as exc:
+                    log.warning("cannot put %r in place: %s", job.name, exc)
+                    rescan.append(job.name)
+                    continue
+                moved = True
+                self._wrote(job.name, st)
+                self.records.append(job.target.replace(inode=st.st_ino, mtime_ns=st.st_mtime_ns))
+        finally:
+            os.close(dfd)
+        return moved
 
     # -- status --------------------------------------------------------------------------------
 
@@ -305,8 +379,8 @@ class SyncEngine:
 
     def _reconsider(self, names: list[str]) -> None:
         for peer in self.index.peers():
-            files = [f for f in (self.index.remote(peer, n) for n in names) if f is not None]
-            self._consider(files, peer)
+            got = self.index.remote_many(peer, names)
+            self._consider([got[n] for n in names if n in got], peer)
 
     # -- scanning ------------------------------------------------------------------------------
 
@@ -330,9 +404,16 @@ class SyncEngine:
         out: list[Outgoing] = []
         while self.queue and len(self.jobs) < self.max_jobs:
             self._start(self.queue.popleft(), now)
-        out += self._issue_requests()
+        requests = self._issue_requests()
+        out += requests
         if self.done and (force_flush or len(self.done) >= self.batch_files or not self.requests):
-            out += self.flush(now)
+            if requests and self.requests and not force_flush and not self.flush_due:
+                # Let these requests go out first and flush on the next call, which the shell
+                # makes at once: the peer answers while our disk works through the batch.
+                self.flush_due = True
+            else:
+                self.flush_due = False
+                out += self.flush(now)
         if self.deletes and not self.jobs and not self.queue and not self.done:
             self._apply_deletes()
         if self.records or self.dirty_dirs:
@@ -412,7 +493,8 @@ class SyncEngine:
 
     def serve(self, req: Request) -> Response:
         """The answer to a block request (the shell serves requests outside `on_peer_message`)."""
-        return self._serve(req)
+        with self.fs.batch():
+            return self._serve(req)
 
     def _serve(self, req: Request) -> Response:
         """Read a requested block of our current version; only indexed files, never through a symlink."""
@@ -464,13 +546,14 @@ class SyncEngine:
                 self._drop_job(name)
                 self.need.pop(name, None)
             return
-        if not puller.write_block(job, i, msg.data):
+        if not puller.block_ok(job, i, msg.data):
             state.bad_blocks += 1
             job.fetch.appendleft(i)
             log.warning("peer %s sent a block of %r that does not match its hash", peer[:7], name)
             if state.bad_blocks >= MAX_BAD_BLOCKS:
                 raise RemoteProtocolError(f"{state.bad_blocks} corrupt blocks", ErrorCode.BAD_BLOCK)
             return
+        puller.write_verified(job, i, msg.data)
         self._maybe_done(job)
 
     def _maybe_done(self, job: puller.Job) -> None:

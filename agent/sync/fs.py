@@ -5,6 +5,12 @@ the folder's root directory fd one component at a time with O_NOFOLLOW|O_DIRECTO
 relative to the parent's fd, so a symlink or a swapped directory anywhere on the way fails with
 ELOOP/ENOTDIR instead of escaping the folder. Writes go to `.tofu-tmp-*` files beside the target
 and are renamed over it only after their data is durable.
+
+Inside `batch()` (one engine step) the directory fds a walk opened are kept and reused, for at
+most `DIR_CACHE_SECONDS`: thousands of files in a hundred directories then cost a hundred walks,
+not thousands. A cached fd is a directory that was reached without a symlink, so it can only stop
+being the right place if someone moves that directory during those milliseconds; our own rmdir
+and rename drop the entries they invalidate.
 """
 
 from __future__ import annotations
@@ -15,11 +21,16 @@ import errno
 import hashlib
 import os
 import stat
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from agent.sync.paths import TEMP_PREFIX, split_name
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+DIR_CACHE_SECONDS = 0.5  # longest a walked directory fd is reused inside a batch
+MAX_CACHED_DIRS = 256
 
 
 def _load_syncfs() -> ctypes._NamedFuncPointer | None:
@@ -45,21 +56,61 @@ class FolderFS:
     def __init__(self, root: Path) -> None:
         self.root = root
         self._root_fd = os.open(root, _DIR_FLAGS)
+        self._batch_depth = 0
+        self._dirs: dict[str, int] = {}  # dirname -> walked directory fd, only inside `batch()`
+        self._dirs_since = 0.0
 
     def close(self) -> None:
         """Release the root directory fd."""
+        self._drop_dirs()
         os.close(self._root_fd)
+
+    @contextmanager
+    def batch(self) -> Iterator[None]:
+        """Reuse walked directory fds until the outermost `batch()` ends (see the module doc)."""
+        self._batch_depth += 1
+        try:
+            yield
+        finally:
+            self._batch_depth -= 1
+            if not self._batch_depth:
+                self._drop_dirs()
+
+    def _drop_dirs(self, under: str | None = None) -> None:
+        """Close cached directory fds: all, or `under` and everything below it."""
+        for name in list(self._dirs):
+            if under is None or name == under or name.startswith(under + "/") or not under:
+                os.close(self._dirs.pop(name))
 
     def open_dir(self, dirname: str, create: bool = False) -> int:
         """An fd of directory `dirname` ('' is the root), walked without following symlinks.
 
+        The caller closes it. Inside `batch()` it is a dup of a cached walk.
+
         :raises OSError: ELOOP/ENOTDIR if a component is a symlink or not a directory.
         """
-        fd = os.dup(self._root_fd)
         if not dirname:
-            return fd
+            return os.dup(self._root_fd)
+        if not self._batch_depth:
+            return self._walk(os.dup(self._root_fd), dirname.split("/"), create)
+        now = time.monotonic()
+        if now - self._dirs_since > DIR_CACHE_SECONDS:
+            self._drop_dirs()
+            self._dirs_since = now
+        fd = self._dirs.get(dirname)
+        if fd is None:
+            parent, _, last = dirname.rpartition("/")
+            fd = self._walk(self.open_dir(parent, create), [last], create)
+            if len(self._dirs) >= MAX_CACHED_DIRS:
+                return fd
+            self._dirs[dirname] = fd
+        return os.dup(fd)
+
+    @staticmethod
+    def _walk(fd: int, parts: list[str], create: bool) -> int:
+        """Walk `parts` down from directory fd `fd` (consumed); the fd of the last one."""
         try:
-            for part in dirname.split("/"):
+            for part in parts:
                 try:
                     nfd = os.open(part, _DIR_FLAGS, dir_fd=fd)
                 except FileNotFoundError:
@@ -165,13 +216,27 @@ class FolderFS:
 
     def commit_temp(self, name: str) -> os.stat_result:
         """Rename the temp file of `name` over `name` atomically; the stat of the result."""
-        parent, base = split_name(name)
+        parent, _ = split_name(name)
         dfd = self.open_dir(parent)
         try:
-            os.rename(temp_name_for(name), base, src_dir_fd=dfd, dst_dir_fd=dfd)
-            return os.stat(base, dir_fd=dfd, follow_symlinks=False)
+            return self.commit_temp_at(dfd, name)
         finally:
             os.close(dfd)
+
+    @staticmethod
+    def commit_temp_at(dfd: int, name: str) -> os.stat_result:
+        """`commit_temp` in the already open parent directory `dfd` of `name`."""
+        base = split_name(name)[1]
+        os.rename(temp_name_for(name), base, src_dir_fd=dfd, dst_dir_fd=dfd)
+        return os.stat(base, dir_fd=dfd, follow_symlinks=False)
+
+    @staticmethod
+    def lstat_at(dfd: int, base: str) -> os.stat_result | None:
+        """lstat of `base` in directory `dfd`, or None if it does not exist."""
+        try:
+            return os.stat(base, dir_fd=dfd, follow_symlinks=False)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
 
     def remove_temp(self, name: str) -> None:
         """Delete the temp file of `name` if there is one."""
@@ -206,6 +271,7 @@ class FolderFS:
                 else:
                     raise FileExistsError(errno.EEXIST, f"{new} exists")
                 os.rename(ob, nb, src_dir_fd=sfd, dst_dir_fd=dfd)
+                self._drop_dirs(old)  # in case it was a directory
             finally:
                 os.close(dfd)
         finally:
@@ -215,6 +281,7 @@ class FolderFS:
         """Remove empty directory `name`; False if it is not empty."""
         parent, base = split_name(name)
         dfd = self.open_dir(parent)
+        self._drop_dirs(name)
         try:
             os.rmdir(base, dir_fd=dfd)
             return True
@@ -247,13 +314,14 @@ class FolderFS:
             os.close(fd)
 
     def sync_temps(self, names: list[str]) -> set[str]:
-        """Make the data of the temp files of `names` durable; returns the names whose temp is gone.
+        """Make the data of the temp files of `names` durable; returns names whose temp is gone.
 
-        One syncfs for many, else fsync each. A temp file is opened, never created, here: if its
+        One syncfs for many (the caller checks each temp file is still the one it wrote before
+        renaming it), else fsync each. A temp file is opened, never created, here: if its
         directory was swapped meanwhile, an empty new temp file must not be mistaken for the data.
         """
         if len(names) > 8 and _SYNCFS is not None and _SYNCFS(self._root_fd) == 0:
-            return {n for n in names if not self._temp_exists(n)}
+            return set()
         lost: set[str] = set()
         for name in names:
             try:
@@ -277,10 +345,3 @@ class FolderFS:
             os.close(fd)
             raise OSError(errno.EINVAL, f"temp file for {name} is not a regular file")
         return fd
-
-    def _temp_exists(self, name: str) -> bool:
-        try:
-            os.close(self._open_existing_temp(name))
-        except OSError:
-            return False
-        return True

@@ -49,10 +49,12 @@ def _pack_version(v: Vector) -> bytes:
     return msgpack.packb([list(pair) for pair in v.counters])
 
 
-def _to_row(f: FileInfo) -> Row:
+def _to_row(f: FileInfo, sequence: int | None = None, inode: int | None = None) -> Row:
+    """The row of `f`, with `sequence` or `inode` instead of its own if given."""
     return (
         f.name, int(f.type), f.size, f.mtime_ns, int(f.executable), int(f.deleted), _pack_version(f.version),
-        f.sequence, f.block_size, f.hashes, f.modified_by, f.inode,
+        f.sequence if sequence is None else sequence, f.block_size, f.hashes, f.modified_by,
+        f.inode if inode is None else inode,
     )  # fmt: skip
 
 
@@ -118,30 +120,27 @@ class FolderIndex:
         )
         return [_from_row(r) for r in cur]
 
-    def update_local(self, files: Iterable[FileInfo]) -> list[FileInfo]:
+    def update_local(self, files: Iterable[FileInfo]) -> None:
         """Record new versions of our files in one transaction; each gets the next sequence."""
-        stored: list[FileInfo] = []
+        files = list(files)
+        if not files:
+            return
         with self._transaction():
-            for f in files:
-                self.sequence += 1
-                stored.append(f.replace(sequence=self.sequence))
-            if not stored:
-                return stored
-            rows = [(_LOCAL, *_to_row(f)) for f in stored]
+            first = self.sequence + 1
+            rows = [(_LOCAL, *_to_row(f, sequence=first + i)) for i, f in enumerate(files)]
             self._db.executemany(f"INSERT OR REPLACE INTO files (device, {_COLUMNS}) VALUES ({_qs(13)})", rows)
-            names = [(f.name,) for f in stored]
-            self._db.executemany("DELETE FROM blocks WHERE name=?", names)
+            self._db.executemany("DELETE FROM blocks WHERE name=?", [(f.name,) for f in files])
             self._db.executemany(
                 "INSERT INTO blocks VALUES (?, ?, ?)",
                 [
                     (f.hashes[i : i + HASH_LEN], f.name, i // HASH_LEN)
-                    for f in stored
+                    for f in files
                     if not f.deleted
                     for i in range(0, len(f.hashes), HASH_LEN)
                 ],
             )
-            self._db.execute("UPDATE meta SET value=? WHERE key='sequence'", (self.sequence,))
-        return stored
+            self._db.execute("UPDATE meta SET value=? WHERE key='sequence'", (first + len(files) - 1,))
+        self.sequence = first + len(files) - 1
 
     def set_inode(self, name: str, inode: int, mtime_ns: int) -> None:
         """Refresh the scan state of a file whose content is unchanged (no new version)."""
@@ -176,7 +175,7 @@ class FolderIndex:
 
     def apply_remote(self, device: str, files: Iterable[FileInfo]) -> None:
         """Store files announced by `device` in one transaction and advance its sequence."""
-        rows = [(device, *_to_row(f.replace(inode=0))) for f in files]
+        rows = [(device, *_to_row(f, inode=0)) for f in files]
         if not rows:
             return
         top = max(r[8] for r in rows)
@@ -187,6 +186,10 @@ class FolderIndex:
     def remote(self, device: str, name: str) -> FileInfo | None:
         """What `device` announced for `name`."""
         return self._get(device, name)
+
+    def remote_many(self, device: str, names: Iterable[str]) -> dict[str, FileInfo]:
+        """What `device` announced for those of `names` it announced."""
+        return self._get_many(device, names)
 
     def remote_files(self, device: str) -> Iterator[FileInfo]:
         """Everything `device` announced."""

@@ -10,6 +10,7 @@ through symlinks, so a symlink planted in the folder cannot redirect a write eit
 
 from __future__ import annotations
 
+import re
 import unicodedata
 
 from agent.errors import ErrorCode, RemoteProtocolError
@@ -21,6 +22,7 @@ RESERVED_PREFIX = ".tofu-"
 TEMP_PREFIX = ".tofu-tmp-"
 IGNORE_FILE = ".tofuignore"
 CONFLICT_MARKER = ".sync-conflict-"
+_BAD_CHAR = re.compile(r"[\x00-\x1f\x7f\\]")  # control characters, DEL, backslash
 
 
 class BadPath(RemoteProtocolError):
@@ -50,10 +52,10 @@ def validate_name(name: object) -> str:
         raise _bad(name, f"longer than {MAX_PATH_BYTES} bytes")
     if name.startswith("/"):
         raise _bad(name, "absolute path")
-    for ch in name:
-        if ch < " " or ch == "\x7f" or ch == "\\":
-            raise _bad(name, "control character or backslash")
-    if unicodedata.normalize("NFC", name) != name:
+    if _BAD_CHAR.search(name):
+        raise _bad(name, "control character or backslash")
+    ascii_only = name.isascii()  # then NFC already, and one byte per character
+    if not ascii_only and not unicodedata.is_normalized("NFC", name):
         raise _bad(name, "not in Unicode NFC form")
     parts = name.split("/")
     if len(parts) > MAX_DEPTH:
@@ -61,7 +63,7 @@ def validate_name(name: object) -> str:
     for part in parts:
         if part in ("", ".", ".."):
             raise _bad(name, "empty, '.' or '..' component")
-        if len(part.encode("utf-8")) > MAX_COMPONENT_BYTES:
+        if (len(part) if ascii_only else len(part.encode("utf-8"))) > MAX_COMPONENT_BYTES:
             raise _bad(name, f"a component is longer than {MAX_COMPONENT_BYTES} bytes")
         if part.startswith(RESERVED_PREFIX):
             raise _bad(name, f"{RESERVED_PREFIX}* names are reserved for the agent")

@@ -42,6 +42,7 @@ class Job:
     outstanding: set[int] = field(default_factory=set)  # block indexes requested, not yet answered
     copied: int = 0
     reused: int = 0
+    temp_id: tuple[int, int, int] = (0, 0, 0)  # (st_dev, st_ino, st_ctime_ns) of the complete temp file
 
     @property
     def name(self) -> str:
@@ -78,9 +79,13 @@ def open_job(fs: FolderFS, index: FolderIndex, job: Job, executor: Executor | No
             if b.offset + b.size <= tmp_size and hashlib.sha256(os.pread(job.fd, b.size, b.offset)).digest() == b.hash:
                 have.add(b.index)
         job.reused = len(have)
-    os.ftruncate(job.fd, target.size)
+        os.ftruncate(job.fd, target.size)
+    elif target.size >= DIRECT_MIN_SIZE:
+        # A new file gets its length from the writes of its blocks; a large one is sized first
+        # so that direct writes (several at once for local copies) never extend it.
+        os.ftruncate(job.fd, target.size)
     plan = plan_blocks(target, have, index.find_block)
-    if plan.copy or plan.fetch:
+    if (plan.copy or plan.fetch) and target.size >= DIRECT_MIN_SIZE:
         job.dfd = fs.open_temp_direct(target.name, job.fd)
     sources: dict[str, _Source] = {}
     try:
@@ -167,21 +172,26 @@ def _aligned(size: int, *offsets: int) -> bool:
     return 0 < size <= MAX_BLOCK_SIZE and not size % DIRECT_ALIGN and all(not o % DIRECT_ALIGN for o in offsets)
 
 
-def write_block(job: Job, i: int, data: bytes) -> bool:
-    """Write received block `i` if its length and SHA-256 match; False if it does not.
+def block_ok(job: Job, i: int, data: bytes) -> bool:
+    """True if `data` has the length and SHA-256 of block `i` of the job's target."""
+    t = job.target
+    return len(data) == block_range(t.size, t.block_size, i)[1] and hashlib.sha256(data).digest() == t.block_hash(i)
+
+
+def write_verified(job: Job, i: int, data: bytes) -> None:
+    """Write block `i` once `block_ok` accepted it.
 
     Safe to run in several threads at once for different blocks of the same job (each thread
     writes through its own staging buffer at its own offset); `job.fd` must stay open meanwhile.
     """
-    t = job.target
-    offset, size = block_range(t.size, t.block_size, i)
-    if len(data) != size or hashlib.sha256(data).digest() != t.block_hash(i):
-        return False
-    _write(job, data, offset)
-    return True
+    _write(job, data, i * job.target.block_size)
 
 
 DIRECT_ALIGN = 4096  # offset, length and memory alignment that O_DIRECT accepts on common file systems
+# Smaller files are written through the page cache: a direct write waits for the device on every
+# call (~1 ms here), which for many small files costs far more than the one batched syncfs that
+# makes their buffered data durable at flush time.
+DIRECT_MIN_SIZE = 4 * 1024 * 1024
 _local = threading.local()
 
 
@@ -218,8 +228,15 @@ def _close_direct(job: Job) -> None:
 def finish_job(job: Job) -> None:
     """Set the exec bit and mtime on the complete temp file and close it (durability comes later)."""
     _close_direct(job)
-    os.fchmod(job.fd, 0o755 if job.target.executable else 0o644)
     os.utime(job.fd, ns=(job.target.mtime_ns, job.target.mtime_ns))
+    st = os.fstat(job.fd)
+    mode = 0o755 if job.target.executable else 0o644
+    if stat.S_IMODE(st.st_mode) != mode:
+        os.fchmod(job.fd, mode)
+        st = os.fstat(job.fd)
+    # ctime moves on any change and cannot be set: with the inode it tells this file from one put
+    # at its name later, even if that one got the same (freed and reused) inode number
+    job.temp_id = (st.st_dev, st.st_ino, st.st_ctime_ns)
     os.close(job.fd)
     job.fd = -1
 

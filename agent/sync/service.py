@@ -63,7 +63,8 @@ log = logging.getLogger(__name__)
 RESCAN_INTERVAL = 300.0  # the safety net under file-system events
 WATCH_DEBOUNCE_MS = 1600  # longest a burst of events is grouped
 WATCH_STEP_MS = 50  # quiet time that ends a group: a single change is seen within ~50 ms
-MAX_EVENT_NAMES = 256  # more changed names than this at once: one full scan is cheaper
+MAX_EVENT_NAMES = 20_000  # changed names queued per folder; more become one full scan (the engine
+# itself rescans everything past 256 names that are not its own writes)
 MAX_INFLIGHT_BYTES = 48 * 1024 * 1024  # block bytes requested per peer and folder, not yet answered
 MAX_INBOX_BYTES = 16 * 1024 * 1024  # queued peer data per folder before its links stop reading
 MAX_PENDING_SERVES = 4096  # queued block requests per link before it stops reading
@@ -299,7 +300,7 @@ class SyncService:
     async def _run_folder(self, f: _Folder) -> None:
         await anyio.to_thread.run_sync(self._start_engine, f)
         while True:
-            if not (f.inbox or f.changed or f.rescan):
+            if not (f.inbox or f.changed or f.rescan or f.engine.flush_due):
                 delay = max(0.0, f.engine.get_timer() - time.time())
                 with anyio.move_on_after(delay):
                     await f.wake.wait()
@@ -345,7 +346,7 @@ class SyncService:
                 if target is not None:
                     out.append((target, msg))
 
-        with f.lock:
+        with f.lock, f.engine.batch():
             eng = f.engine
             for kind, ls, msg in items:
                 if kind == "open":
@@ -358,7 +359,7 @@ class SyncService:
                         eng.peer_disconnected(ls.device_id)
                 elif msg is not None and not ls.closed and ls not in bad and f.current.get(ls.device_id) is ls:
                     try:
-                        route(eng.on_peer_message(ls.device_id, msg, now))
+                        route(eng.on_peer_message(ls.device_id, msg, now, pump=False))
                     except RemoteProtocolError as exc:
                         errors.append((ls, exc))
                         bad.add(ls)
@@ -366,6 +367,7 @@ class SyncService:
                         log.exception("folder %r: handling %s from %s failed", f.config.id, msg.KIND, ls.name)
                         errors.append((ls, RemoteProtocolError("internal error", ErrorCode.INTERNAL_ERROR)))
                         bad.add(ls)
+            route(eng.pump(now))
             if full:
                 route(eng.on_local_change([""], now))
             elif names:
@@ -414,7 +416,7 @@ class SyncService:
             log.debug("sending to %s stopped: %s", ls.name, exc)
 
     def _serve(self, f: _Folder, requests: list[Request]) -> list[Response]:
-        with f.lock:
+        with f.lock, f.engine.batch():
             return [f.engine.serve(r) for r in requests]
 
     # -- watching --------------------------------------------------------------------------------
@@ -450,7 +452,10 @@ class SyncService:
     @staticmethod
     def _event_name(root: str, path: str) -> str | None:
         """The folder-relative name to rescan for an event at `path` ('' for all, None to ignore)."""
-        rel = os.path.relpath(path, root)
+        if path.startswith(root) and path[len(root) : len(root) + 1] == os.sep and ".." not in path:
+            rel = path[len(root) + 1 :]  # the common case, without relpath's normalising
+        else:
+            rel = os.path.relpath(path, root)
         if rel == "." or rel.startswith(".." + os.sep) or rel == "..":
             return "" if rel == "." else None
         name = rel.replace(os.sep, "/")

@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
+
+from agent.sync.fs import FolderFS, temp_name_for
 from tests.sync_helpers import A_ID, B_ID, Net, tree, write
 
 
@@ -200,3 +203,75 @@ def test_three_devices_converge(tmp_path: Path) -> None:
     net.settle()
     assert tree(net.root(A_ID)) == tree(net.root(B_ID)) == tree(net.root(C_ID))
     assert len(tree(net.root(C_ID))) == 6
+
+
+def test_events_of_our_own_writes_are_dropped_but_a_later_edit_is_seen(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    net = pair(tmp_path)
+    a, b = net.root(A_ID), net.root(B_ID)
+    for i in range(300):  # more than the 256 names that would otherwise become one full scan
+        write(a / f"d{i % 3}/f{i}", str(i).encode())
+    net.change(A_ID)
+    net.settle()
+    eng = net.engines[B_ID]
+    names = [f"d{i % 3}/f{i}" for i in range(300)]
+    assert all(n in eng.written for n in names)
+    scans: list[list[str] | None] = []
+    real_scan = eng._scan
+
+    def counting_scan(now: float, ns: list[str] | None) -> list[str]:
+        scans.append(ns)
+        return real_scan(now, ns)
+
+    monkeypatch.setattr(eng, "_scan", counting_scan)
+    write(b / "d0/f0", b"edited on b after the pull")
+    net.change(B_ID, names)  # the watcher reports our 300 renames, and the one edit among them
+    assert scans == [["d0/f0"]]
+    assert not any(n in eng.written for n in names)
+    net.settle()
+    assert (a / "d0/f0").read_bytes() == b"edited on b after the pull"
+    assert tree(a) == tree(b)
+
+
+def test_a_temp_file_replaced_before_the_commit_is_not_renamed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Between completing a temp file and renaming it, someone puts another file at its name: the
+    flush sees a different inode, renames nothing, and the name is fetched again."""
+    net = pair(tmp_path)
+    a, b = net.root(A_ID), net.root(B_ID)
+    write(a / "sub/x.bin", b"the real content")
+    eng = net.engines[B_ID]
+    real_sync = eng.fs.sync_temps
+    swapped: list[str] = []
+
+    def sync_then_swap(names: list[str]) -> set[str]:
+        lost = real_sync(names)
+        if not swapped:
+            tmp = b / "sub" / temp_name_for("sub/x.bin")
+            tmp.unlink()
+            tmp.write_bytes(b"planted by someone else")
+            swapped.append("sub/x.bin")
+        return lost
+
+    monkeypatch.setattr(eng.fs, "sync_temps", sync_then_swap)
+    net.change(A_ID)
+    net.settle()
+    assert swapped
+    assert (b / "sub/x.bin").read_bytes() == b"the real content"
+
+
+def test_directory_cache_follows_our_own_rmdir(tmp_path: Path) -> None:
+    fs = FolderFS(tmp_path)
+    try:
+        with fs.batch():
+            fs.mkdir("x/y")
+            fd, _ = fs.open_temp("x/y/f")
+            os.close(fd)
+            fs.remove_temp("x/y/f")
+            assert fs.rmdir("x/y") and fs.rmdir("x")
+            fs.mkdir("x/y")  # a new directory, not the cached fd of the removed one
+            fd, _ = fs.open_temp("x/y/f")
+            os.close(fd)
+        assert (tmp_path / "x/y" / temp_name_for("x/y/f")).is_file()
+    finally:
+        fs.close()
