@@ -134,14 +134,25 @@ class AgentProc:
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> float:
         """Send `sig` and wait for the exit; returns the seconds it took."""
         assert self.proc is not None
-        t0 = time.monotonic()
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            self.proc.wait(timeout)
-        return time.monotonic() - t0
+        return stop_process(self.proc, sig, timeout)
 
     def kill(self) -> None:
         """SIGKILL, as a crash would."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
+        if self.proc is not None:
+            kill_process(self.proc)
+
+
+def stop_process(proc: subprocess.Popen[str], sig: int = signal.SIGTERM, timeout: float = 10.0) -> float:
+    """Send `sig` to `proc` if it still runs and wait for the exit; the seconds it took."""
+    t0 = time.monotonic()
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        proc.wait(timeout)
+    return time.monotonic() - t0
+
+
+def kill_process(proc: subprocess.Popen[str]) -> None:
+    """SIGKILL `proc` if it still runs, as a crash would, and reap it."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(10)

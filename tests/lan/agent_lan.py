@@ -32,6 +32,7 @@ from typing import Any, TypeVar
 from agent import control
 from agent.errors import TofuError
 from agent.paths import resolve_paths
+from tests.agent.harness import kill_process, stop_process
 from tests.netns import Lan
 
 T = TypeVar("T")
@@ -192,17 +193,12 @@ class LanAgent:
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> float:
         """Send `sig` and wait for the exit; the seconds it took."""
         assert self.proc is not None
-        t0 = time.monotonic()
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            self.proc.wait(timeout)
-        return time.monotonic() - t0
+        return stop_process(self.proc, sig, timeout)
 
     def kill(self) -> None:
         """SIGKILL, as a crash would (no goodbye on the wire or on mDNS)."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
+        if self.proc is not None:
+            kill_process(self.proc)
 
     def cleanup(self) -> None:
         """Kill the process if it still runs and delete the home."""
