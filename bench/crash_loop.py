@@ -1,41 +1,74 @@
-"""SIGKILL agents at random moments of pairing and reconnect churn; check the databases and reconnection.
+"""SIGKILL agents at random moments of pairing churn, folder sync and key rotation; check what survives.
 
-    .venv/bin/python bench/crash_loop.py [--kills 50] [--seed N]
+    .venv/bin/python bench/crash_loop.py [--during all|trust|sync|rotate] [--kills 50] [--seed N]
 
-Two real agents (A, B) on loopback are static peers of each other. Meanwhile a background client
-keeps pairing fresh strangers with A (each a first-use pin written to A's trust store) and
-reconnecting a pinned one (a `match` event each time), so a kill lands in the middle of trust-store
-writes. Each round SIGKILLs A or B at a random moment (0-1.5 s into its start-up, or during
-steady state), restarts it, and checks:
+`--kills` is per mode; `--during all` (the default) runs trust, then sync, then rotate.
+
+**trust.** Two real agents (A, B) on loopback are static peers of each other. Meanwhile a
+background client keeps pairing fresh strangers with A (each a first-use pin written to A's trust
+store) and reconnecting a pinned one (a `match` event each time), so a kill lands in the middle of
+trust-store writes. Each round SIGKILLs A or B at a random moment (0-1.5 s into its start-up, or
+during steady state), restarts it, and checks:
 
 - `PRAGMA integrity_check` is "ok" on every SQLite database under its home;
 - A and B show each other connected again, with the same pins as before;
 - every stranger A acknowledged (its handshake reached OPEN, so A had committed the pin before
   sending READY) is still in A's trust store: nothing acknowledged was lost.
 
-Later (not yet): kills during folder sync and key rotation, with torn/stray-file checks.
+**sync.** A sender and a receiver sync folder `default`. Each round the sender gets new content
+(`--big` files of `--big-mib` MiB of random data overwritten with new data, plus `--small` new
+small files in a new directory; the small files of two rounds back are deleted), every file moved
+into place by one rename from outside the folder, so every version the sender ever had is known.
+As soon as the receiver starts receiving, it is SIGKILLed 0-`--window` s later, and while it is down:
+
+- `PRAGMA integrity_check` on every database under its home;
+- torn: a file in its folder whose bytes are no version the sender ever had;
+- stray: a name the sender never had (`.tofu-tmp-*` files are allowed while it is down).
+
+Then it restarts and must converge (same names and bytes as the sender, folder `idle`,
+`need_files` 0) with no `.tofu-tmp-*` file left; integrity is checked again on both agents.
+
+**rotate.** A rotator R and a peer P, paired and syncing a small folder. Each round picks one of:
+`rotator` (`tofu-agent rotate-key` against the running R, and R SIGKILLed 0-1 s after the
+command started: before, during or after the rotation), `peer` (rotate-key completes, then P is
+SIGKILLed 0-1.5 s later while it re-handshakes with R's new key), `peer-down` (P killed, R rotates
+while P is down, P restarts). After the restart: integrity on every database of both agents; both
+connected again; P's pin of R is R's newest fingerprint; R's pin of P unchanged; no `key_changed`
+event on either side; a file made on R reaches P.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import os
 import random
+import secrets
 import shutil
 import signal
 import sqlite3
 import statistics
+import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from agent.errors import ProtocolError  # noqa: E402
-from tests.agent.harness import AgentProc, short_home  # noqa: E402
+from agent import control  # noqa: E402
+from agent.errors import ProtocolError, TofuError  # noqa: E402
+from agent.paths import resolve_paths  # noqa: E402
+from tests.agent.harness import AgentProc, cli, short_home  # noqa: E402
 from tests.hostile.conftest import configure, fast_peer, snapshot  # noqa: E402
 from tests.hostile.peer import ProtocolClient, new_identity  # noqa: E402
+
+MiB = 1024 * 1024
+TEMP_PREFIX = ".tofu-tmp-"
 
 
 def integrity(home: Path) -> dict[str, str]:
@@ -43,19 +76,92 @@ def integrity(home: Path) -> dict[str, str]:
     out = {}
     for db in sorted(home.rglob("*.db")):
         with sqlite3.connect(db, timeout=10) as conn:
-            out[db.name] = str(conn.execute("PRAGMA integrity_check").fetchone()[0])
+            out[str(db.relative_to(home))] = str(conn.execute("PRAGMA integrity_check").fetchone()[0])
     return out
 
 
-def wait(pred: object, timeout: float) -> float | None:
+def wait(pred: Callable[[], object], timeout: float) -> float | None:
     """Seconds until `pred()` is truthy, or None."""
-    assert callable(pred)
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
         if pred():
             return time.monotonic() - t0
         time.sleep(0.05)
     return None
+
+
+@dataclass
+class ModeResult:
+    """What one mode saw; `failures` is empty when everything held."""
+
+    mode: str
+    kills: int = 0
+    integrity_checks: int = 0
+    integrity_failed: int = 0
+    converged: int = 0
+    mid_transfer: int = 0
+    torn: int = 0
+    stray: int = 0
+    temps_left: int = 0
+    key_changed: int = 0
+    rotations: int = 0
+    times: list[float] = field(default_factory=list)
+    elapsed: float = 0.0
+    failures: list[str] = field(default_factory=list)
+
+    def check_integrity(self, n: int, *homes: Path) -> None:
+        for home in homes:
+            for name, r in integrity(home).items():
+                self.integrity_checks += 1
+                if r != "ok":
+                    self.integrity_failed += 1
+                    self.failures.append(f"round {n}: integrity_check {home.name}/{name}: {r}")
+
+
+def folder_of(agent: AgentProc) -> dict[str, Any] | None:
+    """The agent's first folder status entry, asked over the control socket in-process (quick)."""
+    try:
+        st = control.request(resolve_paths(agent.home).control_socket, "status", timeout=5.0)
+    except TofuError:
+        return None
+    folders = st.get("folders", []) if isinstance(st, dict) else []
+    return dict(folders[0]) if folders else None
+
+
+def tree(root: Path) -> dict[str, str]:
+    """{name: sha256 hex, or "dir"} of everything under `root` but temp files."""
+    out: dict[str, str] = {}
+    for dirpath, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = Path(dirpath) / name
+            if name.startswith(TEMP_PREFIX):
+                continue
+            rel = str(path.relative_to(root))
+            if path.is_dir():
+                out[rel] = "dir"
+            else:
+                try:
+                    out[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
+                except FileNotFoundError:  # deleted under us by the running agent
+                    continue
+    return out
+
+
+def temps(root: Path) -> list[Path]:
+    return [p for p in root.rglob(TEMP_PREFIX + "*")]
+
+
+def receiving(agent: AgentProc, folder: Path) -> bool:
+    """The agent needs files or holds temp files: a transfer is in progress."""
+    st = folder_of(agent) or {}
+    return bool(st.get("need_files")) or st.get("state") not in (None, "idle") or bool(temps(folder))
+
+
+def idle_and_same(sender: Path, receiver: AgentProc, folder: Path) -> bool:
+    st = folder_of(receiver)
+    if not st or st["state"] != "idle" or st["need_files"]:
+        return False
+    return not temps(folder) and tree(folder) == tree(sender)
 
 
 class Strangers(threading.Thread):
@@ -83,93 +189,331 @@ class Strangers(threading.Thread):
                 self.stop.wait(0.05)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--kills", type=int, default=50)
-    parser.add_argument("--seed", type=int, default=None)
-    args = parser.parse_args()
-    rng = random.Random(args.seed)
+def cleanup(agents: list[AgentProc], homes: list[Path]) -> None:
+    for p in agents:
+        if p.proc is not None and p.proc.poll() is None:
+            p.proc.send_signal(signal.SIGKILL)
+            p.proc.wait(10)
+    for h in homes:
+        shutil.rmtree(h, ignore_errors=True)
+
+
+def trust_loop(kills: int, rng: random.Random) -> tuple[ModeResult, Strangers | None]:
+    res = ModeResult("trust")
     homes = [configure(short_home("ta-k-")), configure(short_home("ta-k-"))]
     a, b = AgentProc(homes[0], "alpha"), AgentProc(homes[1], "beta")
-    reconnect: list[float] = []
-    failures: list[str] = []
-    checks = 0
     strangers: Strangers | None = None
     try:
         a.start(peers=[b])
         b.start(peers=[a])
         ida, idb = a.identity()["device_id"], b.identity()["device_id"]
-        if (
-            wait(lambda: (fast_peer(a, idb) or {}).get("connected") and (fast_peer(b, ida) or {}).get("connected"), 20)
-            is None
-        ):
+
+        def both() -> object:
+            return (fast_peer(a, idb) or {}).get("connected") and (fast_peer(b, ida) or {}).get("connected")
+
+        if wait(both, 20) is None:
             raise SystemExit("the agents did not pair")
         pins = (snapshot(a.home).pins()[idb], snapshot(b.home).pins()[ida])
         strangers = Strangers(a.port)
         strangers.start()
         t_start = time.monotonic()
-        for n in range(1, args.kills + 1):
+        for n in range(1, kills + 1):
             victim = rng.choice([a, b])
             moment = rng.choice(["start-up", "steady"])
             if moment == "start-up":
                 victim.kill()
-                assert victim.proc is not None
                 victim.start(peers=[b if victim is a else a])
             time.sleep(rng.uniform(0.0, 1.5))  # the random moment: this IS the point of the bench
             victim.kill()
+            res.kills += 1
             acknowledged = list(strangers.acknowledged) if victim is a else []
-            checks += 1
-            bad = {name: r for name, r in integrity(victim.home).items() if r != "ok"}
-            if bad:
-                failures.append(f"round {n}: integrity_check {bad}")
+            res.check_integrity(n, victim.home)
             t_restart = time.monotonic()
             victim.start(peers=[b if victim is a else a])
-            ok = wait(
-                lambda: (fast_peer(a, idb) or {}).get("connected") and (fast_peer(b, ida) or {}).get("connected"), 30
-            )
+            ok = wait(both, 30)
             took = None if ok is None else time.monotonic() - t_restart  # includes the process start-up
             if took is None:
-                failures.append(f"round {n}: no reconnect within 30 s")
+                res.failures.append(f"round {n}: no reconnect within 30 s")
             else:
-                reconnect.append(took)
+                res.converged += 1
+                res.times.append(took)
             now_pins = (snapshot(a.home).pins()[idb], snapshot(b.home).pins()[ida])
             if now_pins != pins:
-                failures.append(f"round {n}: pins changed {pins} -> {now_pins}")
+                res.failures.append(f"round {n}: pins changed {pins} -> {now_pins}")
             if acknowledged:
                 known = set(snapshot(a.home).peers)
                 lost = [d for d in acknowledged if d not in known]
                 if lost:
-                    failures.append(f"round {n}: {len(lost)} acknowledged pins lost")
+                    res.failures.append(f"round {n}: {len(lost)} acknowledged pins lost")
             print(
-                f"round {n:>3}: killed {victim.name:<5} at {moment:<8} integrity ok, "
+                f"trust  {n:>3}: killed {victim.name:<5} at {moment:<8} "
                 f"restarted and reconnected in {took if took is not None else float('nan'):.2f} s",
                 flush=True,
             )
-        elapsed = time.monotonic() - t_start
+        res.elapsed = time.monotonic() - t_start
         strangers.stop.set()
         strangers.join(5)
-        print()
-        print(
-            "| kills | integrity checks | failed | reconnects | median s | max s "
-            "| stranger handshakes | pins acknowledged | lost |"
-        )
-        print("|---|---|---|---|---|---|---|---|---|")
-        print(
-            f"| {args.kills} | {checks} | {len([f for f in failures if 'integrity' in f])} | {len(reconnect)} | "
-            f"{statistics.median(reconnect):.2f} | {max(reconnect):.2f} | {strangers.attempts} | "
-            f"{len(strangers.acknowledged)} | {len([f for f in failures if 'lost' in f])} |"
-        )
-        print(f"{elapsed:.0f} s; " + ("no failures" if not failures else "FAILURES:\n  " + "\n  ".join(failures)))
-        return 1 if failures else 0
+        return res, strangers
     finally:
         if strangers is not None:
             strangers.stop.set()
-        for p in (a, b):
-            if p.proc is not None and p.proc.poll() is None:
-                p.proc.send_signal(signal.SIGKILL)
-                p.proc.wait(10)
-        for h in homes:
-            shutil.rmtree(h, ignore_errors=True)
+        cleanup([a, b], homes)
+
+
+class Content:
+    """The sender's folder, changed a round at a time; remembers every version of every name."""
+
+    def __init__(self, root: Path, stage: Path, big: int, big_mib: int, small: int) -> None:
+        self.root, self.stage = root, stage
+        self.big, self.big_mib, self.small = big, big_mib, small
+        self.versions: dict[str, set[str]] = {}
+        root.mkdir(parents=True, exist_ok=True)
+        stage.mkdir(parents=True, exist_ok=True)
+
+    def _put(self, name: str, data: bytes) -> None:
+        staged = self.stage / secrets.token_hex(6)
+        staged.write_bytes(data)
+        target = self.root / name
+        for parent in reversed(Path(name).parents[:-1]):
+            self.versions.setdefault(str(parent), set()).add("dir")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        self.versions.setdefault(name, set()).add(hashlib.sha256(data).hexdigest())
+        staged.rename(target)
+
+    def change(self, n: int, rng: random.Random) -> None:
+        """Round `n`: new bytes for the big files, a directory of new small files, round n-2's deleted."""
+        for i in range(self.big):
+            self._put(f"big/big{i}.bin", os.urandom(self.big_mib * MiB + rng.randrange(4096)))
+        for i in range(self.small):
+            self._put(f"r{n:03d}/s{i:03d}.txt", os.urandom(rng.randrange(1, 6000)))
+        shutil.rmtree(self.root / f"r{n - 2:03d}", ignore_errors=True)
+
+    def check_receiver(self, folder: Path) -> tuple[list[str], list[str]]:
+        """(torn, stray) names in the receiver's folder."""
+        torn, stray = [], []
+        for name, digest in tree(folder).items():
+            known = self.versions.get(name)
+            if known is None:
+                stray.append(name)
+            elif digest not in known:
+                torn.append(name)
+        return torn, stray
+
+
+def sync_loop(
+    kills: int, rng: random.Random, big: int, big_mib: int, small: int, window: float, timeout: float
+) -> ModeResult:
+    res = ModeResult("sync")
+    homes = [short_home("ta-k-"), short_home("ta-k-")]
+    s, r = AgentProc(homes[0], "sender"), AgentProc(homes[1], "receiver")
+    fs, fr = homes[0] / "f", homes[1] / "f"
+    content = Content(fs, homes[0] / "stage", big, big_mib, small)
+    fr.mkdir()
+    try:
+        s.start("--folder", str(fs), peers=[r])
+        r.start("--folder", str(fr), peers=[s])
+        ids, idr = s.identity()["device_id"], r.identity()["device_id"]
+        if (
+            wait(lambda: (fast_peer(s, idr) or {}).get("connected") and (fast_peer(r, ids) or {}).get("connected"), 20)
+            is None
+        ):
+            raise SystemExit("the agents did not pair")
+        t_start = time.monotonic()
+        for n in range(1, kills + 1):
+            content.change(n, rng)
+            wait(lambda: receiving(r, fr), 10)  # the sender has announced the change: the transfer starts
+            time.sleep(rng.uniform(0.0, window))  # the random moment
+            busy = receiving(r, fr)
+            r.kill()
+            res.kills += 1
+            res.mid_transfer += busy
+            res.check_integrity(n, r.home)
+            torn, stray = content.check_receiver(fr)
+            res.torn += len(torn)
+            res.stray += len(stray)
+            if torn or stray:
+                res.failures.append(f"round {n}: torn {torn[:5]} stray {stray[:5]}")
+            left = len(temps(fr))
+            t_restart = time.monotonic()
+            r.start("--folder", str(fr), peers=[s])
+            took = wait(lambda: idle_and_same(fs, r, fr), timeout)
+            if took is None:
+                stray_temps = temps(fr)
+                res.temps_left += len(stray_temps)
+                mine, theirs = tree(fr), tree(fs)
+                diff = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
+                res.failures.append(
+                    f"round {n}: no convergence in {timeout:.0f} s: {folder_of(r)}, temps {stray_temps[:3]}, "
+                    f"differing {diff[:5]}"
+                )
+            else:
+                res.converged += 1
+                res.times.append(time.monotonic() - t_restart)
+            res.check_integrity(n, r.home, s.home)
+            print(
+                f"sync   {n:>3}: killed receiver {'mid-transfer' if busy else 'while idle  '} "
+                f"({left} temp files), torn {len(torn)}, stray {len(stray)}, "
+                f"converged in {res.times[-1] if took is not None else float('nan'):.2f} s",
+                flush=True,
+            )
+        res.elapsed = time.monotonic() - t_start
+        return res
+    finally:
+        cleanup([s, r], homes)
+
+
+def rotate_key(home: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "agent", "--home", str(home), "rotate-key", "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+
+
+def rotate_loop(kills: int, rng: random.Random, timeout: float) -> ModeResult:
+    res = ModeResult("rotate")
+    homes = [short_home("ta-k-"), short_home("ta-k-")]
+    rot, peer = AgentProc(homes[0], "rotator"), AgentProc(homes[1], "peer")
+    fa, fb = homes[0] / "f", homes[1] / "f"
+    fa.mkdir()
+    fb.mkdir()
+
+    def start(p: AgentProc) -> None:
+        p.start("--folder", str(fa if p is rot else fb), peers=[peer if p is rot else rot])
+
+    try:
+        start(rot)
+        start(peer)
+        idr, idp = rot.identity()["device_id"], peer.identity()["device_id"]
+
+        def both() -> object:
+            return (fast_peer(rot, idp) or {}).get("connected") and (fast_peer(peer, idr) or {}).get("connected")
+
+        if wait(both, 20) is None:
+            raise SystemExit("the agents did not pair")
+        pin_of_peer = snapshot(rot.home).pins()[idp]
+        t_start = time.monotonic()
+        for n in range(1, kills + 1):
+            (fa / f"note{n:03d}.txt").write_bytes(os.urandom(rng.randrange(1, 3000)))
+            scenario = rng.choice(["rotator", "peer", "peer-down"])
+            cmd_ok = True
+            if scenario == "rotator":
+                proc = rotate_key(rot.home)
+                time.sleep(rng.uniform(0.0, 1.0))  # the CLI takes ~0.4 s to start: before, during or after
+                rot.kill()
+                _out, err = proc.communicate(timeout=60)
+                cmd_ok = proc.returncode == 0
+                victim = rot
+            elif scenario == "peer":
+                r = cli(rot.home, "rotate-key", "--json")
+                cmd_ok = r.returncode == 0
+                err = r.stderr
+                time.sleep(rng.uniform(0.0, 1.5))
+                peer.kill()
+                victim = peer
+            else:
+                peer.kill()
+                r = cli(rot.home, "rotate-key", "--json")
+                cmd_ok = r.returncode == 0
+                err = r.stderr
+                time.sleep(rng.uniform(0.0, 0.5))
+                victim = peer
+            res.kills += 1
+            res.rotations += cmd_ok
+            res.check_integrity(n, victim.home)
+            t_restart = time.monotonic()
+            start(victim)
+            fp = rot.identity()["fingerprint"]
+
+            def settled(fp: str = fp, note: Path = fb / f"note{n:03d}.txt") -> bool:
+                if not both():
+                    return False
+                return snapshot(peer.home).pins()[idr][0] == fp and note.exists()
+
+            took = wait(settled, timeout)
+            if took is None:
+                res.failures.append(
+                    f"round {n} ({scenario}): not reconnected with the new pin in {timeout:.0f} s: "
+                    f"peer pins {snapshot(peer.home).pins()[idr]}, rotator fp {fp}"
+                )
+            else:
+                res.converged += 1
+                res.times.append(time.monotonic() - t_restart)
+            if not cmd_ok and scenario != "rotator":
+                res.failures.append(f"round {n} ({scenario}): rotate-key failed: {err.strip()[-300:]}")
+            if snapshot(rot.home).pins()[idp] != pin_of_peer:
+                res.failures.append(f"round {n}: the rotator's pin of the peer changed")
+            changed = [e for h in (peer.home, rot.home) for e in snapshot(h).events if e["kind"] == "key_changed"]
+            if len(changed) > res.key_changed:
+                res.failures.append(f"round {n} ({scenario}): key_changed events {changed[res.key_changed :]}")
+                res.key_changed = len(changed)
+            res.check_integrity(n, rot.home, peer.home)
+            print(
+                f"rotate {n:>3}: {scenario:<9} rotate-key {'ok' if cmd_ok else 'failed (agent killed)'}, "
+                f"new pin followed in {res.times[-1] if took is not None else float('nan'):.2f} s, "
+                f"key_changed so far {res.key_changed}",
+                flush=True,
+            )
+        res.elapsed = time.monotonic() - t_start
+        return res
+    finally:
+        cleanup([rot, peer], homes)
+
+
+def fmt_times(times: list[float]) -> str:
+    return f"{statistics.median(times):.2f} / {max(times):.2f}" if times else "-"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--during", choices=["all", "trust", "sync", "rotate"], default="all")
+    parser.add_argument("--kills", type=int, default=50, help="kills per mode")
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--big", type=int, default=3, help="sync: large files rewritten each round")
+    parser.add_argument("--big-mib", type=int, default=32, help="sync: MiB per large file")
+    parser.add_argument("--small", type=int, default=200, help="sync: small files added each round")
+    parser.add_argument("--window", type=float, default=0.3, help="sync: the kill lands 0-WINDOW s into the transfer")
+    parser.add_argument("--timeout", type=float, default=120.0, help="seconds to converge after a restart")
+    args = parser.parse_args()
+    rng = random.Random(args.seed)
+    modes = ["trust", "sync", "rotate"] if args.during == "all" else [args.during]
+    results: list[ModeResult] = []
+    strangers: Strangers | None = None
+    for mode in modes:
+        if mode == "trust":
+            res, strangers = trust_loop(args.kills, rng)
+        elif mode == "sync":
+            res = sync_loop(args.kills, rng, args.big, args.big_mib, args.small, args.window, args.timeout)
+        else:
+            res = rotate_loop(args.kills, rng, args.timeout)
+        results.append(res)
+    print()
+    print(
+        "| mode | kills | mid-transfer | integrity checks | failed | converged | restart to converged: median / max s "
+        "| torn files | stray files | temp files left | rotations | key_changed |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        mid = str(r.mid_transfer) if r.mode == "sync" else "-"
+        rot = str(r.rotations) if r.mode == "rotate" else "-"
+        print(
+            f"| {r.mode} | {r.kills} | {mid} | {r.integrity_checks} | {r.integrity_failed} | {r.converged} | "
+            f"{fmt_times(r.times)} | {r.torn} | {r.stray} | {r.temps_left} | {rot} | {r.key_changed} |"
+        )
+    if strangers is not None:
+        lost = len([f for r in results if r.mode == "trust" for f in r.failures if "lost" in f])
+        print(
+            f"trust: {strangers.attempts} stranger handshakes, {len(strangers.acknowledged)} pins acknowledged, "
+            f"{lost} lost"
+        )
+    failures = [f"{r.mode} {f}" for r in results for f in r.failures]
+    print(
+        " ".join(f"{r.mode} {r.elapsed:.0f} s;" for r in results)
+        + (" no failures" if not failures else " FAILURES:\n  " + "\n  ".join(failures))
+    )
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":
