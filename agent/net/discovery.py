@@ -423,10 +423,31 @@ class EventStream:
 
 
 class _EventPump:
-    """The event stream shared by both implementations."""
+    """What both implementations share: the event stream, the peer table, `async with`."""
+
+    _table: PeerTable
 
     def __init__(self, buffer: int) -> None:
         self._stream = EventStream(buffer)
+
+    def peers(self) -> tuple[PeerSeen, ...]:
+        """A snapshot of the peers currently advertised."""
+        return self._table.peers()
+
+    async def start(self) -> None:
+        raise NotImplementedError
+
+    async def stop(self) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
 
     @property
     def events(self) -> EventStream:
@@ -532,18 +553,6 @@ class ZeroconfDiscovery(_EventPump):
     def service_name(self) -> str | None:
         """Our service's full name once chosen (zeroconf may append "-2" on a clash)."""
         return None if self._info is None else self._info.name
-
-    def peers(self) -> tuple[PeerSeen, ...]:
-        return self._table.peers()
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.stop()
 
     async def start(self) -> None:
         if self._aiozc is not None or self._stopped:
@@ -783,18 +792,6 @@ class FakeDiscovery(_EventPump):
         self._table = PeerTable(device_id, max_services=max_services, allow_loopback=True)
         self.service_name: str | None = None
         self._state = "new"
-
-    def peers(self) -> tuple[PeerSeen, ...]:
-        return self._table.peers()
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.stop()
 
     async def start(self) -> None:
         if self._state != "new":

@@ -253,6 +253,6 @@ def test_lan_is_deleted_even_when_the_test_fails() -> None:
     with pytest.raises(RuntimeError), Lan(2) as lan:
         names = {lan.hub, *(h.name for h in lan.hosts)}
         assert names <= _namespaces()
-        lan.popen(0, [sys.executable, "-c", "import time; time.sleep(60)"])
+        lan.popen(0, [sys.executable, "-c", "import signal; signal.pause()"])  # a process to clean up
         raise RuntimeError("test failed")
     assert not names & _namespaces()
