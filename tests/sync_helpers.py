@@ -9,7 +9,7 @@ import msgpack
 
 from agent.sync.engine import Outgoing, SyncEngine
 from agent.sync.index import FolderIndex
-from agent.sync.messages import PARSERS, Request, SyncMessage
+from agent.sync.messages import PARSERS, Index, Request, SyncMessage
 
 A_ID = "A" * 32
 B_ID = "B" * 32
@@ -80,6 +80,8 @@ class Net:
                 continue
             self.sent.append((src, dst, msg))
             n += 1
+            if isinstance(msg, Index):
+                self._send(src, self.engines[src].index_sent(dst))  # as the shell's send loop does
             self._send(dst, self.engines[dst].on_peer_message(src, msg, self.now))
         return n
 

@@ -31,6 +31,7 @@ from agent.sync import puller
 from agent.sync.fs import FolderFS, temp_name_for
 from agent.sync.index import FolderIndex
 from agent.sync.messages import (
+    MAX_FILES_PER_MESSAGE,
     BlockError,
     FolderHello,
     Index,
@@ -52,6 +53,10 @@ MAX_BAD_BLOCKS = 3
 MAX_EVENT_NAMES = 256  # more changed names than this at once (after our own writes): one full scan
 MAX_WRITTEN = 65536  # names remembered as our own writes until their file-system event comes back
 REQUEST_ID_MASK = 0xFFFFFF  # low 24 bits count; the top 8 bits are the engine's `request_id_base`
+# Index messages per peer handed to the shell and not yet reported sent (`index_sent`). Our index
+# goes out as a stream read from the database as the link drains: a peer that reads slowly, or
+# twenty peers at once, cannot make us hold a 100,000-record index in memory per peer.
+INDEX_WINDOW = 2
 
 
 @dataclass(slots=True)
@@ -59,7 +64,9 @@ class Peer:
     """A connected peer: whether it said hello, what we announced to it, what we asked of it."""
 
     ready: bool = False
-    sent_seq: int = 0
+    sent_seq: int = 0  # our records up to this sequence are handed to the shell for this peer
+    full: bool = False  # the next index message is a full `Index` (the peer holds none of ours)
+    window: int = INDEX_WINDOW  # index messages we may still hand over before `index_sent`
     inflight_bytes: int = 0
     bad_blocks: int = 0
     progress: tuple[int, int] | None = None  # its (need_files, need_bytes) as it reported
@@ -151,6 +158,14 @@ class SyncEngine:
         self.peers[peer] = Peer()
         have_id, have_seq = self.index.peer_state(peer)
         return [(peer, FolderHello(self.folder_id, self.index.index_id, have_id, have_seq))]
+
+    def index_sent(self, peer: str) -> list[Outgoing]:
+        """The shell sent one of our index messages to `peer`: hand over the next, if any."""
+        state = self.peers.get(peer)
+        if state is None:
+            return []
+        state.window = min(INDEX_WINDOW, state.window + 1)
+        return self._announce_to(peer, state)
 
     def peer_disconnected(self, peer: str) -> None:
         """Forget in-flight requests to `peer`; their blocks will be asked of someone else."""
@@ -323,23 +338,32 @@ class SyncEngine:
             self.index.reset_peer(peer, msg.index_id)
             self._forget_source(peer)
         state.ready = True
-        full = msg.have_index_id != self.index.index_id
-        files = self.index.changes_since(0 if full else msg.have_sequence)
-        state.sent_seq = self.index.sequence
-        batches = batch_files(files)
-        out: list[Outgoing] = []
-        if full:
-            out.append((peer, Index(self.folder_id, tuple(batches.pop(0) if batches else ()))))
-        out += [(peer, IndexUpdate(self.folder_id, tuple(b))) for b in batches]
-        return out
+        state.full = msg.have_index_id != self.index.index_id
+        state.sent_seq = 0 if state.full else min(msg.have_sequence, self.index.sequence)
+        return self._announce_to(peer, state)
 
     def _announce(self) -> list[Outgoing]:
         out: list[Outgoing] = []
         for peer, state in self.peers.items():
-            if state.ready and state.sent_seq < self.index.sequence:
-                files = self.index.changes_since(state.sent_seq)
-                state.sent_seq = self.index.sequence
-                out += [(peer, IndexUpdate(self.folder_id, tuple(b))) for b in batch_files(files)]
+            out += self._announce_to(peer, state)
+        return out
+
+    def _announce_to(self, peer: str, state: Peer) -> list[Outgoing]:
+        """Our records `peer` has not been handed yet, as index messages, up to its window."""
+        out: list[Outgoing] = []
+        while state.ready and state.window > 0 and (state.full or state.sent_seq < self.index.sequence):
+            files = self.index.changes_since(state.sent_seq, limit=MAX_FILES_PER_MESSAGE)
+            if not files and not state.full:
+                state.sent_seq = self.index.sequence  # only numbers no record holds any more were left
+                break
+            batch = batch_files(files)[0] if files else []
+            # the last batch covers the sequence numbers no record holds any more, too
+            done = len(batch) == len(files) and len(files) < MAX_FILES_PER_MESSAGE
+            state.sent_seq = self.index.sequence if done else batch[-1].sequence
+            kind = Index if state.full else IndexUpdate
+            state.full = False
+            state.window -= 1
+            out.append((peer, kind(self.folder_id, tuple(batch))))
         return out
 
     def _on_index(self, peer: str, files: list[FileInfo]) -> None:

@@ -112,11 +112,11 @@ class FolderIndex:
         )
         return [_from_row(r) for r in cur]
 
-    def changes_since(self, sequence: int) -> list[FileInfo]:
-        """Our records with a sequence above `sequence`, in sequence order."""
+    def changes_since(self, sequence: int, limit: int = -1) -> list[FileInfo]:
+        """Our records with a sequence above `sequence`, in sequence order (at most `limit`)."""
         cur = self._db.execute(
-            f"SELECT {_COLUMNS} FROM files WHERE device=? AND sequence>? ORDER BY sequence",
-            (_LOCAL, sequence),
+            f"SELECT {_COLUMNS} FROM files WHERE device=? AND sequence>? ORDER BY sequence LIMIT ?",
+            (_LOCAL, sequence, limit),
         )
         return [_from_row(r) for r in cur]
 

@@ -11,7 +11,8 @@ outputs to links.
 - Each link has a `_Link` with a send queue drained by its own task, so sending never blocks
   reading: two agents that both waited in `send` while neither read would deadlock. A peer's block
   requests are queued as requests and read from disk only when their turn comes, in batches;
-  past `MAX_PENDING_SERVES` queued requests, or `MAX_INBOX_BYTES` of queued block data, the link
+  past `MAX_PENDING_SERVES` queued requests, or `MAX_INBOX_BYTES` of queued data (decoded index
+  records counted at their in-memory size), the link
   stops reading (backpressure), which bounds what a peer can make us hold.
 - Responses carry no folder: each engine draws request ids from its own range (top 8 bits).
 - `watchfiles` reports changed paths (debounced; our temp files filtered out); many names at once
@@ -41,6 +42,7 @@ import anyio.to_thread
 from agent.config import Config, FolderConfig
 from agent.errors import ErrorCode, ProtocolError, RemoteProtocolError
 from agent.identity import Identity
+from agent.memtrim import TRIM_AFTER_BYTES, trim
 from agent.net.link import PeerLink
 from agent.paths import Paths
 from agent.sync.engine import FolderStatus, Outgoing, SyncEngine
@@ -67,13 +69,17 @@ MAX_EVENT_NAMES = 20_000  # changed names queued per folder; more become one ful
 # itself rescans everything past 256 names that are not its own writes)
 MAX_INFLIGHT_BYTES = 48 * 1024 * 1024  # block bytes requested per peer and folder, not yet answered
 MAX_INBOX_BYTES = 16 * 1024 * 1024  # queued peer data per folder before its links stop reading
+# A decoded index record costs ~450 bytes of Python objects however small it was on the wire (a
+# deletion record is ~120): charged per record, so a flood of tiny records queues ~35,000 of them
+# (~16 MiB), not the ~140,000 its wire size alone would allow.
+RECORD_MEMORY = 400
 MAX_PENDING_SERVES = 4096  # queued block requests per link before it stops reading
 SERVE_BATCH_BYTES = 8 * 1024 * 1024  # blocks read from disk in one worker-thread call
 STATUS_INTERVAL = 0.5  # seconds between progress reports to peers (and status refreshes)
 MAX_FOLDERS = 256  # request ids carry the folder's number in 8 bits
 SWITCH_INTERVAL = 0.0005  # seconds; see `run`
 
-InboxKind = Literal["open", "close", "msg"]
+InboxKind = Literal["open", "close", "msg", "sent"]  # "sent": one of our index messages went out
 
 
 @dataclass(eq=False)
@@ -254,7 +260,7 @@ class SyncService:
                         f"{message.KIND} for folder {message.folder[:64]!r}, which we do not share",
                         ErrorCode.UNEXPECTED_MESSAGE,
                     )
-                size = sum(wire_size(x) for x in message.files) if isinstance(message, Index) else 64
+                size = sum(wire_size(x) + RECORD_MEMORY for x in message.files) if isinstance(message, Index) else 64
                 await self._to_inbox(shared, ls, message, size)
             case _:
                 raise RemoteProtocolError(f"unexpected {type(message).__name__} message", ErrorCode.UNEXPECTED_MESSAGE)
@@ -307,13 +313,13 @@ class SyncService:
             f.wake = anyio.Event()
             items = list(f.inbox)
             f.inbox.clear()
-            f.inbox_bytes = 0
+            burst, f.inbox_bytes = f.inbox_bytes >= TRIM_AFTER_BYTES, 0
             room, f.room = f.room, anyio.Event()
             room.set()
             names, f.changed = f.changed, set()
             full, f.rescan = f.rescan, False
             try:
-                out, errors = await anyio.to_thread.run_sync(self._work, f, items, names, full)
+                out, errors = await anyio.to_thread.run_sync(self._work, f, items, names, full, burst)
             except Exception:
                 # a disk or database failure: keep the agent up, try again on the next input
                 log.exception("folder %r: sync step failed", f.config.id)
@@ -330,7 +336,12 @@ class SyncService:
             f.snapshot = f.engine.status()
 
     def _work(
-        self, f: _Folder, items: list[tuple[InboxKind, _Link, SyncMessage | None]], names: set[str], full: bool
+        self,
+        f: _Folder,
+        items: list[tuple[InboxKind, _Link, SyncMessage | None]],
+        names: set[str],
+        full: bool,
+        burst: bool = False,
     ) -> tuple[list[tuple[_Link, SyncMessage]], list[tuple[_Link, RemoteProtocolError]]]:
         """One batch of engine inputs, in a worker thread; what to send, and links to close."""
         out: list[tuple[_Link, SyncMessage]] = []
@@ -357,6 +368,9 @@ class SyncService:
                     if f.current.get(ls.device_id) is ls:
                         del f.current[ls.device_id]
                         eng.peer_disconnected(ls.device_id)
+                elif kind == "sent":
+                    if f.current.get(ls.device_id) is ls:
+                        route(eng.index_sent(ls.device_id))
                 elif msg is not None and not ls.closed and ls not in bad and f.current.get(ls.device_id) is ls:
                     try:
                         route(eng.on_peer_message(ls.device_id, msg, now, pump=False))
@@ -379,6 +393,9 @@ class SyncService:
                 f.snapshot = eng.status()
                 f.snapshot_at = now
                 route(self._progress(f))
+        del items
+        if burst or full:
+            trim()  # the decoded records and scan results of this batch are garbage now
         return out, errors
 
     def _progress(self, f: _Folder) -> list[Outgoing]:
@@ -401,6 +418,8 @@ class SyncService:
                 folder, msg = ls.queue.popleft()
                 if folder is None or not isinstance(msg, Request):
                     await ls.link.send(msg)
+                    if isinstance(msg, Index) and (mine := self.by_id.get(msg.folder)) is not None:
+                        mine.put("sent", ls)  # the engine hands over the next part of its index
                     continue
                 batch, size = [msg], msg.size
                 while ls.queue and ls.queue[0][0] is folder and size < SERVE_BATCH_BYTES:

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from agent.sync import engine as engine_module
 from agent.sync.fs import FolderFS, temp_name_for
+from agent.sync.messages import Index, IndexUpdate
 from tests.sync_helpers import A_ID, B_ID, Net, tree, write
 
 
@@ -42,6 +44,27 @@ def test_create_edit_delete_nested_empty(tmp_path: Path) -> None:
     net.settle()
     assert not (b / "d1/d2").exists() and (b / "d1").is_dir()
     assert tree(a) == tree(b)
+
+
+def test_index_goes_out_as_a_stream_within_a_window(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A big index is handed over INDEX_WINDOW messages at a time, the next only once one was sent."""
+    monkeypatch.setattr(engine_module, "MAX_FILES_PER_MESSAGE", 10)
+    net = Net(tmp_path, [A_ID, B_ID])
+    a, b = net.root(A_ID), net.root(B_ID)
+    for i in range(35):
+        write(a / f"d/f{i}", b"x%d" % i)
+    net.change(A_ID)
+    net.connect(A_ID, B_ID)
+    net.step(limit=2)  # both hellos: A answers B's with the first part of its index only
+    waiting = [m for src, _, m in net.queue if src == A_ID and isinstance(m, Index)]
+    assert len(waiting) == engine_module.INDEX_WINDOW
+    net.settle()
+    assert tree(a) == tree(b)
+    sent = [m for src, _, m in net.sent if src == A_ID and isinstance(m, Index)]
+    assert type(sent[0]) is Index and all(type(m) is IndexUpdate for m in sent[1:])
+    names = [f.name for m in sent for f in m.files]
+    assert len(sent) == 4 and len(names) == len(set(names)) == 36  # 35 files and their directory
+    assert [f.sequence for m in sent for f in m.files] == sorted(f.sequence for m in sent for f in m.files)
 
 
 def test_rename_reuses_blocks(tmp_path: Path) -> None:
