@@ -31,7 +31,7 @@ from agent.config import Config
 from agent.errors import ConnectionLost, ErrorCode, RemoteProtocolError, TofuError, UserError
 from agent.identity import Identity, format_fingerprint
 from agent.net import transport
-from agent.net.discovery import Discovery, DiscoveryError, PeerGone, PeerSeen, ZeroconfDiscovery
+from agent.net.discovery import Discovery, DiscoveryError, PeerGone, PeerSeen
 from agent.net.link import PeerLink, Verdict
 from agent.paths import Paths
 from agent.report import LiveView, StatusSnapshot, build_status, rfc3339
@@ -206,14 +206,17 @@ class Agent:
         tg.start_soon(self._await_advert, discovery)
 
     async def _await_advert(self, discovery: Discovery) -> None:
-        if isinstance(discovery, ZeroconfDiscovery):
+        wait = getattr(discovery, "wait_advertised", None)  # only the real mDNS probes
+        if wait is not None:
             try:
-                await discovery.wait_advertised()  # probing takes ~1.2 s
+                await wait()  # probing takes ~1.2 s
             except DiscoveryError:
                 return  # nobody can find us over mDNS: keep dialling whoever we see
         self._advertised = True
 
     def _zeroconf(self, port: int) -> Discovery:
+        from agent.net.mdns import ZeroconfDiscovery  # imported only when mDNS is on (~5 MB)
+
         return ZeroconfDiscovery(
             device_id=self.identity.device_id,
             name=self.identity.name,

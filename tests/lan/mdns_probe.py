@@ -22,7 +22,8 @@ import anyio.to_thread
 from zeroconf import IPVersion, ServiceInfo
 from zeroconf.asyncio import AsyncZeroconf
 
-from agent.net.discovery import SERVICE_TYPE, PeerGone, PeerSeen, ZeroconfDiscovery, local_ipv4_addresses
+from agent.net.discovery import SERVICE_TYPE, PeerGone, PeerSeen, local_ipv4_addresses
+from agent.net.mdns import ZeroconfDiscovery
 
 
 def out(ev: str, **fields: Any) -> None:

@@ -23,13 +23,13 @@ from agent.net.discovery import (
     PeerSeen,
     PeerTable,
     TxtRecord,
-    ZeroconfDiscovery,
     encode_txt,
     instance_name,
     normalise_addresses,
     parse_txt,
     txt_wire_size,
 )
+from agent.net.mdns import ZeroconfDiscovery
 
 ID = new_device_id()
 FP = "ab" * 32
