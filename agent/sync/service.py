@@ -31,6 +31,7 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -78,6 +79,23 @@ SERVE_BATCH_BYTES = 8 * 1024 * 1024  # blocks read from disk in one worker-threa
 STATUS_INTERVAL = 0.5  # seconds between progress reports to peers (and status refreshes)
 MAX_FOLDERS = 256  # request ids carry the folder's number in 8 bits
 SWITCH_INTERVAL = 0.0005  # seconds; see `run`
+
+SEND_BATCH_BYTES = 256 * 1024  # small messages coalesced into one TLS write
+
+
+def _send_size(msg: SyncMessage) -> int:
+    """About how many bytes `msg` takes on the wire (an index message counts as a full write)."""
+    if isinstance(msg, Response):
+        return len(msg.data) + 32
+    if isinstance(msg, Index):
+        return SEND_BATCH_BYTES
+    return 128
+
+
+def _to_serve(folder: _Folder | None, msg: SyncMessage) -> bool:
+    """True for a queued peer request we must answer from `folder` (else: a message to send)."""
+    return folder is not None and isinstance(msg, Request)
+
 
 InboxKind = Literal["open", "close", "msg", "sent"]  # "sent": one of our index messages went out
 
@@ -415,12 +433,17 @@ class SyncService:
                     ls.wake = anyio.Event()
                     await ls.wake.wait()
                     continue
-                folder, msg = ls.queue.popleft()
-                if folder is None or not isinstance(msg, Request):
-                    await ls.link.send(msg)
-                    if isinstance(msg, Index) and (mine := self.by_id.get(msg.folder)) is not None:
-                        mine.put("sent", ls)  # the engine hands over the next part of its index
+                folder, msg = ls.queue[0]
+                if not _to_serve(folder, msg):
+                    group: list[SyncMessage] = []
+                    size = 0
+                    while ls.queue and size < SEND_BATCH_BYTES and not _to_serve(*ls.queue[0]):
+                        group.append(ls.queue.popleft()[1])
+                        size += _send_size(group[-1])
+                    await self._send_group(ls, group)
                     continue
+                ls.queue.popleft()
+                assert isinstance(msg, Request) and folder is not None
                 batch, size = [msg], msg.size
                 while ls.queue and ls.queue[0][0] is folder and size < SERVE_BATCH_BYTES:
                     nxt = ls.queue.popleft()[1]
@@ -429,10 +452,23 @@ class SyncService:
                     size += nxt.size
                 ls.serves -= len(batch)
                 ls.room.set()
-                for resp in await anyio.to_thread.run_sync(self._serve, folder, batch):
-                    await ls.link.send(resp)
+                await self._send_group(ls, await anyio.to_thread.run_sync(self._serve, folder, batch))
         except (ProtocolError, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
             log.debug("sending to %s stopped: %s", ls.name, exc)
+
+    async def _send_group(self, ls: _Link, messages: Sequence[SyncMessage]) -> None:
+        """Send `messages` in order, up to SEND_BATCH_BYTES per TLS write."""
+        start = 0
+        while start < len(messages):
+            end, size = start, 0
+            while end < len(messages) and (end == start or size + _send_size(messages[end]) <= SEND_BATCH_BYTES):
+                size += _send_size(messages[end])
+                end += 1
+            await ls.link.send_many(messages[start:end])
+            for m in messages[start:end]:
+                if isinstance(m, Index) and (mine := self.by_id.get(m.folder)) is not None:
+                    mine.put("sent", ls)  # the engine hands over the next part of its index
+            start = end
 
     def _serve(self, f: _Folder, requests: list[Request]) -> list[Response]:
         with f.lock, f.engine.batch():
