@@ -57,6 +57,10 @@ REQUEST_ID_MASK = 0xFFFFFF  # low 24 bits count; the top 8 bits are the engine's
 # goes out as a stream read from the database as the link drains: a peer that reads slowly, or
 # twenty peers at once, cannot make us hold a 100,000-record index in memory per peer.
 INDEX_WINDOW = 2
+# Names one peer may announce in one folder (deletion records included). Remote indexes live on
+# disk, not in memory, but a trusted peer gone bad must not fill the disk with made-up names:
+# ~2 million records are a few hundred MB of index. A larger folder is refused with limit_exceeded.
+MAX_REMOTE_RECORDS = 2_000_000
 
 
 @dataclass(slots=True)
@@ -67,6 +71,7 @@ class Peer:
     sent_seq: int = 0  # our records up to this sequence are handed to the shell for this peer
     full: bool = False  # the next index message is a full `Index` (the peer holds none of ours)
     window: int = INDEX_WINDOW  # index messages we may still hand over before `index_sent`
+    records: int = -1  # at least how many names it announced to us (-1: not counted yet)
     inflight_bytes: int = 0
     bad_blocks: int = 0
     progress: tuple[int, int] | None = None  # its (need_files, need_bytes) as it reported
@@ -99,7 +104,7 @@ class SyncEngine:
         self, folder_id: str, root: Path, index: FolderIndex, device_id: str, *,
         executor: Executor | None = None,
         max_inflight_bytes: int = 32 * 1024 * 1024, max_jobs: int = 128, batch_files: int = 1000,
-        rescan_interval: float = 3600.0, request_id_base: int = 0,
+        rescan_interval: float = 3600.0, request_id_base: int = 0, max_remote_records: int = MAX_REMOTE_RECORDS,
     ) -> None:  # fmt: skip
         self.folder_id = folder_id
         self.index = index
@@ -124,6 +129,7 @@ class SyncEngine:
         self.written: dict[str, tuple[int, int]] = {}
         self.max_inflight_bytes = max_inflight_bytes
         self.max_jobs = max_jobs
+        self.max_remote_records = max_remote_records
         self.batch_files = batch_files
         self.rescan_interval = rescan_interval
         self.next_scan = 0.0
@@ -211,10 +217,13 @@ class SyncEngine:
             case Index() if not state.ready:
                 raise RemoteProtocolError("index before folder hello", ErrorCode.UNEXPECTED_MESSAGE)
             case IndexUpdate():
+                self._check_room(peer, state, msg.files)
                 self._on_index(peer, list(msg.files))
             case Index():
                 self.index.reset_peer(peer, self.index.peer_state(peer)[0])
+                state.records = 0
                 self._forget_source(peer)
+                self._check_room(peer, state, msg.files)
                 self._on_index(peer, list(msg.files))
             case Request():
                 out.append((peer, self._serve(msg)))
@@ -336,6 +345,7 @@ class SyncEngine:
     def _on_hello(self, peer: str, state: Peer, msg: FolderHello) -> list[Outgoing]:
         if self.index.peer_state(peer)[0] != msg.index_id:
             self.index.reset_peer(peer, msg.index_id)
+            state.records = 0
             self._forget_source(peer)
         state.ready = True
         state.full = msg.have_index_id != self.index.index_id
@@ -365,6 +375,21 @@ class SyncEngine:
             state.window -= 1
             out.append((peer, kind(self.folder_id, tuple(batch))))
         return out
+
+    def _check_room(self, peer: str, state: Peer, files: tuple[FileInfo, ...]) -> None:
+        """Refuse an index message that would take `peer` past `max_remote_records` names."""
+        if state.records < 0:
+            state.records = self.index.count_remote(peer)
+        if state.records + len(files) > self.max_remote_records:
+            # the running figure is an upper bound (updates of known names count too): be exact
+            state.records = self.index.count_remote(peer)
+            new = len(files) - len(self.index.remote_names(peer, (f.name for f in files)))
+            if state.records + new > self.max_remote_records:
+                raise RemoteProtocolError(
+                    f"announces more than {self.max_remote_records} names in folder {self.folder_id!r}",
+                    ErrorCode.LIMIT_EXCEEDED,
+                )
+        state.records += len(files)
 
     def _on_index(self, peer: str, files: list[FileInfo]) -> None:
         self.index.apply_remote(peer, files)

@@ -191,6 +191,22 @@ class FolderIndex:
         """What `device` announced for those of `names` it announced."""
         return self._get_many(device, names)
 
+    def count_remote(self, device: str) -> int:
+        """How many names `device` announced (deletion records included)."""
+        return int(self._db.execute("SELECT count(*) FROM files WHERE device=?", (device,)).fetchone()[0])
+
+    def remote_names(self, device: str, names: Iterable[str]) -> set[str]:
+        """Those of `names` that `device` announced."""
+        out: set[str] = set()
+        todo = list(names)
+        for i in range(0, len(todo), _CHUNK):
+            chunk = todo[i : i + _CHUNK]
+            rows = self._db.execute(
+                f"SELECT name FROM files WHERE device=? AND name IN ({_qs(len(chunk))})", (device, *chunk)
+            )
+            out.update(r[0] for r in rows)
+        return out
+
     def remote_files(self, device: str) -> Iterator[FileInfo]:
         """Everything `device` announced."""
         for r in self._db.execute(f"SELECT {_COLUMNS} FROM files WHERE device=?", (device,)):

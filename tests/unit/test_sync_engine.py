@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from agent.errors import ErrorCode, RemoteProtocolError
 from agent.sync import engine as engine_module
 from agent.sync.fs import FolderFS, temp_name_for
 from agent.sync.messages import Index, IndexUpdate
@@ -65,6 +66,29 @@ def test_index_goes_out_as_a_stream_within_a_window(tmp_path: Path, monkeypatch:
     names = [f.name for m in sent for f in m.files]
     assert len(sent) == 4 and len(names) == len(set(names)) == 36  # 35 files and their directory
     assert [f.sequence for m in sent for f in m.files] == sorted(f.sequence for m in sent for f in m.files)
+
+
+def test_a_peer_announcing_more_names_than_the_cap_is_refused(tmp_path: Path) -> None:
+    """Known names may change forever at the cap; one new name past it closes the link."""
+    net = Net(tmp_path, [A_ID, B_ID])
+    net.engines[B_ID].max_remote_records = 15
+    a = net.root(A_ID)
+    for i in range(15):
+        write(a / f"f{i:02}", b"x")
+    net.change(A_ID)
+    net.connect(A_ID, B_ID)
+    net.settle()
+    for round_ in range(3):
+        write(a / "f00", b"edit %d" % round_)
+        net.change(A_ID, ["f00"])
+        net.settle()
+    assert (net.root(B_ID) / "f00").read_bytes() == b"edit 2"
+    write(a / "one-too-many", b"x")
+    net.change(A_ID, ["one-too-many"])
+    with pytest.raises(RemoteProtocolError) as refused:
+        net.settle()
+    assert refused.value.code is ErrorCode.LIMIT_EXCEEDED
+    assert not (net.root(B_ID) / "one-too-many").exists()
 
 
 def test_rename_reuses_blocks(tmp_path: Path) -> None:
