@@ -377,6 +377,9 @@ class ProtocolClient:
                     return event
                 if isinstance(event, ConnectionTerminated):
                     return None
+            # A PING is answered inside the machine without an event: its PONG goes out here, or
+            # an honest peer that is only waiting would look dead to the agent's keepalive.
+            self._flush()
             if self.eof or (left := deadline - time.monotonic()) <= 0:
                 return None
             self.sock.settimeout(left)

@@ -239,12 +239,6 @@ def test_directory_swapped_for_a_symlink_between_planning_and_writing(sync_victi
         _unswap(v, "race")
 
 
-@pytest.mark.xfail(
-    strict=False,  # intermittent: it passed in one full run of the suite
-    reason="the flush no longer fails (the lost temp is rescanned), but the victim still closes this link "
-    "with `timeout` after the swap; not yet understood whether the victim's worker or the test peer stalls "
-    "(no write escapes the folder either way)",
-)
 def test_directory_swapped_for_a_symlink_mid_transfer_keeps_the_link(sync_victim: SyncVictim) -> None:
     v = sync_victim
     try:
