@@ -40,7 +40,7 @@ from agent.sync.messages import (
     Request,
     Response,
     SyncMessage,
-    batch_files,
+    next_batch,
 )  # fmt: skip
 from agent.sync.model import FileInfo, FileType
 from agent.sync.planner import Action, decide
@@ -362,14 +362,13 @@ class SyncEngine:
         """Our records `peer` has not been handed yet, as index messages, up to its window."""
         out: list[Outgoing] = []
         while state.ready and state.window > 0 and (state.full or state.sent_seq < self.index.sequence):
-            files = self.index.changes_since(state.sent_seq, limit=MAX_FILES_PER_MESSAGE)
-            if not files and not state.full:
+            # read lazily: only the rows of this one message are ever decoded
+            batch, more = next_batch(self.index.changes_since(state.sent_seq), max_files=MAX_FILES_PER_MESSAGE)
+            if not batch and not state.full:
                 state.sent_seq = self.index.sequence  # only numbers no record holds any more were left
                 break
-            batch = batch_files(files)[0] if files else []
             # the last batch covers the sequence numbers no record holds any more, too
-            done = len(batch) == len(files) and len(files) < MAX_FILES_PER_MESSAGE
-            state.sent_seq = self.index.sequence if done else batch[-1].sequence
+            state.sent_seq = batch[-1].sequence if more else self.index.sequence
             kind = Index if state.full else IndexUpdate
             state.full = False
             state.window -= 1

@@ -112,13 +112,16 @@ class FolderIndex:
         )
         return [_from_row(r) for r in cur]
 
-    def changes_since(self, sequence: int, limit: int = -1) -> list[FileInfo]:
-        """Our records with a sequence above `sequence`, in sequence order (at most `limit`)."""
+    def changes_since(self, sequence: int) -> Iterator[FileInfo]:
+        """Our records with a sequence above `sequence`, in sequence order, read as consumed."""
         cur = self._db.execute(
-            f"SELECT {_COLUMNS} FROM files WHERE device=? AND sequence>? ORDER BY sequence LIMIT ?",
-            (_LOCAL, sequence, limit),
+            f"SELECT {_COLUMNS} FROM files WHERE device=? AND sequence>? ORDER BY sequence", (_LOCAL, sequence)
         )
-        return [_from_row(r) for r in cur]
+        try:
+            for r in cur:
+                yield _from_row(r)
+        finally:
+            cur.close()  # a consumer that stops early must not leave the statement open
 
     def update_local(self, files: Iterable[FileInfo]) -> None:
         """Record new versions of our files in one transaction; each gets the next sequence."""

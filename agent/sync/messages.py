@@ -12,7 +12,7 @@ senders batch index messages to at most `INDEX_BATCH_BYTES`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import ClassVar, Self, TypeVar
@@ -290,18 +290,16 @@ MESSAGE_TYPES: tuple[type[SyncMessage], ...] = (FolderHello, Index, IndexUpdate,
 PARSERS: dict[str, Callable[[dict[str, object]], SyncMessage]] = {t.KIND: t.from_fields for t in MESSAGE_TYPES}
 
 
-def batch_files(files: list[FileInfo], budget: int = INDEX_BATCH_BYTES) -> list[list[FileInfo]]:
-    """Cut `files` into batches that each fit one index message."""
-    batches: list[list[FileInfo]] = []
-    current: list[FileInfo] = []
+def next_batch(
+    files: Iterator[FileInfo], budget: int = INDEX_BATCH_BYTES, max_files: int = MAX_FILES_PER_MESSAGE
+) -> tuple[list[FileInfo], bool]:
+    """The next records of `files` that fit one index message, and whether any are left after them."""
+    batch: list[FileInfo] = []
     size = 0
     for f in files:
         w = wire_size(f)
-        if current and (size + w > budget or len(current) >= MAX_FILES_PER_MESSAGE):
-            batches.append(current)
-            current, size = [], 0
-        current.append(f)
+        if batch and (size + w > budget or len(batch) >= max_files):
+            return batch, True
+        batch.append(f)
         size += w
-    if current:
-        batches.append(current)
-    return batches
+    return batch, False
