@@ -411,7 +411,7 @@ class SyncService:
                 f.snapshot = eng.status()
                 f.snapshot_at = now
                 route(self._progress(f))
-        del items
+        items.clear()  # the caller's list: the messages are freed here, before the trim
         if burst or full:
             trim()  # the decoded records and scan results of this batch are garbage now
         return out, errors
