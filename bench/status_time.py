@@ -11,7 +11,6 @@ socket round trip alone (in-process, no start-up). Run from the repository root:
 from __future__ import annotations
 
 import argparse
-import secrets
 import shutil
 import statistics
 import subprocess
@@ -21,24 +20,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from agent import control
-from agent.ids import new_device_id
 from agent.paths import resolve_paths
-from agent.trust.store import TrustStore
-from tests.agent.harness import AgentProc, cli, short_home
+from tests.agent.harness import AgentProc, cli, fill_trust_store, short_home
 
 GOAL = 0.300
-
-
-def fill_trust_store(home: Path, n: int) -> None:
-    """`n` devices pinned on first use, each seen twice."""
-    paths = resolve_paths(home)
-    paths.ensure()
-    now = time.time()
-    with TrustStore(paths.trust_db) as store:
-        for i in range(n):
-            device_id, fp = new_device_id(), secrets.token_hex(32)
-            store.verify_device(device_id, f"peer-{i:02d}", fp, now - 3600, f"192.0.2.{i + 1}")
-            store.verify_device(device_id, f"peer-{i:02d}", fp, now, f"192.0.2.{i + 1}")
 
 
 def timed(fn: Callable[[], object], runs: int) -> list[float]:

@@ -298,13 +298,14 @@ class TrustStore:
         ).fetchone()
         return row is not None
 
-    def _change(
+    def change(
         self,
         device: str,
         now: float,
         transition: Callable[[DeviceRecord], tuple[DeviceRecord, EventKind]],
         detail: str = "",
     ) -> DeviceRecord:
+        """Apply a person's transition in one transaction (read, check, write, log)."""
         with self._transaction() as db:
             record = self.resolve(device)
             new, kind = transition(record)
@@ -322,31 +323,21 @@ class TrustStore:
             )
         return new
 
-    def change(
-        self,
-        device: str,
-        now: float,
-        transition: Callable[[DeviceRecord], tuple[DeviceRecord, EventKind]],
-        detail: str = "",
-    ) -> DeviceRecord:
-        """Apply a person's transition in one transaction (read, check, write, log)."""
-        return self._change(device, now, transition, detail)
-
     def verify(self, device: str, now: float, detail: str = "") -> DeviceRecord:
         """Mark the device's pinned key as checked by a person."""
-        return self._change(device, now, policy.verify, detail)
+        return self.change(device, now, policy.verify, detail)
 
     def revoke(self, device: str, now: float, note: str = "revoked by user") -> DeviceRecord:
         """Block the device whatever key it shows."""
-        return self._change(device, now, lambda r: policy.revoke(r, note), note)
+        return self.change(device, now, lambda r: policy.revoke(r, note), note)
 
     def retrust(self, device: str, now: float) -> DeviceRecord:
         """Pin the key offered after a change, or lift a block."""
-        return self._change(device, now, policy.retrust)
+        return self.change(device, now, policy.retrust)
 
     def accept(self, device: str, now: float) -> DeviceRecord:
         """Admit a device that waits for approval."""
-        return self._change(device, now, policy.accept)
+        return self.change(device, now, policy.accept)
 
     def forget(self, device: str, now: float) -> DeviceRecord:
         """Delete the device's record; it is a stranger on next contact. The log keeps its history."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -13,6 +14,10 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
+
+from agent.ids import new_device_id
+from agent.paths import resolve_paths
+from agent.trust.store import TrustStore
 
 T = TypeVar("T")
 
@@ -57,6 +62,18 @@ def cli(
         check=False,
         cwd=ROOT,
     )
+
+
+def fill_trust_store(home: Path, n: int) -> None:
+    """`n` devices pinned on first use, each seen twice (so the event log is not empty)."""
+    paths = resolve_paths(home)
+    paths.ensure()
+    now = time.time()
+    with TrustStore(paths.trust_db) as store:
+        for i in range(n):
+            device_id, fp = new_device_id(), secrets.token_hex(32)
+            store.verify_device(device_id, f"peer-{i:02d}", fp, now - 3600, f"192.0.2.{i + 1}")
+            store.verify_device(device_id, f"peer-{i:02d}", fp, now, f"192.0.2.{i + 1}")
 
 
 class AgentProc:

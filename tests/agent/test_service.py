@@ -11,7 +11,6 @@ from __future__ import annotations
 import itertools
 import os
 import re
-import secrets
 import shutil
 import signal
 import socket
@@ -25,10 +24,7 @@ from pathlib import Path
 import pytest
 
 from agent import service
-from agent.ids import new_device_id
-from agent.paths import resolve_paths
-from agent.trust.store import TrustStore
-from tests.agent.harness import AgentProc, cli, short_home, wait_for
+from tests.agent.harness import AgentProc, cli, fill_trust_store, short_home, wait_for
 
 UNIT = Path(__file__).resolve().parents[2] / "systemd" / service.UNIT_NAME
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
@@ -250,18 +246,6 @@ STATUS_RUNS = 7
 # The goal is 300 ms (bench/status_time.py measures it strictly); the test only catches a
 # regression by an order of magnitude, so a loaded CI machine does not make it flaky.
 STATUS_BOUND = 1.5
-
-
-def fill_trust_store(home: Path, n: int) -> None:
-    """`n` devices pinned on first use, each seen twice (so the event log is not empty)."""
-    paths = resolve_paths(home)
-    paths.ensure()
-    now = time.time()
-    with TrustStore(paths.trust_db) as store:
-        for i in range(n):
-            device_id, fp = new_device_id(), secrets.token_hex(32)
-            store.verify_device(device_id, f"peer-{i:02d}", fp, now - 3600, f"192.0.2.{i + 1}")
-            store.verify_device(device_id, f"peer-{i:02d}", fp, now, f"192.0.2.{i + 1}")
 
 
 def tofu_agent_command() -> list[str]:
