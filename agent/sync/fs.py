@@ -152,6 +152,10 @@ class FolderFS:
         :raises OSError: if missing, a symlink, or not a regular file.
         """
         parent, base = split_name(name)
+        return self._open_regular(parent, base, name)
+
+    def _open_regular(self, parent: str, base: str, what: str) -> int:
+        """A read-only fd of regular file `base` in directory `parent`, never through a symlink."""
         dfd = self.open_dir(parent)
         try:
             fd = os.open(base, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
@@ -159,7 +163,7 @@ class FolderFS:
             os.close(dfd)
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             os.close(fd)
-            raise OSError(errno.EINVAL, f"{name} is not a regular file")
+            raise OSError(errno.EINVAL, f"{what} is not a regular file")
         return fd
 
     def open_temp(self, name: str) -> tuple[int, bool]:
@@ -336,12 +340,4 @@ class FolderFS:
         return lost
 
     def _open_existing_temp(self, name: str) -> int:
-        dfd = self.open_dir(split_name(name)[0])
-        try:
-            fd = os.open(temp_name_for(name), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
-        finally:
-            os.close(dfd)
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            os.close(fd)
-            raise OSError(errno.EINVAL, f"temp file for {name} is not a regular file")
-        return fd
+        return self._open_regular(split_name(name)[0], temp_name_for(name), f"temp file for {name}")
