@@ -30,6 +30,15 @@ def make_home() -> Path:
 
 
 @pytest.fixture
+def homes() -> Iterator[list[Path]]:
+    """Three fresh `--home` directories (tests take as many as they need), removed after the test."""
+    made = [make_home() for _ in range(3)]
+    yield made
+    for h in made:
+        shutil.rmtree(h, ignore_errors=True)
+
+
+@pytest.fixture
 def home() -> Iterator[Path]:
     """A fresh `--home` directory, removed after the test."""
     path = make_home()

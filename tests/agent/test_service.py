@@ -24,19 +24,10 @@ from pathlib import Path
 import pytest
 
 from agent import service
-from tests.agent.harness import AgentProc, cli, fill_trust_store, short_home, wait_for
+from tests.agent.harness import AgentProc, cli, fill_trust_store, wait_for
 
 UNIT = Path(__file__).resolve().parents[2] / "systemd" / service.UNIT_NAME
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
-
-
-@pytest.fixture
-def homes() -> Iterator[list[Path]]:
-    """Two short homes, deleted afterwards."""
-    made = [short_home(), short_home()]
-    yield made
-    for h in made:
-        shutil.rmtree(h, ignore_errors=True)
 
 
 @pytest.fixture

@@ -39,14 +39,6 @@ from tests.agent.test_pairing import Relay
 JOIN_TIMEOUT = "15"
 
 
-@pytest.fixture
-def homes() -> Iterator[list[Path]]:
-    made = [short_home() for _ in range(3)]
-    yield made
-    for h in made:
-        shutil.rmtree(h, ignore_errors=True)
-
-
 def ident(home: Path) -> dict[str, str]:
     r = cli(home, "id", "--json")
     assert r.returncode == 0, r.stderr

@@ -5,29 +5,18 @@ from __future__ import annotations
 import json
 import os
 import select
-import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.agent.harness import short_home
 from tests.netns import Lan
 
 pytestmark = pytest.mark.lan
 
 ROOT = Path(__file__).resolve().parents[2]
 AGENT = [sys.executable, "-m", "agent"]
-
-
-@pytest.fixture
-def homes() -> Iterator[list[Path]]:
-    made = [short_home() for _ in range(2)]
-    yield made
-    for h in made:
-        shutil.rmtree(h, ignore_errors=True)
 
 
 def _peers(home: Path) -> dict[str, str]:

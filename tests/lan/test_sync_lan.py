@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.agent.harness import ROOT, cli, short_home, wait_for
+from tests.agent.harness import ROOT, cli, wait_for
 from tests.netns import Lan
 
 pytestmark = pytest.mark.lan
@@ -28,14 +26,6 @@ def tree(root: Path) -> dict[str, str | None]:
                 p = Path(dirpath) / f
                 out[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest()
     return out
-
-
-@pytest.fixture
-def homes() -> Iterator[list[Path]]:
-    made = [short_home() for _ in range(3)]
-    yield made
-    for h in made:
-        shutil.rmtree(h, ignore_errors=True)
 
 
 def test_three_agents_converge_after_changes_on_each(lan3: Lan, homes: list[Path]) -> None:
