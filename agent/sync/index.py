@@ -14,6 +14,7 @@ import secrets
 import sqlite3
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import msgpack
 
@@ -200,15 +201,7 @@ class FolderIndex:
 
     def remote_names(self, device: str, names: Iterable[str]) -> set[str]:
         """Those of `names` that `device` announced."""
-        out: set[str] = set()
-        todo = list(names)
-        for i in range(0, len(todo), _CHUNK):
-            chunk = todo[i : i + _CHUNK]
-            rows = self._db.execute(
-                f"SELECT name FROM files WHERE device=? AND name IN ({_qs(len(chunk))})", (device, *chunk)
-            )
-            out.update(r[0] for r in rows)
-        return out
+        return {r[0] for r in self._rows_named(device, names, "name")}
 
     def remote_files(self, device: str) -> Iterator[FileInfo]:
         """Everything `device` announced."""
@@ -237,17 +230,16 @@ class FolderIndex:
         return None if r is None else _from_row(r)
 
     def _get_many(self, device: str, names: Iterable[str]) -> dict[str, FileInfo]:
-        out: dict[str, FileInfo] = {}
+        return {r[0]: _from_row(r) for r in self._rows_named(device, names, _COLUMNS)}
+
+    def _rows_named(self, device: str, names: Iterable[str], columns: str) -> Iterator[tuple[Any, ...]]:
+        """`columns` (the name first) of `device`'s records for `names`, in chunks of bound parameters."""
         todo = list(names)
         for i in range(0, len(todo), _CHUNK):
             chunk = todo[i : i + _CHUNK]
-            cur = self._db.execute(
-                f"SELECT {_COLUMNS} FROM files WHERE device=? AND name IN ({_qs(len(chunk))})",
-                (device, *chunk),
+            yield from self._db.execute(
+                f"SELECT {columns} FROM files WHERE device=? AND name IN ({_qs(len(chunk))})", (device, *chunk)
             )
-            for r in cur:
-                out[r[0]] = _from_row(r)
-        return out
 
     def _transaction(self) -> _Tx:
         return _Tx(self._db)
