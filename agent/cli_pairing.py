@@ -30,7 +30,6 @@ from agent.cli import EXIT_OK, Ctx, port_arg, record_json
 from agent.errors import UserError
 from agent.trust import policy
 from agent.trust.model import DeviceRecord, EventKind, TrustLevel
-from agent.verification import format_groups, format_words, safety_number, safety_words
 
 if TYPE_CHECKING:
     from agent.pairing_net import PairedPeer
@@ -79,12 +78,17 @@ def comparison_for(record: DeviceRecord, own: OwnIdentity) -> Comparison:
         fingerprint = record.pending_fingerprint
     else:
         key, fingerprint = "pinned", record.fingerprint
+    # Imported here: every command builds this module's parsers, and the word list is only for verifying.
+    from agent.verification import safety_number, safety_words
+
     args = (own.device_id, own.fingerprint, record.device_id, fingerprint)
     return Comparison(record, key, fingerprint, safety_number(*args), safety_words(*args))
 
 
 def comparison_text(c: Comparison, own: OwnIdentity) -> str:
     """The safety number as people read it, with what to compare it against."""
+    from agent.verification import format_groups, format_words
+
     r = c.record
     lines = [f"Safety number for this device ({own.name}) and {r.name} ({r.device_id}):", ""]
     lines += ["    " + line for line in format_groups(c.number).splitlines()]
