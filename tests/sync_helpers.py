@@ -91,6 +91,7 @@ class Net:
             self.step()
             for dev, eng in self.engines.items():
                 self._send(dev, eng.handle_timer(self.now))
+                self.finish_scan(dev)
             if not self.queue:
                 return
         raise AssertionError("engines did not settle")
@@ -104,6 +105,13 @@ class Net:
             self._send(dev, eng.handle_timer(self.now))
         else:
             self._send(dev, eng.on_local_change(names, self.now))
+        self.finish_scan(dev)
+
+    def finish_scan(self, dev: str) -> None:
+        """Run `dev`'s chunked scan to its end, as the shell does between other inputs."""
+        eng = self.engines[dev]
+        while eng.scan_pending:
+            self._send(dev, eng.continue_scan(self.now))
 
     def requests(self, src: str | None = None) -> list[Request]:
         return [m for s, _, m in self.sent if isinstance(m, Request) and (src is None or s == src)]

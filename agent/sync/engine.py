@@ -3,7 +3,12 @@
 Theory of operation. The shell calls, one at a time (from one worker thread if it likes):
   start(now) once; peer_connected(peer) -> [FolderHello]; on_peer_message(peer, msg, now) for
   every sync message; on_local_change(names, now) for file-system events; handle_timer(now) when
-  get_timer() says; peer_disconnected(peer). Each returns [(peer, message)] to send.
+  get_timer() says; continue_scan(now) while `scan_pending`; peer_disconnected(peer). Each
+  returns [(peer, message)] to send.
+A scan from file-system events or the periodic timer runs in chunks: each chunk is recorded and
+announced at once, and the shell comes back for the next (`scan_pending`), serving peers in
+between. Until the scan's last chunk no pull starts or commits, so nothing but the scan changes
+our records while it compares the disk with them.
 On FolderHello the engine answers with its index: a full `Index` (then `IndexUpdate`s) if the peer
 holds nothing of our current index id, else only the changes after the sequence it holds. Every
 remote record is compared with ours by the planner; needed names queue up. Directories and
@@ -21,6 +26,7 @@ import logging
 import os
 import stat
 from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import Executor
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -44,7 +50,7 @@ from agent.sync.messages import (
 )  # fmt: skip
 from agent.sync.model import FileInfo, FileType
 from agent.sync.planner import Action, decide
-from agent.sync.scanner import Scanner
+from agent.sync.scanner import Scanner, ScanResult
 from agent.sync.vectors import Vector
 
 log = logging.getLogger(__name__)
@@ -136,6 +142,9 @@ class SyncEngine:
         self.flush_due = False  # a batch is complete and waits for the next `pump` (call it soon)
         self.requested_blocks = 0  # counters for tests and status
         self.state = "idle"
+        self._scan_chunks: Iterator[ScanResult] | None = None  # the scan in progress
+        self._scan_full = False  # it is a full scan (the timer's next run is set when it ends)
+        self._scan_next: set[str] = set()  # names changed meanwhile: scanned when it ends ('' = all)
         self._next_request_id = 0
         # Responses carry no folder: each engine of a service draws ids from its own range
         # (top 8 bits) so the shell can route a response to the engine that asked.
@@ -239,8 +248,44 @@ class SyncEngine:
         with self.fs.batch():
             names = [n for n in names if not self._own_write(n)]
             if names:
-                self._scan(now, [""] if len(names) > MAX_EVENT_NAMES else names)
+                self._scan_later(now, [""] if len(names) > MAX_EVENT_NAMES else names)
             return self._pump(now)
+
+    @property
+    def scan_pending(self) -> bool:
+        """A chunked scan has more to do: call `continue_scan` soon."""
+        return self._scan_chunks is not None
+
+    def continue_scan(self, now: float) -> list[Outgoing]:
+        """Record and announce the next chunk of the scan in progress."""
+        with self.fs.batch():
+            if self._scan_chunks is not None:
+                self._scan_step(now)
+            return self._pump(now)
+
+    def _scan_later(self, now: float, names: list[str]) -> None:
+        """Start a chunked scan of `names` ('' = everything) and do its first chunk, or queue them."""
+        if self._scan_chunks is not None:
+            self._scan_next.update(names)
+            return
+        self._scan_full = "" in names
+        self.state = "scanning"
+        self._scan_chunks = self.scanner.scan_chunks(int(now), None if self._scan_full else names)
+        self._scan_step(now)
+
+    def _scan_step(self, now: float) -> None:
+        assert self._scan_chunks is not None
+        chunk = next(self._scan_chunks)
+        self._record_scan(chunk)
+        if not chunk.final:
+            return
+        self._scan_chunks = None
+        self.state = "idle"
+        if self._scan_full:
+            self.next_scan = now + self.rescan_interval
+        if self._scan_next:
+            names, self._scan_next = sorted(self._scan_next), set()
+            self._scan_later(now, names)
 
     def _own_write(self, name: str) -> bool:
         mark = self.written.pop(name, None)
@@ -261,8 +306,8 @@ class SyncEngine:
     def handle_timer(self, now: float) -> list[Outgoing]:
         """Periodic full rescan (the safety net under file-system events) and batch flush."""
         with self.fs.batch():
-            if now >= self.next_scan:
-                self._scan(now, None)
+            if now >= self.next_scan and self._scan_chunks is None:
+                self._scan_later(now, [""])
             return self._pump(now, force_flush=True)
 
     def flush(self, now: float) -> list[Outgoing]:
@@ -271,6 +316,8 @@ class SyncEngine:
             return self._flush(now)
 
     def _flush(self, now: float) -> list[Outgoing]:
+        if self._scan_chunks is not None:
+            return self._announce()  # commits wait for the scan in progress (see `_pump`)
         self.flush_due = False
         jobs, self.done = self.done, []
         rescan: list[str] = []
@@ -433,23 +480,31 @@ class SyncEngine:
     # -- scanning ------------------------------------------------------------------------------
 
     def _scan(self, now: float, names: list[str] | None) -> list[str]:
+        """Scan `names` (None: everything) in one go: at start, and for a few names while pulling."""
         self.state = "scanning"
         result = self.scanner.scan(int(now), names)
-        for name, ino, mtime in result.refreshed:
-            self.index.set_inode(name, ino, mtime)
-        self.index.update_local(result.changed)
+        self._record_scan(result)
         if names is None:
             self.next_scan = now + self.rescan_interval
         self.state = "idle"
+        return result.temp_files
+
+    def _record_scan(self, result: ScanResult) -> None:
+        for name, ino, mtime in result.refreshed:
+            self.index.set_inode(name, ino, mtime)
+        self.index.update_local(result.changed)
         changed = [f.name for f in result.changed]
         if changed:
             self._reconsider(changed)
-        return result.temp_files
 
     # -- pulling -------------------------------------------------------------------------------
 
     def _pump(self, now: float, force_flush: bool = False) -> list[Outgoing]:
         out: list[Outgoing] = []
+        if self._scan_chunks is not None:
+            # the scan compares the disk with records it read when it began: pulls wait for it
+            # (requests of started pulls still go out, their answers only fill temp files)
+            return self._issue_requests() + self._announce()
         while self.queue and len(self.jobs) < self.max_jobs:
             self._start(self.queue.popleft(), now)
         requests = self._issue_requests()

@@ -7,6 +7,9 @@ becomes a new version: the old vector bumped with our device id. A name in the i
 did not find becomes a deletion record. A rename is a deletion plus a creation; the new name's
 blocks are already in the index's block table, so peers copy them locally instead of fetching.
 A file that changes while being hashed is skipped this round; the next event or scan finds it.
+`scan_chunks` hands the result over in chunks (every `SCAN_CHUNK_FILES` new versions or
+`SCAN_CHUNK_BYTES` hashed), as Syncthing commits its scan in batches: the engine records and
+announces each chunk, so peers start fetching while a large tree is still being hashed.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import logging
 import os
 import stat
 import unicodedata
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
@@ -29,6 +32,8 @@ from agent.sync.vectors import Vector
 
 log = logging.getLogger(__name__)
 MAX_IGNORE_FILE = 1024 * 1024
+SCAN_CHUNK_FILES = 1000  # new versions per chunk of a scan (Syncthing's scanner batches 1000 too)
+SCAN_CHUNK_BYTES = 256 * 1024 * 1024  # or this much content hashed
 
 
 @dataclass(slots=True)
@@ -38,6 +43,13 @@ class ScanResult:
     changed: list[FileInfo] = field(default_factory=list)
     refreshed: list[tuple[str, int, int]] = field(default_factory=list)  # (name, inode, mtime_ns)
     temp_files: list[str] = field(default_factory=list)  # names whose temp file exists
+    final: bool = True  # the last chunk of its scan
+
+
+def _merge(into: ScanResult, chunk: ScanResult) -> None:
+    into.changed += chunk.changed
+    into.refreshed += chunk.refreshed
+    into.temp_files += chunk.temp_files
 
 
 def load_ignore(fs: FolderFS) -> Ignore:
@@ -61,11 +73,30 @@ class Scanner:
         self.device_id = device_id
         self.executor = executor
         self.ignore = load_ignore(fs)
+        self._hashed = 0  # bytes hashed since the last chunk was handed over
+        self.chunk_files = SCAN_CHUNK_FILES
+        self.chunk_bytes = SCAN_CHUNK_BYTES
 
     def scan(self, now_s: int, prefixes: Iterable[str] | None = None) -> ScanResult:
-        """Scan the whole folder, or only the names at or under `prefixes`."""
-        self.ignore = load_ignore(self.fs)
+        """Scan the whole folder, or only the names at or under `prefixes`, in one result."""
         result = ScanResult()
+        for chunk in self.scan_chunks(now_s, prefixes, max_files=0):
+            _merge(result, chunk)
+        return result
+
+    def scan_chunks(
+        self, now_s: int, prefixes: Iterable[str] | None = None, max_files: int | None = None
+    ) -> Iterator[ScanResult]:
+        """`scan` in chunks of `max_files` new versions (default `chunk_files`; 0: one chunk) or
+        `chunk_bytes` hashed; the last chunk has `final` set and holds the deletions.
+
+        The records the walk compares with are read when it starts: the caller must not change
+        our index records other than by recording these chunks until the last one is out.
+        """
+        self.ignore = load_ignore(self.fs)
+        self._hashed = 0
+        max_files = self.chunk_files if max_files is None else max_files
+        result = ScanResult(final=False)
         roots = [""] if prefixes is None else sorted(set(prefixes))
         if "" in roots:
             roots = [""]
@@ -77,25 +108,37 @@ class Scanner:
                 known = {f.name: f for f in under(self.index.local_files_under(prefix), prefix)}
             seen: set[str] = set()
             unreadable: list[str] = []
-            self._walk(prefix, known, seen, unreadable, now_s, result)
+            for _ in self._walk(prefix, known, seen, unreadable, now_s, result, max_files):
+                yield self._take(result)
             for name, old in known.items():
                 if old.deleted or name in seen or self.ignore.matches(name, old.type is FileType.DIR):
                     continue
                 if any(name.startswith(u + "/") for u in unreadable):
                     continue
                 result.changed.append(self._tombstone(old, now_s))
-        return result
+        result.final = True
+        yield result
+
+    def _take(self, result: ScanResult) -> ScanResult:
+        """Hand over what `result` holds so far as a chunk, and empty it."""
+        chunk = ScanResult(result.changed, result.refreshed, result.temp_files, final=False)
+        result.changed, result.refreshed, result.temp_files = [], [], []
+        self._hashed = 0
+        return chunk
 
     def _walk(
         self, prefix: str, known: dict[str, FileInfo], seen: set[str], unreadable: list[str], now_s: int,
-        result: ScanResult,
-    ) -> None:  # fmt: skip
+        result: ScanResult, max_files: int,
+    ) -> Iterator[None]:  # fmt: skip
+        """Walk `prefix`, adding to `result`; yields whenever `result` holds a full chunk."""
         st = self.fs.lstat(prefix) if prefix else None
         if prefix:
             if st is None or self.ignore.matches(prefix, stat.S_ISDIR(st.st_mode)):
                 return
             if not stat.S_ISDIR(st.st_mode):
                 self._check_file(prefix, st, known.get(prefix), seen, now_s, result)
+                if self._full(result, max_files):
+                    yield None
                 return
             self._check_dir(prefix, known.get(prefix), seen, now_s, result)
         stack = [prefix]
@@ -128,6 +171,11 @@ class Scanner:
                 elif stat.S_ISREG(est.st_mode) and not self.ignore.matches(name):
                     self._check_file(name, est, known.get(name), seen, now_s, result)
                 # symlinks, sockets, fifos and devices are never synced
+                if self._full(result, max_files):
+                    yield None
+
+    def _full(self, result: ScanResult, max_files: int) -> bool:
+        return max_files > 0 and (len(result.changed) >= max_files or self._hashed >= self.chunk_bytes)
 
     def _check_dir(self, name: str, old: FileInfo | None, seen: set[str], now_s: int, result: ScanResult) -> None:
         seen.add(name)
@@ -172,6 +220,7 @@ class Scanner:
             before = os.fstat(fd)
             bs = block_size_for(before.st_size)
             hashes = hash_fd(fd, before.st_size, bs, self.executor)
+            self._hashed += before.st_size
             after = os.fstat(fd)
         except OSError as exc:
             log.info("skipping %r this round: %s", name, exc)

@@ -324,7 +324,7 @@ class SyncService:
     async def _run_folder(self, f: _Folder) -> None:
         await anyio.to_thread.run_sync(self._start_engine, f)
         while True:
-            if not (f.inbox or f.changed or f.rescan or f.engine.flush_due):
+            if not (f.inbox or f.changed or f.rescan or f.engine.flush_due or f.engine.scan_pending):
                 delay = max(0.0, f.engine.get_timer() - time.time())
                 with anyio.move_on_after(delay):
                     await f.wake.wait()
@@ -404,6 +404,8 @@ class SyncService:
                 route(eng.on_local_change([""], now))
             elif names:
                 route(eng.on_local_change(sorted(names), now))
+            elif eng.scan_pending:
+                route(eng.continue_scan(now))
             if now >= eng.get_timer():
                 route(eng.handle_timer(now))
             idle = not eng.need and not eng.jobs

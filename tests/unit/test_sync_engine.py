@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from agent.errors import ErrorCode, RemoteProtocolError
 from agent.sync import engine as engine_module
 from agent.sync.fs import FolderFS, temp_name_for
 from agent.sync.messages import Index, IndexUpdate
+from agent.sync.scanner import ScanResult
 from tests.sync_helpers import A_ID, B_ID, Net, tree, write
 
 
@@ -265,13 +267,13 @@ def test_events_of_our_own_writes_are_dropped_but_a_later_edit_is_seen(
     names = [f"d{i % 3}/f{i}" for i in range(300)]
     assert all(n in eng.written for n in names)
     scans: list[list[str] | None] = []
-    real_scan = eng._scan
+    real_scan = eng.scanner.scan_chunks
 
-    def counting_scan(now: float, ns: list[str] | None) -> list[str]:
+    def counting_scan(now_s: int, ns: list[str] | None = None) -> Iterator[ScanResult]:
         scans.append(ns)
-        return real_scan(now, ns)
+        return real_scan(now_s, ns)
 
-    monkeypatch.setattr(eng, "_scan", counting_scan)
+    monkeypatch.setattr(eng.scanner, "scan_chunks", counting_scan)
     write(b / "d0/f0", b"edited on b after the pull")
     net.change(B_ID, names)  # the watcher reports our 300 renames, and the one edit among them
     assert scans == [["d0/f0"]]
@@ -322,3 +324,62 @@ def test_directory_cache_follows_our_own_rmdir(tmp_path: Path) -> None:
         assert (tmp_path / "x/y" / temp_name_for("x/y/f")).is_file()
     finally:
         fs.close()
+
+
+def test_a_long_scan_announces_chunk_by_chunk(tmp_path: Path) -> None:
+    """A scan hands its chunks over one call at a time: the peer fetches the first files while
+    we have not yet looked at the rest."""
+    net = pair(tmp_path)
+    a, b = net.root(A_ID), net.root(B_ID)
+    ea = net.engines[A_ID]
+    ea.scanner.chunk_files = 10
+    for i in range(35):
+        write(a / f"d/f{i:02}", b"a%d" % i)
+    net._send(A_ID, ea.on_local_change(["d"], net.now))
+    assert ea.scan_pending and ea.status().state == "scanning"
+    first = [m for _, _, m in net.queue if isinstance(m, IndexUpdate)]
+    assert 0 < sum(len(m.files) for m in first) <= 11  # the directory and ten files
+    net.step()
+    assert ea.scan_pending
+    assert 0 < len(list((b / "d").iterdir())) < 35  # B already has the first chunk's files
+    net.finish_scan(A_ID)
+    net.settle()
+    assert tree(a) == tree(b)
+    assert ea.status().state == "idle"
+
+
+def test_no_pull_starts_or_commits_while_a_scan_runs(tmp_path: Path) -> None:
+    """The scan compares the disk with the records it read when it began: until its last chunk
+    nothing else may change those records, so pulls wait."""
+    net = pair(tmp_path)
+    a, b = net.root(A_ID), net.root(B_ID)
+    eb = net.engines[B_ID]
+    eb.scanner.chunk_files = 1
+    for i in range(3):
+        write(b / f"b{i}", b"%d" % i)
+    net._send(B_ID, eb.on_local_change([f"b{i}" for i in range(3)], net.now))
+    assert eb.scan_pending
+    write(a / "from-a", b"fetched once B's scan is over")
+    net.change(A_ID, ["from-a"])
+    net.step()
+    assert "from-a" in eb.need and not eb.jobs and not (b / "from-a").exists()
+    net.finish_scan(B_ID)
+    net.settle()
+    assert tree(a) == tree(b)
+
+
+def test_names_that_change_during_a_scan_are_scanned_after_it(tmp_path: Path) -> None:
+    net = pair(tmp_path)
+    a, b = net.root(A_ID), net.root(B_ID)
+    ea = net.engines[A_ID]
+    ea.scanner.chunk_files = 2
+    for i in range(5):
+        write(a / f"f{i}", b"%d" % i)
+    net._send(A_ID, ea.on_local_change([f"f{i}" for i in range(5)], net.now))
+    assert ea.scan_pending and ea.status().state == "scanning"
+    write(a / "later", b"seen after the first scan")
+    net._send(A_ID, ea.on_local_change(["later"], net.now))
+    net.finish_scan(A_ID)
+    assert ea.index.local("later") is not None
+    net.settle()
+    assert tree(a) == tree(b)
