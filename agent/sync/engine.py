@@ -57,6 +57,7 @@ log = logging.getLogger(__name__)
 Outgoing = tuple[str, SyncMessage]
 MAX_BAD_BLOCKS = 3
 MAX_EVENT_NAMES = 256  # more changed names than this at once (after our own writes): one full scan
+RETRY_SCAN_AFTER = 60.0  # a scan that failed on a disk or database error is retried (in full) this soon
 MAX_WRITTEN = 65536  # names remembered as our own writes until their file-system event comes back
 REQUEST_ID_MASK = 0xFFFFFF  # low 24 bits count; the top 8 bits are the engine's `request_id_base`
 # Index messages per peer handed to the shell and not yet reported sent (`index_sent`). Our index
@@ -275,8 +276,16 @@ class SyncEngine:
 
     def _scan_step(self, now: float) -> None:
         assert self._scan_chunks is not None
-        chunk = next(self._scan_chunks)
-        self._record_scan(chunk)
+        try:
+            chunk = next(self._scan_chunks)
+            self._record_scan(chunk)
+        except BaseException:
+            # a disk or database failure: drop this scan (pulls must not wait for it forever)
+            # and let the timer run a full one soon, which also covers the names this one had
+            self._scan_chunks = None
+            self.state = "idle"
+            self.next_scan = min(self.next_scan, now + RETRY_SCAN_AFTER)
+            raise
         if not chunk.final:
             return
         self._scan_chunks = None

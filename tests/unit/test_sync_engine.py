@@ -383,3 +383,30 @@ def test_names_that_change_during_a_scan_are_scanned_after_it(tmp_path: Path) ->
     assert ea.index.local("later") is not None
     net.settle()
     assert tree(a) == tree(b)
+
+
+def test_a_scan_that_fails_midway_does_not_hold_pulls_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A disk or database error in a chunk ends that scan: pulls go on, a full rescan follows."""
+    net = pair(tmp_path)
+    a, b = net.root(A_ID), net.root(B_ID)
+    eb = net.engines[B_ID]
+    eb.scanner.chunk_files = 1
+    for i in range(3):
+        write(b / f"b{i}", b"%d" % i)
+    net._send(B_ID, eb.on_local_change([f"b{i}" for i in range(3)], net.now))
+    assert eb.scan_pending
+
+    def broken(files: list[object]) -> None:
+        raise OSError("disk on fire")
+
+    monkeypatch.setattr(eb.index, "update_local", broken)
+    with pytest.raises(OSError):
+        eb.continue_scan(net.now)
+    monkeypatch.undo()
+    assert not eb.scan_pending and eb.status().state == "idle"
+    assert eb.get_timer() <= net.now + engine_module.RETRY_SCAN_AFTER
+    write(a / "from-a", b"still fetched")
+    net.change(A_ID, ["from-a"])
+    net.now = eb.get_timer()
+    net.settle()
+    assert tree(a) == tree(b)
