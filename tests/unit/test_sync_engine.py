@@ -394,7 +394,7 @@ def test_a_scan_that_fails_midway_does_not_hold_pulls_back(tmp_path: Path, monke
     for i in range(3):
         write(b / f"b{i}", b"%d" % i)
     net._send(B_ID, eb.on_local_change([f"b{i}" for i in range(3)], net.now))
-    assert eb.scan_pending
+    assert eb.status().state == "scanning"
 
     def broken(files: list[object]) -> None:
         raise OSError("disk on fire")
