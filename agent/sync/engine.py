@@ -265,9 +265,13 @@ class SyncEngine:
             return self._pump(now)
 
     def _scan_later(self, now: float, names: list[str]) -> None:
-        """Start a chunked scan of `names` ('' = everything) and do its first chunk, or queue them."""
+        """Start a chunked scan of `names` ('' = everything) and do its first chunk; if one is
+        running, queue the names for after it and do its next chunk (events never starve it)."""
         if self._scan_chunks is not None:
             self._scan_next.update(names)
+            if len(self._scan_next) > MAX_EVENT_NAMES:
+                self._scan_next = {""}
+            self._scan_step(now)
             return
         self._scan_full = "" in names
         self.state = "scanning"

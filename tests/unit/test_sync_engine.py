@@ -410,3 +410,21 @@ def test_a_scan_that_fails_midway_does_not_hold_pulls_back(tmp_path: Path, monke
     net.now = eb.get_timer()
     net.settle()
     assert tree(a) == tree(b)
+
+
+def test_events_arriving_all_the_time_do_not_starve_a_scan(tmp_path: Path) -> None:
+    """Each call advances the scan in progress, also when it brings more names to queue."""
+    net = pair(tmp_path)
+    a, b = net.root(A_ID), net.root(B_ID)
+    ea = net.engines[A_ID]
+    ea.scanner.chunk_files = 1
+    for i in range(4):
+        write(a / f"f{i}", b"%d" % i)
+    net._send(A_ID, ea.on_local_change([f"f{i}" for i in range(4)], net.now))
+    for i in range(10):
+        write(a / f"busy{i}", b"%d" % i)
+        net._send(A_ID, ea.on_local_change([f"busy{i}"], net.now))
+    assert ea.index.local("f3") is not None  # the first scan got to its end meanwhile
+    net.finish_scan(A_ID)
+    net.settle()
+    assert tree(a) == tree(b)
