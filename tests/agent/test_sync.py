@@ -111,10 +111,18 @@ def snapshot(root: Path) -> dict[str, tuple[str, int, int | None, str | None]]:
     return out
 
 
+def _matching(a: Path, b: Path) -> bool:
+    """`a` and `b` look the same now; False also when an agent moved a file while we walked."""
+    try:
+        return a.exists() and snapshot(a) == snapshot(b)
+    except (FileNotFoundError, NotADirectoryError):
+        return False  # a rename or delete in progress: look again
+
+
 def same_tree(a: Path, b: Path, timeout: float = 30.0, what: str = "the folders to match") -> None:
     """Wait until `a` and `b` hold the same names, content, exec bits and mtimes."""
     try:
-        wait_for(lambda: a.exists() and snapshot(a) == snapshot(b), timeout, what)
+        wait_for(lambda: _matching(a, b), timeout, what)
     except AssertionError:
         sa, sb = snapshot(a) if a.exists() else {}, snapshot(b) if b.exists() else {}
         diff = {k: (sa.get(k), sb.get(k)) for k in sa.keys() | sb.keys() if sa.get(k) != sb.get(k)}
