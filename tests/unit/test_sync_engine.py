@@ -10,6 +10,7 @@ import pytest
 
 from agent.errors import ErrorCode, RemoteProtocolError
 from agent.sync import engine as engine_module
+from agent.sync.engine import SyncEngine
 from agent.sync.fs import FolderFS, temp_name_for
 from agent.sync.messages import Index, IndexUpdate
 from agent.sync.scanner import ScanResult
@@ -348,17 +349,22 @@ def test_a_long_scan_announces_chunk_by_chunk(tmp_path: Path) -> None:
     assert ea.status().state == "idle"
 
 
+def scanning(tmp_path: Path, dev: str, files: int, chunk: int) -> tuple[Net, Path, Path, SyncEngine]:
+    """A pair in which `dev` has `files` new files and has begun scanning them, `chunk` per chunk."""
+    net = pair(tmp_path)
+    eng = net.engines[dev]
+    eng.scanner.chunk_files = chunk
+    for i in range(files):
+        write(net.root(dev) / f"f{i}", b"%d" % i)
+    net._send(dev, eng.on_local_change([f"f{i}" for i in range(files)], net.now))
+    assert eng.status().state == "scanning"
+    return net, net.root(A_ID), net.root(B_ID), eng
+
+
 def test_no_pull_starts_or_commits_while_a_scan_runs(tmp_path: Path) -> None:
     """The scan compares the disk with the records it read when it began: until its last chunk
     nothing else may change those records, so pulls wait."""
-    net = pair(tmp_path)
-    a, b = net.root(A_ID), net.root(B_ID)
-    eb = net.engines[B_ID]
-    eb.scanner.chunk_files = 1
-    for i in range(3):
-        write(b / f"b{i}", b"%d" % i)
-    net._send(B_ID, eb.on_local_change([f"b{i}" for i in range(3)], net.now))
-    assert eb.scan_pending
+    net, a, b, eb = scanning(tmp_path, B_ID, files=3, chunk=1)
     write(a / "from-a", b"fetched once B's scan is over")
     net.change(A_ID, ["from-a"])
     net.step()
@@ -369,14 +375,7 @@ def test_no_pull_starts_or_commits_while_a_scan_runs(tmp_path: Path) -> None:
 
 
 def test_names_that_change_during_a_scan_are_scanned_after_it(tmp_path: Path) -> None:
-    net = pair(tmp_path)
-    a, b = net.root(A_ID), net.root(B_ID)
-    ea = net.engines[A_ID]
-    ea.scanner.chunk_files = 2
-    for i in range(5):
-        write(a / f"f{i}", b"%d" % i)
-    net._send(A_ID, ea.on_local_change([f"f{i}" for i in range(5)], net.now))
-    assert ea.scan_pending and ea.status().state == "scanning"
+    net, a, b, ea = scanning(tmp_path, A_ID, files=5, chunk=2)
     write(a / "later", b"seen after the first scan")
     net._send(A_ID, ea.on_local_change(["later"], net.now))
     net.finish_scan(A_ID)
@@ -387,14 +386,7 @@ def test_names_that_change_during_a_scan_are_scanned_after_it(tmp_path: Path) ->
 
 def test_a_scan_that_fails_midway_does_not_hold_pulls_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A disk or database error in a chunk ends that scan: pulls go on, a full rescan follows."""
-    net = pair(tmp_path)
-    a, b = net.root(A_ID), net.root(B_ID)
-    eb = net.engines[B_ID]
-    eb.scanner.chunk_files = 1
-    for i in range(3):
-        write(b / f"b{i}", b"%d" % i)
-    net._send(B_ID, eb.on_local_change([f"b{i}" for i in range(3)], net.now))
-    assert eb.status().state == "scanning"
+    net, a, b, eb = scanning(tmp_path, B_ID, files=3, chunk=1)
 
     def broken(files: list[object]) -> None:
         raise OSError("disk on fire")
@@ -414,13 +406,7 @@ def test_a_scan_that_fails_midway_does_not_hold_pulls_back(tmp_path: Path, monke
 
 def test_events_arriving_all_the_time_do_not_starve_a_scan(tmp_path: Path) -> None:
     """Each call advances the scan in progress, also when it brings more names to queue."""
-    net = pair(tmp_path)
-    a, b = net.root(A_ID), net.root(B_ID)
-    ea = net.engines[A_ID]
-    ea.scanner.chunk_files = 1
-    for i in range(4):
-        write(a / f"f{i}", b"%d" % i)
-    net._send(A_ID, ea.on_local_change([f"f{i}" for i in range(4)], net.now))
+    net, a, b, ea = scanning(tmp_path, A_ID, files=4, chunk=1)
     for i in range(10):
         write(a / f"busy{i}", b"%d" % i)
         net._send(A_ID, ea.on_local_change([f"busy{i}"], net.now))
