@@ -51,6 +51,7 @@ from agent.sync.messages import (
 from agent.sync.model import FileInfo, FileType
 from agent.sync.planner import Action, decide
 from agent.sync.scanner import Scanner, ScanResult
+from agent.sync.server import serve_block
 from agent.sync.vectors import Vector
 
 log = logging.getLogger(__name__)
@@ -613,32 +614,7 @@ class SyncEngine:
             return self._serve(req)
 
     def _serve(self, req: Request) -> Response:
-        """Read a requested block of our current version; only indexed files, never through a symlink."""
-        if req.folder != self.folder_id:
-            return Response(req.request_id, b"", BlockError.INVALID)
-        rec = self.index.local(req.name)
-        if rec is None or rec.deleted or rec.type is not FileType.FILE or req.offset % rec.block_size:
-            return Response(req.request_id, b"", BlockError.NOT_FOUND)
-        i = req.offset // rec.block_size
-        if i >= rec.n_blocks or rec.block_hash(i) != req.hash:
-            return Response(req.request_id, b"", BlockError.NOT_FOUND)
-        if req.size != min(rec.block_size, rec.size - req.offset):
-            return Response(req.request_id, b"", BlockError.INVALID)
-        try:
-            fd = self.fs.open_read(req.name)
-        except OSError:
-            return Response(req.request_id, b"", BlockError.CHANGED)
-        try:
-            # The receiver verifies every block's hash; checking the stat here answers CHANGED honestly
-            # instead of sending bytes that would look corrupt.
-            if not puller.unchanged(os.fstat(fd), rec):
-                return Response(req.request_id, b"", BlockError.CHANGED)
-            data = os.pread(fd, req.size, req.offset)
-        finally:
-            os.close(fd)
-        if len(data) != req.size:
-            return Response(req.request_id, b"", BlockError.CHANGED)
-        return Response(req.request_id, data)
+        return serve_block(self.folder_id, self.index, self.fs, req)
 
     def _on_response(self, peer: str, state: Peer, msg: Response) -> None:
         entry = self.requests.pop(msg.request_id, None)

@@ -84,6 +84,17 @@ class FolderIndex:
         self.index_id: bytes = self._db.execute("SELECT value FROM meta WHERE key='index_id'").fetchone()[0]
         self.sequence: int = self._db.execute("SELECT value FROM meta WHERE key='sequence'").fetchone()[0]
 
+    @classmethod
+    def reader(cls, db_path: Path | str) -> FolderIndex:
+        """A read-only view of an index that an engine has already opened (for serving blocks)."""
+        self = cls.__new__(cls)
+        self._db = sqlite3.connect(
+            f"file:{Path(db_path).absolute()}?mode=ro", uri=True, check_same_thread=False, isolation_level=None
+        )
+        self.index_id = self._db.execute("SELECT value FROM meta WHERE key='index_id'").fetchone()[0]
+        self.sequence = 0  # not kept up to date: a reader answers record lookups only
+        return self
+
     def close(self) -> None:
         """Close the database."""
         self._db.close()

@@ -10,7 +10,8 @@ outputs to links.
   the GIL, so this pipelines on two cores).
 - Each link has a `_Link` with a send queue drained by its own task, so sending never blocks
   reading: two agents that both waited in `send` while neither read would deadlock. A peer's block
-  requests are queued as requests and read from disk only when their turn comes, in batches;
+  requests are queued as requests and read from disk only when their turn comes, in batches, by
+  the folder's `BlockServer` (its own read-only index connection: no wait for the engine's lock);
   past `MAX_PENDING_SERVES` queued requests, or `MAX_INBOX_BYTES` of queued data (decoded index
   records counted at their in-memory size), the link
   stops reading (backpressure), which bounds what a peer can make us hold.
@@ -27,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import sqlite3
 import sys
 import threading
 import time
@@ -59,6 +61,7 @@ from agent.sync.messages import (
     wire_size,
 )  # fmt: skip
 from agent.sync.paths import TEMP_PREFIX, is_valid_name
+from agent.sync.server import BlockServer
 from agent.wire.messages import WireMessage, clean_reason
 
 log = logging.getLogger(__name__)
@@ -128,6 +131,7 @@ class _Folder:
     number: int
     config: FolderConfig
     engine: SyncEngine
+    server: BlockServer  # answers block requests without waiting for the engine's lock
     lock: threading.Lock = field(default_factory=threading.Lock)
     inbox: deque[tuple[InboxKind, _Link, SyncMessage | None]] = field(default_factory=deque)
     inbox_bytes: int = 0
@@ -187,10 +191,11 @@ class SyncService:
                     max_inflight_bytes=MAX_INFLIGHT_BYTES, rescan_interval=RESCAN_INTERVAL,
                     request_id_base=len(self.folders) << 24,
                 )  # fmt: skip
-            except OSError as exc:
+                server = BlockServer(cfg.id, root, index_path(self.paths, cfg.id))
+            except (OSError, sqlite3.Error) as exc:
                 log.error("cannot sync folder %r at %s: %s", cfg.id, root, exc)
                 continue
-            folder = _Folder(len(self.folders), cfg, engine)
+            folder = _Folder(len(self.folders), cfg, engine, server)
             self.folders.append(folder)
             self.by_id[cfg.id] = folder
         if len(self.config.folders) > MAX_FOLDERS:
@@ -228,6 +233,7 @@ class SyncService:
                 log.exception("folder %r: flushing at shutdown failed", f.config.id)
             f.engine.close()
             f.engine.index.close()
+        f.server.close()
 
     # -- link hooks ------------------------------------------------------------------------------
 
@@ -454,7 +460,7 @@ class SyncService:
                     size += nxt.size
                 ls.serves -= len(batch)
                 ls.room.set()
-                await self._send_group(ls, await anyio.to_thread.run_sync(self._serve, folder, batch))
+                await self._send_group(ls, await anyio.to_thread.run_sync(folder.server.serve, batch))
         except (ProtocolError, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
             log.debug("sending to %s stopped: %s", ls.name, exc)
 
@@ -471,10 +477,6 @@ class SyncService:
                 if isinstance(m, Index) and (mine := self.by_id.get(m.folder)) is not None:
                     mine.put("sent", ls)  # the engine hands over the next part of its index
             start = end
-
-    def _serve(self, f: _Folder, requests: list[Request]) -> list[Response]:
-        with f.lock, f.engine.batch():
-            return [f.engine.serve(r) for r in requests]
 
     # -- watching --------------------------------------------------------------------------------
 
