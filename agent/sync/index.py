@@ -15,6 +15,7 @@ import sqlite3
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import msgpack
 
@@ -88,9 +89,9 @@ class FolderIndex:
     def reader(cls, db_path: Path | str) -> FolderIndex:
         """A read-only view of an index that an engine has already opened (for serving blocks)."""
         self = cls.__new__(cls)
-        self._db = sqlite3.connect(
-            f"file:{Path(db_path).absolute()}?mode=ro", uri=True, check_same_thread=False, isolation_level=None
-        )
+        # a URI: '?', '#' and '%' in the path (a home directory may hold them) must be escaped
+        uri = f"file:{quote(str(Path(db_path).absolute()))}?mode=ro"
+        self._db = sqlite3.connect(uri, uri=True, check_same_thread=False, isolation_level=None)
         self.index_id = self._db.execute("SELECT value FROM meta WHERE key='index_id'").fetchone()[0]
         self.sequence = 0  # not kept up to date: a reader answers record lookups only
         return self

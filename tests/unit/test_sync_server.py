@@ -54,3 +54,12 @@ def test_sees_records_committed_after_it_opened_and_never_writes(tmp_path: Path)
     with pytest.raises(sqlite3.OperationalError):
         server.index._db.execute("DELETE FROM files")
     server.close()
+
+
+def test_a_data_directory_with_uri_characters_in_its_path(tmp_path: Path) -> None:
+    odd = tmp_path / "home #1 ?100% sure"
+    odd.mkdir()
+    root, index, server = setup(odd)
+    req = record(root, index, "a", b"found")
+    assert server.serve([req])[0].data == b"found"
+    server.close()
