@@ -608,12 +608,8 @@ class SyncEngine:
                 out.append((peer, Request(self.folder_id, job.name, offset, size, job.target.block_hash(i), rid)))
         return out
 
-    def serve(self, req: Request) -> Response:
-        """The answer to a block request (the shell serves requests outside `on_peer_message`)."""
-        with self.fs.batch():
-            return self._serve(req)
-
     def _serve(self, req: Request) -> Response:
+        # The daemon's shell answers requests with a `BlockServer` instead, beside the engine.
         return serve_block(self.folder_id, self.index, self.fs, req)
 
     def _on_response(self, peer: str, state: Peer, msg: Response) -> None:
