@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import shutil
 import socket
@@ -176,14 +177,20 @@ class Relay:
                     dst.sendall(data)
             except (OSError, ssl.SSLError):
                 pass
-            for s in (src, dst):
-                try:
-                    s.close()
-                except OSError:
-                    pass
+            # Wake the other direction's reader with a TCP shutdown. Closing an SSL socket that
+            # another thread is reading can crash the interpreter, so only this relay thread
+            # closes, once both directions stopped.
+            with contextlib.suppress(OSError):
+                socket.socket.shutdown(dst, socket.SHUT_RDWR)
 
-        threading.Thread(target=pump, args=(outer, inner), daemon=True).start()
+        back = threading.Thread(target=pump, args=(outer, inner), daemon=True)
+        back.start()
         pump(inner, outer)
+        back.join(timeout=30)
+        if not back.is_alive():
+            for s in (inner, outer):
+                with contextlib.suppress(OSError):
+                    s.close()
 
     def close(self) -> None:
         self._stop = True
