@@ -72,29 +72,26 @@ def _from_row(r: Row) -> FileInfo:
 class FolderIndex:
     """Our files and our peers' files for one folder, stored in SQLite."""
 
-    def __init__(self, db_path: Path | str) -> None:
-        # One engine thread uses the connection at a time; the shell may move that thread.
-        self._db = sqlite3.connect(str(db_path), check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable at checkpoints, never torn
-        self._db.executescript(_SCHEMA)
-        row = self._db.execute("SELECT value FROM meta WHERE key='index_id'").fetchone()
-        if row is None:
-            self._db.execute("INSERT INTO meta VALUES ('index_id', ?)", (secrets.token_bytes(16),))
-            self._db.execute("INSERT INTO meta VALUES ('sequence', 0)")
+    def __init__(self, db_path: Path | str, *, read_only: bool = False) -> None:
+        """Open (creating if need be) the index at `db_path`; `read_only` opens one that exists,
+        for a reader beside the engine (serving blocks), which can then never write."""
+        if read_only:
+            # a URI: '?', '#' and '%' in the path (a home directory may hold them) must be escaped
+            uri = f"file:{quote(str(Path(db_path).absolute()))}?mode=ro"
+            self._db = sqlite3.connect(uri, uri=True, check_same_thread=False, isolation_level=None)
+        else:
+            # One engine thread uses the connection at a time; the shell may move that thread.
+            self._db = sqlite3.connect(str(db_path), check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable at checkpoints, never torn
+            self._db.executescript(_SCHEMA)
+            row = self._db.execute("SELECT value FROM meta WHERE key='index_id'").fetchone()
+            if row is None:
+                self._db.execute("INSERT INTO meta VALUES ('index_id', ?)", (secrets.token_bytes(16),))
+                self._db.execute("INSERT INTO meta VALUES ('sequence', 0)")
         self.index_id: bytes = self._db.execute("SELECT value FROM meta WHERE key='index_id'").fetchone()[0]
+        # a reader's copy goes stale: it answers record lookups only
         self.sequence: int = self._db.execute("SELECT value FROM meta WHERE key='sequence'").fetchone()[0]
-
-    @classmethod
-    def reader(cls, db_path: Path | str) -> FolderIndex:
-        """A read-only view of an index that an engine has already opened (for serving blocks)."""
-        self = cls.__new__(cls)
-        # a URI: '?', '#' and '%' in the path (a home directory may hold them) must be escaped
-        uri = f"file:{quote(str(Path(db_path).absolute()))}?mode=ro"
-        self._db = sqlite3.connect(uri, uri=True, check_same_thread=False, isolation_level=None)
-        self.index_id = self._db.execute("SELECT value FROM meta WHERE key='index_id'").fetchone()[0]
-        self.sequence = 0  # not kept up to date: a reader answers record lookups only
-        return self
 
     def close(self) -> None:
         """Close the database."""

@@ -11,7 +11,9 @@ and a record becomes visible to the server when the transaction that announces i
 
 from __future__ import annotations
 
+import logging
 import os
+import sqlite3
 import threading
 from pathlib import Path
 
@@ -20,6 +22,8 @@ from agent.sync.fs import FolderFS
 from agent.sync.index import FolderIndex
 from agent.sync.messages import BlockError, Request, Response
 from agent.sync.model import FileType
+
+log = logging.getLogger(__name__)
 
 
 def serve_block(folder_id: str, index: FolderIndex, fs: FolderFS, req: Request) -> Response:
@@ -44,6 +48,9 @@ def serve_block(folder_id: str, index: FolderIndex, fs: FolderFS, req: Request) 
         if not puller.unchanged(os.fstat(fd), rec):
             return Response(req.request_id, b"", BlockError.CHANGED)
         data = os.pread(fd, req.size, req.offset)
+    except OSError as exc:
+        log.warning("cannot read %r to serve it: %s", req.name, exc)
+        return Response(req.request_id, b"", BlockError.CHANGED)
     finally:
         os.close(fd)
     if len(data) != req.size:
@@ -57,13 +64,20 @@ class BlockServer:
     def __init__(self, folder_id: str, root: Path, index_path: Path | str) -> None:
         self.folder_id = folder_id
         self.fs = FolderFS(root)
-        self.index = FolderIndex.reader(index_path)
+        self.index = FolderIndex(index_path, read_only=True)
         self._lock = threading.Lock()  # links' send loops serve from several worker threads
 
     def serve(self, requests: list[Request]) -> list[Response]:
         """Answers to `requests`, in order."""
+        out: list[Response] = []
         with self._lock, self.fs.batch():
-            return [serve_block(self.folder_id, self.index, self.fs, r) for r in requests]
+            for r in requests:
+                try:
+                    out.append(serve_block(self.folder_id, self.index, self.fs, r))
+                except sqlite3.Error as exc:  # the index is unreadable: the requester tries elsewhere
+                    log.warning("folder %r: cannot look up %r to serve it: %s", self.folder_id, r.name, exc)
+                    out.append(Response(r.request_id, b"", BlockError.CHANGED))
+        return out
 
     def close(self) -> None:
         """Close the folder handle and the database connection."""

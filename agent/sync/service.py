@@ -183,6 +183,7 @@ class SyncService:
             if data == root or root in data.parents:
                 log.error("not syncing folder %r: %s holds the agent's own data directory", cfg.id, root)
                 continue
+            index: FolderIndex | None = None
             try:
                 root.mkdir(parents=True, exist_ok=True)
                 index = FolderIndex(index_path(self.paths, cfg.id))
@@ -194,6 +195,8 @@ class SyncService:
                 server = BlockServer(cfg.id, root, index_path(self.paths, cfg.id))
             except (OSError, sqlite3.Error) as exc:
                 log.error("cannot sync folder %r at %s: %s", cfg.id, root, exc)
+                if index is not None:
+                    index.close()
                 continue
             folder = _Folder(len(self.folders), cfg, engine, server)
             self.folders.append(folder)

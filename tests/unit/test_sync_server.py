@@ -63,3 +63,12 @@ def test_a_data_directory_with_uri_characters_in_its_path(tmp_path: Path) -> Non
     req = record(root, index, "a", b"found")
     assert server.serve([req])[0].data == b"found"
     server.close()
+
+
+def test_an_unreadable_index_answers_changed_instead_of_raising(tmp_path: Path) -> None:
+    """A database error must not end the link's send loop (or the agent): the requester is told
+    this source cannot serve, and asks another or waits for our next index update."""
+    root, index, server = setup(tmp_path)
+    req = record(root, index, "a", b"x")
+    server.index._db.close()  # as if the database became unreadable
+    assert server.serve([req])[0].error is BlockError.CHANGED
