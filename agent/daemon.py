@@ -206,12 +206,10 @@ class Agent:
         tg.start_soon(self._await_advert, discovery)
 
     async def _await_advert(self, discovery: Discovery) -> None:
-        wait = getattr(discovery, "wait_advertised", None)  # only the real mDNS probes
-        if wait is not None:
-            try:
-                await wait()  # probing takes ~1.2 s
-            except DiscoveryError:
-                return  # nobody can find us over mDNS: keep dialling whoever we see
+        try:
+            await discovery.wait_advertised()  # mDNS probing takes ~1.2 s
+        except DiscoveryError:
+            return  # nobody can find us over mDNS: keep dialling whoever we see
         self._advertised = True
 
     def _zeroconf(self, port: int) -> Discovery:
@@ -226,11 +224,10 @@ class Agent:
 
     async def _announce_ready(self) -> None:
         """READY=1 once listening and advertised (dialling has started already: no need to wait)."""
-        wait = getattr(self.discovery, "wait_advertised", None)
-        if wait is not None:
+        if self.discovery is not None:
             with anyio.move_on_after(5.0):
                 try:
-                    await wait()
+                    await self.discovery.wait_advertised()
                 except DiscoveryError as exc:
                     log.warning("%s; peers can still find us by static address", exc)
         self.notifier.notify("READY=1", f"STATUS=listening on port {self.port}")

@@ -346,6 +346,13 @@ class Discovery(Protocol):
         """Withdraw the advertisement (goodbye packets), stop browsing and end `events`. Idempotent."""
         ...
 
+    async def wait_advertised(self) -> str:
+        """Wait until others can find us; returns our service name ('' where nothing is probed).
+
+        :raises DiscoveryError: not started, or the advertisement failed.
+        """
+        ...
+
 
 class EventStream:
     """A bounded single-consumer queue of events; `async for` over it ends once the producer stops.
@@ -436,6 +443,9 @@ class _EventPump:
 
     async def stop(self) -> None:
         raise NotImplementedError
+
+    async def wait_advertised(self) -> str:
+        return ""  # nothing to probe: whoever shares our medium sees us once started
 
     async def __aenter__(self) -> Self:
         await self.start()
