@@ -470,9 +470,9 @@ class _EventPump:
 
 def local_ipv4_addresses() -> list[str]:
     """This host's non-loopback IPv4 addresses, to advertise."""
-    found: list[str] = []
     import ifaddr  # only agents that advertise need it
 
+    found: list[str] = []
     for adapter in ifaddr.get_adapters():
         for ip in adapter.ips:
             if ip.is_IPv4 and isinstance(ip.ip, str) and not ip.ip.startswith("127."):
