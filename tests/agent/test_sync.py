@@ -393,6 +393,19 @@ def test_bench_quick_mode_runs() -> None:
     assert "1 big file" in r.stdout and "one-byte change" in r.stdout
 
 
+@pytest.mark.timeout(60)
+def test_small_floor_bench_runs(tmp_path: Path) -> None:
+    """bench/small_floor.py on 200 files: it writes them durably and reports each floor."""
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "small_floor.py"), "--files", "200", "--dirs", "4",
+         "--workdir", str(tmp_path)],
+        capture_output=True, text=True, timeout=50, check=False, cwd=ROOT,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "durable receiver (syncfs batch)" in r.stdout and "sender read+hash" in r.stdout
+    assert list(tmp_path.iterdir()) == [], "it cleans up after itself"
+
+
 def test_bench_syncthing_config(tmp_path: Path) -> None:
     """The bench's Syncthing configuration: loopback GUI with our key, one listen address, nothing
     that reaches beyond the namespace (no syncthing binary needed)."""
