@@ -208,6 +208,15 @@ class FolderIndex:
         """How many names `device` announced (deletion records included)."""
         return int(self._db.execute("SELECT count(*) FROM files WHERE device=?", (device,)).fetchone()[0])
 
+    def remote_bytes(self, device: str) -> int:
+        """About how many bytes `device`'s records take: names, vectors and hashes, 64 for the rest."""
+        row = self._db.execute(
+            "SELECT coalesce(sum(64 + length(CAST(name AS BLOB)) + length(hashes) + length(version)), 0)"
+            " FROM files WHERE device=?",
+            (device,),
+        ).fetchone()
+        return int(row[0])
+
     def remote_names(self, device: str, names: Iterable[str]) -> set[str]:
         """Those of `names` that `device` announced."""
         return {r[0] for r in self._rows_named(device, names, "name")}

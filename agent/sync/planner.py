@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from agent.sync.model import FileInfo, FileType
-from agent.sync.paths import CONFLICT_MARKER, split_name
+from agent.sync.paths import CONFLICT_MARKER, MAX_COMPONENT_BYTES, split_name
 from agent.sync.vectors import Ordering
 
 
@@ -62,9 +62,22 @@ def conflict_name(loser: FileInfo) -> str:
     stamp = dt.datetime.fromtimestamp(loser.mtime_ns / 1e9, dt.UTC).strftime("%Y%m%d-%H%M%S")
     marker = f"{CONFLICT_MARKER}{stamp}-{loser.modified_by[:7]}"
     stem, dot, ext = base.rpartition(".")
-    # a leading dot (".bashrc") is not an extension
-    new_base = f"{stem}{marker}.{ext}" if dot and stem else f"{base}{marker}"
+    if not (dot and stem):
+        stem, ext = base, ""  # a leading dot (".bashrc") is not an extension
+    suffix = f".{ext}" if ext else ""
+    # The copy must still be a valid name: shorten the stem (then the extension) to fit the
+    # component limit, at a character boundary, the same way on every device.
+    room = MAX_COMPONENT_BYTES - len(marker.encode())
+    if len(suffix.encode()) > room // 2:
+        suffix = _truncate(suffix, room // 2)
+    stem = _truncate(stem, room - len(suffix.encode()))
+    new_base = f"{stem}{marker}{suffix}"
     return f"{parent}/{new_base}" if parent else new_base
+
+
+def _truncate(text: str, max_bytes: int) -> str:
+    """The longest prefix of `text` that is at most `max_bytes` bytes of UTF-8."""
+    return text.encode()[:max_bytes].decode("utf-8", "ignore")
 
 
 def _apply(local: FileInfo | None, remote: FileInfo) -> Decision:

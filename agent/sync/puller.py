@@ -63,7 +63,7 @@ def unchanged(st: os.stat_result | None, rec: FileInfo | None) -> bool:
         return stat.S_ISDIR(st.st_mode)
     return (
         stat.S_ISREG(st.st_mode) and st.st_size == rec.size and st.st_mtime_ns == rec.mtime_ns
-        and st.st_ino == rec.inode
+        and st.st_ino == rec.inode and bool(st.st_mode & stat.S_IXUSR) == rec.executable
     )  # fmt: skip
 
 
