@@ -56,6 +56,8 @@ def render(st: dict[str, Any]) -> str:
             f"{f.get('files', 0)} files, {f.get('bytes', 0)} bytes"
             + (f"  needs {f.get('need_files', 0)} files / {need} bytes" if need or f.get("need_files") else "")
         )
+        if f.get("error"):
+            lines.append(f"  STOPPED: {f['error']}")
         for p in f.get("peers", []):
             if p.get("need_bytes") or p.get("need_files"):
                 lines.append(

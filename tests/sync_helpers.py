@@ -122,6 +122,8 @@ def tree(root: Path) -> dict[str, tuple[bytes | None, bool]]:
     out: dict[str, tuple[bytes | None, bool]] = {}
     for dirpath, dirs, files in os.walk(root):
         rel = os.path.relpath(dirpath, root)
+        if rel == ".":
+            dirs[:] = [d for d in dirs if d != ".tofu-folder"]  # the folder marker is never synced
         for d in dirs:
             out[os.path.normpath(os.path.join(rel, d))] = (None, False)
         for f in files:

@@ -47,10 +47,12 @@ from agent.sync.messages import (
     Response,
     SyncMessage,
     next_batch,
+    wire_size,
 )  # fmt: skip
 from agent.sync.model import FileInfo, FileType
-from agent.sync.planner import Action, decide
-from agent.sync.scanner import Scanner, ScanResult
+from agent.sync.paths import IGNORE_FILE, MARKER
+from agent.sync.planner import Action, conflict_name, decide
+from agent.sync.scanner import Scanner, ScanResult, load_ignore
 from agent.sync.server import serve_block
 from agent.sync.vectors import Vector
 
@@ -59,16 +61,26 @@ Outgoing = tuple[str, SyncMessage]
 MAX_BAD_BLOCKS = 3
 MAX_EVENT_NAMES = 256  # more changed names than this at once (after our own writes): one full scan
 RETRY_SCAN_AFTER = 60.0  # a scan that failed on a disk or database error is retried (in full) this soon
+RETRY_PULL_AFTER = 60.0  # a name we could not write (full disk, read-only directory) is tried again this soon
+ROOT_RECHECK = 10.0  # a folder stopped for a missing root or marker looks for it again this often
+MAX_FAILED = 10_000  # names remembered for a retry; past that the periodic full rescan is the retry
+# A peer that leaves our requests unanswered this long (not one response) is stalled: its
+# requests are written off and its files are asked of other peers, or wait (a slow but honest
+# peer answers something well within this: a whole window of 48 MiB at 1 MB/s takes 48 s).
+STALL_TIMEOUT = 120.0
 MAX_WRITTEN = 65536  # names remembered as our own writes until their file-system event comes back
 REQUEST_ID_MASK = 0xFFFFFF  # low 24 bits count; the top 8 bits are the engine's `request_id_base`
 # Index messages per peer handed to the shell and not yet reported sent (`index_sent`). Our index
 # goes out as a stream read from the database as the link drains: a peer that reads slowly, or
 # twenty peers at once, cannot make us hold a 100,000-record index in memory per peer.
 INDEX_WINDOW = 2
-# Names one peer may announce in one folder (deletion records included). Remote indexes live on
-# disk, not in memory, but a trusted peer gone bad must not fill the disk with made-up names:
-# ~2 million records are a few hundred MB of index. A larger folder is refused with limit_exceeded.
+# Names one peer may announce in one folder (deletion records included), and the bytes of their
+# records (names, vectors, block hashes). Remote indexes live on disk, not in memory, but a
+# trusted peer gone bad must not fill the disk with made-up names or block lists: a record can be
+# up to ~2 MiB (a 128 GiB file's hashes), so the names alone would not bound it. 1 GiB of records
+# describes ~60 TB of content in 2 MiB blocks. Past either, the peer is refused with limit_exceeded.
 MAX_REMOTE_RECORDS = 2_000_000
+MAX_REMOTE_BYTES = 1 << 30
 
 
 @dataclass(slots=True)
@@ -80,7 +92,10 @@ class Peer:
     full: bool = False  # the next index message is a full `Index` (the peer holds none of ours)
     window: int = INDEX_WINDOW  # index messages we may still hand over before `index_sent`
     records: int = -1  # at least how many names it announced to us (-1: not counted yet)
+    record_bytes: int = -1  # at least how many bytes of records it announced (-1: not counted yet)
     inflight_bytes: int = 0
+    answered_at: float = 0.0  # its last response, or our first request since it had none open
+    stalled: bool = False  # it left requests unanswered for STALL_TIMEOUT; cleared by any response
     bad_blocks: int = 0
     progress: tuple[int, int] | None = None  # its (need_files, need_bytes) as it reported
 
@@ -97,12 +112,13 @@ class Need:
 class FolderStatus:
     """What `status` shows for a folder."""
 
-    state: str  # idle, scanning, syncing
+    state: str  # idle, scanning, syncing, error
     files: int
     bytes: int
     need_files: int
     need_bytes: int
     peers: dict[str, tuple[int, int] | None]
+    error: str = ""  # why the folder is stopped (state 'error')
 
 
 class SyncEngine:
@@ -113,11 +129,12 @@ class SyncEngine:
         executor: Executor | None = None,
         max_inflight_bytes: int = 32 * 1024 * 1024, max_jobs: int = 128, batch_files: int = 1000,
         rescan_interval: float = 3600.0, request_id_base: int = 0, max_remote_records: int = MAX_REMOTE_RECORDS,
+        max_remote_bytes: int = MAX_REMOTE_BYTES,
     ) -> None:  # fmt: skip
         self.folder_id = folder_id
         self.index = index
         self.device_id = device_id
-        self.fs = FolderFS(root)
+        self.fs = FolderFS(root, need_root=False)  # a missing root stops the folder (see `_root_ok`)
         self.scanner = Scanner(self.fs, index, device_id, executor)
         self.peers: dict[str, Peer] = {}
         self.need: dict[str, Need] = {}
@@ -126,9 +143,11 @@ class SyncEngine:
         self.jobs: dict[str, puller.Job] = {}
         self.requests: dict[int, tuple[str, str, int]] = {}  # request id -> (peer, name, block)
         # Requests of pulls we gave up (a newer version superseded them): an honest peer's late
-        # answer to one is expected, so it is dropped quietly instead of closing the link.
-        self.cancelled: dict[int, str] = {}  # request id -> peer
+        # answer to one is expected, so it is dropped quietly instead of closing the link. Their
+        # bytes stay in the peer's in-flight window until answered, which bounds this table too.
+        self.cancelled: dict[int, tuple[str, int]] = {}  # request id -> (peer, bytes)
         self.done: list[puller.Job] = []  # complete temp files waiting for `flush`
+        self.failed: dict[str, float] = {}  # name -> when to try it again (a write or rename failed)
         self.records: list[FileInfo] = []  # index records waiting for `flush`
         self.dirty_dirs: set[str] = set()
         # Files we put in place ourselves: name -> (inode, mtime_ns). The file-system event our
@@ -138,15 +157,19 @@ class SyncEngine:
         self.max_inflight_bytes = max_inflight_bytes
         self.max_jobs = max_jobs
         self.max_remote_records = max_remote_records
+        self.max_remote_bytes = max_remote_bytes
         self.batch_files = batch_files
         self.rescan_interval = rescan_interval
         self.next_scan = 0.0
         self.flush_due = False  # a batch is complete and waits for the next `pump` (call it soon)
         self.requested_blocks = 0  # counters for tests and status
         self.state = "idle"
+        self.halted: str | None = None  # why the folder is stopped: its root or marker is missing
+        self.next_check = 0.0  # when a stopped folder looks for its root again
         self._scan_chunks: Iterator[ScanResult] | None = None  # the scan in progress
         self._scan_full = False  # it is a full scan (the timer's next run is set when it ends)
         self._scan_next: set[str] = set()  # names changed meanwhile: scanned when it ends ('' = all)
+        self._ignore_lines = self.scanner.ignore.lines  # the `.tofuignore` the last recorded scan used
         self._next_request_id = 0
         # Responses carry no folder: each engine of a service draws ids from its own range
         # (top 8 bits) so the shell can route a response to the engine that asked.
@@ -155,8 +178,22 @@ class SyncEngine:
     # -- lifecycle -----------------------------------------------------------------------------
 
     def start(self, now: float) -> None:
-        """Find changes made while we were stopped, plan from stored peer indexes, drop stale temps."""
+        """Find changes made while we were stopped, plan from stored peer indexes, drop stale temps.
+
+        A folder that recorded nothing yet gets its root and marker made; one that did and lacks
+        them is stopped (`halted`) instead: deleting everything on every peer because a disk is not
+        mounted is what the marker prevents.
+        """
+        if self.index.sequence == 0 and not self.fs.refresh():
+            try:
+                self.fs.make_marker()
+            except OSError as exc:
+                log.error("folder %r: cannot create %s: %s", self.folder_id, self.fs.root / MARKER, exc)
+        if not self._root_ok(now):
+            return
         temps = self._scan(now, None)
+        if self.halted is not None:
+            return
         for peer in self.index.peers():
             self._consider(list(self.index.differing(peer)), peer)
         wanted = {self._temp_of(name) for name in self.need}
@@ -187,7 +224,7 @@ class SyncEngine:
     def peer_disconnected(self, peer: str) -> None:
         """Forget in-flight requests to `peer`; their blocks will be asked of someone else."""
         self.peers.pop(peer, None)
-        self.cancelled = {rid: p for rid, p in self.cancelled.items() if p != peer}
+        self.cancelled = {rid: c for rid, c in self.cancelled.items() if c[0] != peer}
         for rid, (p, name, i) in list(self.requests.items()):
             if p == peer:
                 del self.requests[rid]
@@ -209,7 +246,7 @@ class SyncEngine:
         :raises RemoteProtocolError: the peer broke the protocol; close its connection with `code`.
         """
         with self.fs.batch():
-            out = self._on_peer_message(peer, msg)
+            out = self._on_peer_message(peer, msg, now)
             return out + self._pump(now) if pump else out
 
     def pump(self, now: float) -> list[Outgoing]:
@@ -217,7 +254,7 @@ class SyncEngine:
         with self.fs.batch():
             return self._pump(now)
 
-    def _on_peer_message(self, peer: str, msg: SyncMessage) -> list[Outgoing]:
+    def _on_peer_message(self, peer: str, msg: SyncMessage, now: float) -> list[Outgoing]:
         state = self.peers.get(peer)
         if state is None:
             raise RemoteProtocolError("sync message before the session was set up", ErrorCode.UNEXPECTED_MESSAGE)
@@ -232,14 +269,14 @@ class SyncEngine:
                 self._on_index(peer, list(msg.files))
             case Index():
                 self.index.reset_peer(peer, self.index.peer_state(peer)[0])
-                state.records = 0
+                state.records = state.record_bytes = 0
                 self._forget_source(peer)
                 self._check_room(peer, state, msg.files)
                 self._on_index(peer, list(msg.files))
             case Request():
                 out.append((peer, self._serve(msg)))
             case Response():
-                self._on_response(peer, state, msg)
+                self._on_response(peer, state, msg, now)
             case Progress():
                 state.progress = (msg.need_files, msg.need_bytes)
         return out
@@ -268,6 +305,8 @@ class SyncEngine:
     def _scan_later(self, now: float, names: list[str]) -> None:
         """Start a chunked scan of `names` ('' = everything) and do its first chunk; if one is
         running, queue the names for after it and do its next chunk (events never starve it)."""
+        if not self._root_ok(now):
+            return
         if self._scan_chunks is not None:
             self._scan_next.update(names)
             if len(self._scan_next) > MAX_EVENT_NAMES:
@@ -283,7 +322,8 @@ class SyncEngine:
         assert self._scan_chunks is not None
         try:
             chunk = next(self._scan_chunks)
-            self._record_scan(chunk)
+            if not self._record_scan(chunk, now):
+                return  # the folder stopped (its root went away): the scan is dropped
         except BaseException:
             # a disk or database failure: drop this scan (pulls must not wait for it forever)
             # and let the timer run a full one soon, which also covers the names this one had
@@ -315,13 +355,26 @@ class SyncEngine:
 
     def get_timer(self) -> float:
         """When `handle_timer` wants to run next."""
-        return self.next_scan
+        if self.halted is not None:
+            return self.next_check
+        stalls = [s.answered_at + STALL_TIMEOUT for s in self.peers.values() if s.inflight_bytes and not s.stalled]
+        return min([self.next_scan, *self.failed.values(), *stalls])
 
     def handle_timer(self, now: float) -> list[Outgoing]:
         """Periodic full rescan (the safety net under file-system events) and batch flush."""
         with self.fs.batch():
+            if self.halted is not None:
+                return self._resume(now) if now >= self.next_check else []
             if now >= self.next_scan and self._scan_chunks is None:
                 self._scan_later(now, [""])
+            for peer, state in self.peers.items():
+                if state.inflight_bytes and not state.stalled and now - state.answered_at >= STALL_TIMEOUT:
+                    self._stalled(peer, state, now)
+            due = [name for name, when in self.failed.items() if when <= now]
+            for name in due:
+                del self.failed[name]
+            if due:
+                self._reconsider(sorted(due))  # what is still needed is queued afresh
             return self._pump(now, force_flush=True)
 
     def flush(self, now: float) -> list[Outgoing]:
@@ -330,6 +383,8 @@ class SyncEngine:
             return self._flush(now)
 
     def _flush(self, now: float) -> list[Outgoing]:
+        if self.halted is not None:
+            return []
         if self._scan_chunks is not None:
             return self._announce()  # commits wait for the scan in progress (see `_pump`)
         self.flush_due = False
@@ -344,21 +399,34 @@ class SyncEngine:
                 if job.name not in lost:
                     by_dir.setdefault(job.name.rpartition("/")[0], []).append(job)
             for parent, group in by_dir.items():
-                if self._commit_dir(parent, group, rescan):
+                if self._commit_dir(parent, group, rescan, now):
                     self.dirty_dirs.add(parent)
         # 4. every directory that changed is durable before the index says so
-        for d in sorted(self.dirty_dirs):
-            self.fs.fsync_dir(d)
-        self.dirty_dirs.clear()
+        dirty, self.dirty_dirs = sorted(self.dirty_dirs), set()
+        for d in dirty:
+            try:
+                self.fs.fsync_dir(d)
+            except OSError as exc:
+                # replaced by a symlink or a file since we wrote there: what it holds now is the
+                # scan's business (and the flush must not fail on every call from now on)
+                log.warning("cannot sync directory %r to disk: %s", d, exc)
+                rescan.append(d)
         records, self.records = self.records, []
         self.index.update_local(records)
+        if any(r.name == IGNORE_FILE for r in records):
+            # a peer's `.tofuignore` is in place: its patterns apply now (our own write's event is
+            # dropped, so no scan would load them before the timer's)
+            self.scanner.ignore = load_ignore(self.fs)
+            if self.scanner.ignore.lines != self._ignore_lines:
+                self._ignore_changed(now)
         if rescan:
             self._scan(now, rescan)
             # what the scan did not turn into a decision is asked for again (a fresh temp file)
-            self._reconsider([n for n in rescan if n not in self.need])
+            if self.halted is None:
+                self._reconsider([n for n in rescan if n not in self.need])
         return self._announce()
 
-    def _commit_dir(self, parent: str, jobs: list[puller.Job], rescan: list[str]) -> bool:
+    def _commit_dir(self, parent: str, jobs: list[puller.Job], rescan: list[str], now: float) -> bool:
         """Steps 2 and 3 of `flush` for the finished files of one directory, walked once; True if
         anything was renamed. A name whose temp file is not the one we wrote (its directory was
         replaced or became a symlink while we fetched), or whose target changed locally, is not
@@ -381,8 +449,9 @@ class SyncEngine:
                         continue
                     st = self.fs.commit_temp_at(dfd, job.name)
                 except OSError as exc:
-                    log.warning("cannot put %r in place: %s", job.name, exc)
-                    rescan.append(job.name)
+                    # e.g. a directory holds the name now: retried later, not on every step
+                    log.warning("cannot put %r in place (trying again in %.0f s): %s", job.name, RETRY_PULL_AFTER, exc)
+                    self._give_up(job.name, now)
                     continue
                 moved = True
                 self._wrote(job.name, st)
@@ -391,22 +460,70 @@ class SyncEngine:
             os.close(dfd)
         return moved
 
+    # -- the folder root -----------------------------------------------------------------------
+
+    def _root_ok(self, now: float) -> bool:
+        """True if we may scan and write: the root is there with its marker. Otherwise stop."""
+        if self.fs.refresh():
+            return self.halted is None  # a stopped folder resumes from `handle_timer` only
+        if self.halted is None:
+            self._halt()
+        self.next_check = now + ROOT_RECHECK
+        return False
+
+    def _halt(self) -> None:
+        """Stop all work: the folder root or its marker is missing (deleted, moved, unmounted)."""
+        root = self.fs.root
+        self.halted = (
+            f"{root} or its {MARKER} directory is missing (folder deleted, moved, or its disk not "
+            f"mounted?): nothing is scanned, written or deleted until it is back; to sync the "
+            f"directory as it is now, create the directory {root / MARKER}"
+        )
+        log.error("folder %r stopped: %s", self.folder_id, self.halted)
+        for name in list(self.jobs):
+            self._drop_job(name)  # temp files stay: the pulls resume when the folder is back
+        for job in self.done:
+            puller.abort_job(job)
+        self.done.clear()
+        self.queue.clear()
+        self.deletes.clear()
+        self.need.clear()
+        self.failed.clear()
+        # what these would record is found again by the full scan of `_resume`
+        self.records.clear()
+        self.dirty_dirs.clear()
+        self.written.clear()
+        self._scan_chunks = None
+        self._scan_next.clear()
+        self.state = "idle"
+        self.flush_due = False
+
+    def _resume(self, now: float) -> list[Outgoing]:
+        """Look for the root of a stopped folder; when it is back, scan it and sync again."""
+        if not self.fs.refresh():
+            self.next_check = now + ROOT_RECHECK
+            return []
+        log.warning("folder %r: %s is back; syncing it again", self.folder_id, self.fs.root)
+        self.halted = None
+        self.start(now)
+        return self._pump(now, force_flush=True)
+
     # -- status --------------------------------------------------------------------------------
 
     def status(self) -> FolderStatus:
         """Files, bytes and what is still needed, for `status`."""
         files, size = self.index.totals()
         need_bytes = sum(n.target.size for n in self.need.values() if not n.target.deleted)
-        state = "syncing" if self.need or self.jobs else self.state
+        state = "error" if self.halted else "syncing" if self.need or self.jobs else self.state
         peers = {p: s.progress for p, s in self.peers.items()}
-        return FolderStatus(state, files, size, len(self.need), need_bytes, peers)
+        return FolderStatus(state, files, size, len(self.need), need_bytes, peers, self.halted or "")
 
     # -- index exchange ------------------------------------------------------------------------
 
     def _on_hello(self, peer: str, state: Peer, msg: FolderHello) -> list[Outgoing]:
         if self.index.peer_state(peer)[0] != msg.index_id:
             self.index.reset_peer(peer, msg.index_id)
-            state.records = 0
+            state.records = state.record_bytes = 0
             self._forget_source(peer)
         state.ready = True
         state.full = msg.have_index_id != self.index.index_id
@@ -450,6 +567,16 @@ class SyncEngine:
                     ErrorCode.LIMIT_EXCEEDED,
                 )
         state.records += len(files)
+        size = sum(wire_size(f) for f in files)
+        if state.record_bytes < 0 or state.record_bytes + size > self.max_remote_bytes:
+            # the running figure is an upper bound (replaced records still count): be exact
+            state.record_bytes = self.index.remote_bytes(peer)
+            if state.record_bytes + size > self.max_remote_bytes:
+                raise RemoteProtocolError(
+                    f"announces more than {self.max_remote_bytes >> 20} MiB of records in folder {self.folder_id!r}",
+                    ErrorCode.LIMIT_EXCEEDED,
+                )
+        state.record_bytes += size
 
     def _on_index(self, peer: str, files: list[FileInfo]) -> None:
         self.index.apply_remote(peer, files)
@@ -497,31 +624,55 @@ class SyncEngine:
         """Scan `names` (None: everything) in one go: at start, and for a few names while pulling."""
         self.state = "scanning"
         result = self.scanner.scan(int(now), names)
-        self._record_scan(result)
+        if not self._record_scan(result, now):
+            return []
         if names is None:
             self.next_scan = now + self.rescan_interval
         self.state = "idle"
         return result.temp_files
 
-    def _record_scan(self, result: ScanResult) -> None:
+    def _record_scan(self, result: ScanResult, now: float) -> bool:
+        """Record what a scan found; False (nothing recorded) if the root went away meanwhile:
+        then what looks deleted is only not mounted."""
+        if not self._root_ok(now):
+            return False
         for name, ino, mtime in result.refreshed:
             self.index.set_inode(name, ino, mtime)
         self.index.update_local(result.changed)
         changed = [f.name for f in result.changed]
         if changed:
             self._reconsider(changed)
+        if self.scanner.ignore.lines != self._ignore_lines:
+            self._ignore_changed(now)
+        return True
+
+    def _ignore_changed(self, now: float) -> None:
+        """`.tofuignore` changed: names it no longer ignores are scanned and pulled now, not at the
+        next timer scan or restart; names it now ignores are no longer pulled."""
+        self._ignore_lines = self.scanner.ignore.lines
+        log.info("folder %r: .tofuignore changed; rescanning", self.folder_id)
+        ignore = self.scanner.ignore
+        for name, n in list(self.need.items()):
+            if ignore.matches(name, n.target.type is FileType.DIR):
+                self._drop_job(name)
+                del self.need[name]
+        self.next_scan = min(self.next_scan, now)  # a full scan, on the timer's next run
+        for peer in self.index.peers():
+            self._consider(list(self.index.differing(peer)), peer)
 
     # -- pulling -------------------------------------------------------------------------------
 
     def _pump(self, now: float, force_flush: bool = False) -> list[Outgoing]:
         out: list[Outgoing] = []
+        if self.halted is not None:
+            return self._announce()
         if self._scan_chunks is not None:
             # the scan compares the disk with records it read when it began: pulls wait for it
             # (requests of started pulls still go out, their answers only fill temp files)
-            return self._issue_requests() + self._announce()
+            return self._issue_requests(now) + self._announce()
         while self.queue and len(self.jobs) < self.max_jobs:
             self._start(self.queue.popleft(), now)
-        requests = self._issue_requests()
+        requests = self._issue_requests(now)
         out += requests
         if self.done and (force_flush or len(self.done) >= self.batch_files or not self.requests):
             if requests and self.requests and not force_flush and not self.flush_due:
@@ -533,6 +684,10 @@ class SyncEngine:
                 out += self.flush(now)
         if self.deletes and not self.jobs and not self.queue and not self.done:
             self._apply_deletes()
+            if self.queue:
+                while self.queue and len(self.jobs) < self.max_jobs:
+                    self._start(self.queue.popleft(), now)
+                out += self._issue_requests(now)
         if self.records or self.dirty_dirs:
             out += self.flush(now)
         return out + self._announce()
@@ -546,8 +701,21 @@ class SyncEngine:
         if d.action is Action.NONE or d.target is None:
             del self.need[name]
             return
+        if d.action is Action.DELETE:
+            self.deletes.add(name)  # a deletion overtook the queued pull: deletions go in their own step
+            return
         if not puller.unchanged(self.fs.lstat(name), local):
-            self._scan(now, [name])  # our disk moved on since the last scan: record that first
+            # Our disk moved on since the last scan: record that first, then decide afresh (the
+            # rescan's records may make this a conflict, or nothing to do).
+            del self.need[name]
+            self._scan(now, [name])
+            if self.halted is not None:
+                return
+            if name not in self.need:
+                if puller.unchanged(self.fs.lstat(name), self.index.local(name)):
+                    self._reconsider([name])
+                else:
+                    self._give_up(name, now)  # something we do not sync (a symlink, a FIFO) is in the way
             return
         try:
             if d.conflict_name is not None and local is not None:
@@ -557,7 +725,14 @@ class SyncEngine:
                 self.records.append(copy)
                 self.dirty_dirs.update({name.rpartition("/")[0], d.conflict_name.rpartition("/")[0]})
                 local = None
+            if d.action is Action.PULL and local is not None and not local.deleted and local.type is FileType.DIR:
+                # a file replaces our directory: its files' deletions first, then the directory
+                if not self._clear_dir(local, now):
+                    return
+                local = None
             if d.action is Action.MKDIR:
+                if local is not None and not local.deleted and local.type is FileType.FILE:
+                    self.fs.unlink(name)  # a directory replaces our (unchanged) file
                 st = self.fs.mkdir(name)
                 self.records.append(d.target.replace(inode=st.st_ino))
                 self.dirty_dirs.add(name.rpartition("/")[0])
@@ -566,6 +741,9 @@ class SyncEngine:
             elif d.action is Action.METADATA:
                 self._set_metadata(d.target)
             elif d.action is Action.PULL:
+                if n.sources and all(p in self.peers and self.peers[p].stalled for p in n.sources):
+                    self._give_up(name, now)  # only stalled peers have it: keep the slot for others
+                    return
                 job = puller.Job(d.target, local, set(n.sources))
                 puller.open_job(self.fs, self.index, job, self.scanner.executor)
                 self.jobs[name] = job
@@ -573,8 +751,72 @@ class SyncEngine:
                 return
             del self.need[name]
         except OSError as exc:
-            log.warning("cannot sync %r: %s", name, exc)
-            self.need.pop(name, None)
+            log.warning("cannot sync %r (trying again in %.0f s): %s", name, RETRY_PULL_AFTER, exc)
+            self._give_up(name, now)
+
+    def _stalled(self, peer: str, state: Peer, now: float) -> None:
+        """Write off `peer`'s open requests: its files are asked of other peers, or retried later."""
+        log.warning("peer %s left our block requests unanswered for %.0f s: asking others", peer[:7], STALL_TIMEOUT)
+        state.stalled = True
+        for rid, (p, name, i) in list(self.requests.items()):
+            if p != peer:
+                continue
+            job = self.jobs.get(name)
+            # its bytes stay in the peer's window (as `cancelled`) until it answers or goes
+            del self.requests[rid]
+            t = job.target if job is not None else None
+            self.cancelled[rid] = (peer, min(t.block_size, t.size - i * t.block_size) if t is not None else 0)
+            if job is not None:
+                job.outstanding.discard(i)
+                job.fetch.appendleft(i)
+        for name, job in list(self.jobs.items()):
+            if not any(self._can_ask(p) for p in job.sources):
+                self._give_up(name, now)  # frees the slot for files other peers can send
+
+    def _can_ask(self, peer: str) -> bool:
+        state = self.peers.get(peer)
+        return state is not None and state.ready and not state.stalled
+
+    def _give_up(self, name: str, now: float) -> None:
+        """Stop working on `name` (its temp file stays for resuming) and try it again later."""
+        self._drop_job(name)
+        self.need.pop(name, None)
+        if len(self.failed) < MAX_FAILED:
+            self.failed[name] = now + RETRY_PULL_AFTER
+
+    def _temps_in_use(self, dirname: str) -> set[str]:
+        """Base names of the temp files in `dirname` that a running or finished pull still needs."""
+        names = [*self.jobs, *(j.name for j in self.done)]
+        return {temp_name_for(n) for n in names if n.rpartition("/")[0] == dirname}
+
+    def _clear_dir(self, local: FileInfo, now: float) -> bool:
+        """Remove directory `local.name` so a file can take its name: apply the pending deletions
+        under it, drop our stale temp files in it, rmdir. If it still holds files we keep (new or
+        ignored ones), rename it to a conflict copy instead, rescan both names and return False:
+        the rescan decides the name afresh."""
+        name = local.name
+        self._apply_deletes(under=name)
+        self.fs.remove_temps(name, keep=self._temps_in_use(name))
+        if self.fs.rmdir(name):
+            self.dirty_dirs.add(name.rpartition("/")[0])
+            return True
+        inside = [f.name for f in self.index.local_files_under(name) if f.name != name and not f.deleted]
+        need = self.need.get(name)
+        for peer in sorted(need.sources) if need is not None else ():
+            if any(not f.deleted for f in self.index.remote_many(peer, inside).values()):
+                # the peer announces `name` as a file and files inside it: its index contradicts itself
+                log.warning("peer %s announces %r as a file and as a directory: keeping the directory", peer[:7], name)
+                self._give_up(name, now)
+                return False
+        cname = conflict_name(local)
+        log.warning("a file replaces directory %r, which holds files we keep: keeping it as %r", name, cname)
+        self.fs.rename(name, cname)
+        self.dirty_dirs.update({name.rpartition("/")[0], cname.rpartition("/")[0]})
+        self.need.pop(name, None)
+        self._scan(now, [name, cname])
+        if name not in self.need and self.halted is None:
+            self._reconsider([name])
+        return False
 
     def _set_metadata(self, target: FileInfo) -> None:
         fd = self.fs.open_read(target.name)
@@ -585,40 +827,57 @@ class SyncEngine:
         finally:
             os.close(fd)
 
-    def _issue_requests(self) -> list[Outgoing]:
+    def _issue_requests(self, now: float) -> list[Outgoing]:
         out: list[Outgoing] = []
         for job in self.jobs.values():
             while job.fetch:
-                peer = next((p for p in sorted(job.sources) if p in self.peers and self.peers[p].ready), None)
-                if peer is None:
-                    break
-                state = self.peers[peer]
                 i = job.fetch[0]
                 offset = i * job.target.block_size
                 size = min(job.target.block_size, job.target.size - offset)
-                if state.inflight_bytes + size > self.max_inflight_bytes and state.inflight_bytes:
-                    return out
+                # the first source with room in its window (a full one holds up only its own blocks)
+                peer = next((p for p in sorted(job.sources) if self._can_ask(p) and self._room(p, size)), None)
+                if peer is None:
+                    break
+                state = self.peers[peer]
                 job.fetch.popleft()
                 job.outstanding.add(i)
+                if not state.inflight_bytes:
+                    state.answered_at = now  # the stall clock starts with the first open request
                 state.inflight_bytes += size
-                rid = self.request_id_base | self._next_request_id
-                self._next_request_id = (self._next_request_id + 1) & REQUEST_ID_MASK
+                rid = self._new_request_id()
                 self.requests[rid] = (peer, job.name, i)
                 self.requested_blocks += 1
                 out.append((peer, Request(self.folder_id, job.name, offset, size, job.target.block_hash(i), rid)))
         return out
 
+    def _room(self, peer: str, size: int) -> bool:
+        inflight = self.peers[peer].inflight_bytes
+        return not inflight or inflight + size <= self.max_inflight_bytes
+
+    def _new_request_id(self) -> int:
+        while True:
+            rid = self.request_id_base | self._next_request_id
+            self._next_request_id = (self._next_request_id + 1) & REQUEST_ID_MASK
+            if rid not in self.requests and rid not in self.cancelled:
+                return rid  # (after a wrap, ids still awaiting an answer are skipped)
+
     def _serve(self, req: Request) -> Response:
         # The daemon's shell answers requests with a `BlockServer` instead, beside the engine.
         return serve_block(self.folder_id, self.index, self.fs, req)
 
-    def _on_response(self, peer: str, state: Peer, msg: Response) -> None:
-        entry = self.requests.pop(msg.request_id, None)
-        if entry is None and self.cancelled.get(msg.request_id) == peer:
+    def _on_response(self, peer: str, state: Peer, msg: Response, now: float) -> None:
+        entry = self.requests.get(msg.request_id)
+        late = self.cancelled.get(msg.request_id)
+        if entry is None and late is not None and late[0] == peer:
             del self.cancelled[msg.request_id]
+            state.inflight_bytes -= late[1]
+            state.answered_at, state.stalled = now, False
             return
         if entry is None or entry[0] != peer:
+            # (checked before the entry is taken: a peer answering another's id must not steal it)
             raise RemoteProtocolError("response to no request of ours", ErrorCode.UNEXPECTED_MESSAGE)
+        del self.requests[msg.request_id]
+        state.answered_at, state.stalled = now, False
         _, name, i = entry
         job = self.jobs.get(name)
         t = job.target if job is not None else None
@@ -641,7 +900,14 @@ class SyncEngine:
             if state.bad_blocks >= MAX_BAD_BLOCKS:
                 raise RemoteProtocolError(f"{state.bad_blocks} corrupt blocks", ErrorCode.BAD_BLOCK)
             return
-        puller.write_verified(job, i, msg.data)
+        try:
+            puller.write_verified(job, i, msg.data)
+        except OSError as exc:
+            # A full or failing disk: the peer did nothing wrong. The temp file stays; the retry
+            # keeps only the blocks in it whose hashes match, so a hole is fetched again.
+            log.warning("cannot write %r (trying again in %.0f s): %s", name, RETRY_PULL_AFTER, exc)
+            self._give_up(name, now)
+            return
         self._maybe_done(job)
 
     def _maybe_done(self, job: puller.Job) -> None:
@@ -659,18 +925,23 @@ class SyncEngine:
             for rid, (p, n, i) in list(self.requests.items()):
                 if n == name:
                     del self.requests[rid]
-                    self.cancelled[rid] = p
-                    # Its bytes are no longer in flight for our window, whether or not it answers.
-                    state = self.peers.get(p)
-                    if state is not None:
-                        state.inflight_bytes -= min(t.block_size, t.size - i * t.block_size)
+                    self.cancelled[rid] = (p, min(t.block_size, t.size - i * t.block_size))
 
-    def _apply_deletes(self) -> None:
+    def _apply_deletes(self, under: str | None = None) -> None:
+        """Apply the pending deletions (only those inside directory `under`, if given)."""
+        names = self.deletes if under is None else {n for n in self.deletes if n.startswith(under + "/")}
+        self.deletes = set() if under is None else self.deletes - names
         # deepest first, so a directory's files go before the directory itself
-        for name in sorted(self.deletes, key=lambda n: (-n.count("/"), n), reverse=False):
-            n = self.need.pop(name, None)
+        for name in sorted(names, key=lambda n: (-n.count("/"), n)):
+            n = self.need.get(name)
             if n is None:
                 continue
+            if not n.target.deleted:
+                # a newer live version took this name's place: it is pulled, not deleted
+                if name not in self.jobs and name not in self.queue:
+                    self.queue.append(name)
+                continue
+            del self.need[name]
             local = self.index.local(name)
             d = decide(local, n.target)
             if d.target is None or d.action is Action.NONE:
@@ -680,6 +951,8 @@ class SyncEngine:
                     continue  # changed here since our last scan: the scan makes it a conflict
                 try:
                     if local.type is FileType.DIR:
+                        # temp files of pulls that this deletion cancelled would keep it
+                        self.fs.remove_temps(name, keep=self._temps_in_use(name))
                         if not self.fs.rmdir(name):
                             continue  # holds files we keep (ignored or new): keep the directory
                     else:
@@ -689,7 +962,6 @@ class SyncEngine:
                     continue
                 self.dirty_dirs.add(name.rpartition("/")[0])
             self.records.append(d.target)
-        self.deletes.clear()
 
     def _temp_of(self, name: str) -> str:
         parent = name.rpartition("/")[0]

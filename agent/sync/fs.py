@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from agent.sync.paths import TEMP_PREFIX, split_name
+from agent.sync.paths import MARKER, TEMP_PREFIX, split_name
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 DIR_CACHE_SECONDS = 0.5  # longest a walked directory fd is reused inside a batch
@@ -53,17 +53,68 @@ def temp_name_for(name: str) -> str:
 class FolderFS:
     """Safe file operations relative to one folder root."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, need_root: bool = True) -> None:
+        """Open `root`; with `need_root=False` a missing root leaves the fd closed until `refresh`.
+
+        :raises OSError: `root` cannot be opened as a directory (only with `need_root`).
+        """
         self.root = root
-        self._root_fd = os.open(root, _DIR_FLAGS)
+        self._root_fd = -1  # operations on a closed root fail with EBADF, an OSError like any other
+        self._root_id = (0, 0)
         self._batch_depth = 0
         self._dirs: dict[str, int] = {}  # dirname -> walked directory fd, only inside `batch()`
         self._dirs_since = 0.0
+        try:
+            self._open_root()
+        except OSError:
+            if need_root:
+                raise
+
+    def _open_root(self) -> None:
+        fd = os.open(self.root, _DIR_FLAGS)
+        st = os.fstat(fd)
+        self._drop_dirs()
+        if self._root_fd >= 0:
+            os.close(self._root_fd)
+        self._root_fd, self._root_id = fd, (st.st_dev, st.st_ino)
+
+    def refresh(self) -> bool:
+        """True if the root is there with its marker; the root is reopened if it was replaced
+        (a disk mounted again, a folder moved back), so operations act on what the path names."""
+        try:
+            st = os.stat(self.root)
+            mark = os.lstat(self.root / MARKER)
+        except OSError:
+            return False
+        if not stat.S_ISDIR(mark.st_mode):
+            return False
+        if (st.st_dev, st.st_ino) != self._root_id:
+            try:
+                self._open_root()
+            except OSError:
+                return False
+        return True
+
+    def make_marker(self) -> None:
+        """Create the root if missing and its marker: from now on this directory is the folder."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            os.mkdir(self.root / MARKER, 0o755)
+        except FileExistsError:
+            pass
+        fd = os.open(self.root, _DIR_FLAGS)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self.refresh()
 
     def close(self) -> None:
         """Release the root directory fd."""
         self._drop_dirs()
-        os.close(self._root_fd)
+        if self._root_fd >= 0:
+            os.close(self._root_fd)
+            self._root_fd = -1
 
     @contextmanager
     def batch(self) -> Iterator[None]:
@@ -158,7 +209,8 @@ class FolderFS:
         """A read-only fd of regular file `base` in directory `parent`, never through a symlink."""
         dfd = self.open_dir(parent)
         try:
-            fd = os.open(base, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+            # O_NONBLOCK: a FIFO put at a synced name must not hang the open (no effect on files)
+            fd = os.open(base, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=dfd)
         finally:
             os.close(dfd)
         if not stat.S_ISREG(os.fstat(fd).st_mode):
@@ -172,7 +224,7 @@ class FolderFS:
         dfd = self.open_dir(parent, create=True)
         try:
             tmp = temp_name_for(name)
-            flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
+            flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
             try:
                 fd = os.open(tmp, flags, dir_fd=dfd)
                 existed = True
@@ -295,6 +347,22 @@ class FolderFS:
             if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
                 return False
             raise
+        finally:
+            os.close(dfd)
+
+    def remove_temps(self, dirname: str, keep: set[str]) -> None:
+        """Delete our temp files directly in directory `dirname`, except those named in `keep`."""
+        try:
+            dfd = self.open_dir(dirname)
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        try:
+            for entry in os.listdir(dfd):
+                if entry.startswith(TEMP_PREFIX) and entry not in keep:
+                    try:
+                        os.unlink(entry, dir_fd=dfd)  # unlink never follows a symlink
+                    except (FileNotFoundError, IsADirectoryError, PermissionError):
+                        pass
         finally:
             os.close(dfd)
 

@@ -3,7 +3,7 @@
 Theory: a name is a relative POSIX path in NFC. Everything a peer says is hostile until this
 module accepted it: no absolute paths, no `.`/`..`/empty components, no NUL, control characters or
 backslashes, at most 255 UTF-8 bytes a component and 4096 a path, and nothing in our reserved
-namespace (`.tofu-*`: temp files and any future metadata; `.tofuignore` is an ordinary synced
+namespace (`.tofu-*`: temp files, the folder marker `.tofu-folder`; `.tofuignore` is an ordinary synced
 file). Accepted names never leave the folder by themselves; `agent.sync.fs` also refuses to walk
 through symlinks, so a symlink planted in the folder cannot redirect a write either.
 """
@@ -21,6 +21,10 @@ MAX_DEPTH = 256
 RESERVED_PREFIX = ".tofu-"
 TEMP_PREFIX = ".tofu-tmp-"
 IGNORE_FILE = ".tofuignore"
+# A directory at the folder root that says "this is the folder, present and mounted", as
+# Syncthing's `.stfolder`: without it a missing or unmounted root would scan as "everything
+# deleted" and the deletions would reach every peer.
+MARKER = ".tofu-folder"
 CONFLICT_MARKER = ".sync-conflict-"
 _BAD_CHAR = re.compile(r"[\x00-\x1f\x7f\\]")  # control characters, DEL, backslash
 

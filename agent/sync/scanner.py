@@ -27,7 +27,7 @@ from agent.sync.fs import FolderFS
 from agent.sync.ignore import Ignore
 from agent.sync.index import FolderIndex, under
 from agent.sync.model import FileInfo, FileType
-from agent.sync.paths import IGNORE_FILE, is_temp_name, is_valid_name
+from agent.sync.paths import IGNORE_FILE, MARKER, is_temp_name, is_valid_name
 from agent.sync.vectors import Vector
 
 log = logging.getLogger(__name__)
@@ -113,8 +113,8 @@ class Scanner:
             for name, old in known.items():
                 if old.deleted or name in seen or self.ignore.matches(name, old.type is FileType.DIR):
                     continue
-                if any(name.startswith(u + "/") for u in unreadable):
-                    continue
+                if any(not u or name.startswith(u + "/") for u in unreadable):
+                    continue  # not seen because its directory could not be read: not a deletion
                 result.changed.append(self._tombstone(old, now_s))
         result.final = True
         yield result
@@ -136,7 +136,8 @@ class Scanner:
             if st is None or self.ignore.matches(prefix, stat.S_ISDIR(st.st_mode)):
                 return
             if not stat.S_ISDIR(st.st_mode):
-                self._check_file(prefix, st, known.get(prefix), seen, now_s, result)
+                if stat.S_ISREG(st.st_mode):  # a symlink or special file here now: not seen, so a deletion
+                    self._check_file(prefix, st, known.get(prefix), seen, now_s, result)
                 if self._full(result, max_files):
                     yield None
                 return
@@ -155,6 +156,8 @@ class Scanner:
                 name = f"{rel}/{entry.name}" if rel else entry.name
                 if is_temp_name(entry.name):
                     result.temp_files.append(name)
+                    continue
+                if not rel and entry.name == MARKER:
                     continue
                 if not is_valid_name(name) or unicodedata.normalize("NFC", name) != name:
                     log.warning("not syncing %r: the name cannot be synced", name)

@@ -63,7 +63,7 @@ class BlockServer:
 
     def __init__(self, folder_id: str, root: Path, index_path: Path | str) -> None:
         self.folder_id = folder_id
-        self.fs = FolderFS(root)
+        self.fs = FolderFS(root, need_root=False)  # made by the engine's start if missing
         self.index = FolderIndex(index_path, read_only=True)
         self._lock = threading.Lock()  # links' send loops serve from several worker threads
 
@@ -71,6 +71,8 @@ class BlockServer:
         """Answers to `requests`, in order."""
         out: list[Response] = []
         with self._lock, self.fs.batch():
+            # (re)open the root if it was made or replaced (a disk mounted again) since the last batch
+            self.fs.refresh()
             for r in requests:
                 try:
                     out.append(serve_block(self.folder_id, self.index, self.fs, r))

@@ -69,6 +69,8 @@ log = logging.getLogger(__name__)
 RESCAN_INTERVAL = 300.0  # the safety net under file-system events
 WATCH_DEBOUNCE_MS = 1600  # longest a burst of events is grouped
 WATCH_STEP_MS = 50  # quiet time that ends a group: a single change is seen within ~50 ms
+WATCH_RETRY = 10.0  # seconds before watching a folder again whose root went away
+START_RETRY = 60.0  # seconds before starting a folder again whose start failed (disk, database)
 MAX_EVENT_NAMES = 20_000  # changed names queued per folder; more become one full scan (the engine
 # itself rescans everything past 256 names that are not its own writes)
 MAX_INFLIGHT_BYTES = 48 * 1024 * 1024  # block bytes requested per peer and folder, not yet answered
@@ -145,6 +147,9 @@ class _Folder:
     reported: dict[str, tuple[int, int]] = field(default_factory=dict)  # progress last sent per peer
     blocks_received: int = 0  # on the wire: responses with data, and their bytes
     bytes_received: int = 0
+    halted: bool = False  # the engine was stopped (missing root) after the last step
+    watch_scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    started: anyio.Event = field(default_factory=anyio.Event)  # the engine's start is done (its root made)
 
     def put(self, kind: InboxKind, link: _Link, msg: SyncMessage | None = None, size: int = 0) -> None:
         self.inbox.append((kind, link, msg))
@@ -185,7 +190,6 @@ class SyncService:
                 continue
             index: FolderIndex | None = None
             try:
-                root.mkdir(parents=True, exist_ok=True)
                 index = FolderIndex(index_path(self.paths, cfg.id))
                 engine = SyncEngine(
                     cfg.id, root, index, self.identity.device_id, executor=self._executor,
@@ -271,6 +275,12 @@ class SyncService:
             case Request():
                 served = self.by_id.get(message.folder)
                 if served is None:
+                    # answered, as Syncthing does (the folder may have left our config while the
+                    # request was on its way), but only while the send queue has room: a peer that
+                    # asks without reading cannot pile answers up
+                    while len(ls.queue) >= MAX_PENDING_SERVES and not ls.closed:
+                        ls.room = anyio.Event()
+                        await ls.room.wait()
                     ls.push(Response(message.request_id, b"", BlockError.INVALID))
                     return
                 while ls.serves >= MAX_PENDING_SERVES and not ls.closed:
@@ -331,7 +341,15 @@ class SyncService:
     # -- folders ---------------------------------------------------------------------------------
 
     async def _run_folder(self, f: _Folder) -> None:
-        await anyio.to_thread.run_sync(self._start_engine, f)
+        while True:
+            try:
+                await anyio.to_thread.run_sync(self._start_engine, f)
+                f.halted = f.engine.halted is not None
+                f.started.set()
+                break
+            except Exception:
+                log.exception("folder %r: cannot start (trying again in %.0f s)", f.config.id, START_RETRY)
+                await anyio.sleep(START_RETRY)
         while True:
             if not (f.inbox or f.changed or f.rescan or f.engine.flush_due or f.engine.scan_pending):
                 delay = max(0.0, f.engine.get_timer() - time.time())
@@ -356,6 +374,10 @@ class SyncService:
                 self._fail(ls, exc)
             for ls, msg in out:
                 ls.push(msg)
+            halted = f.engine.halted is not None
+            if f.halted and not halted:
+                f.watch_scope.cancel()  # the root is back (maybe a new directory): watch it afresh
+            f.halted = halted
 
     def _start_engine(self, f: _Folder) -> None:
         with f.lock:
@@ -451,6 +473,7 @@ class SyncService:
                     while ls.queue and size < SEND_BATCH_BYTES and not _to_serve(*ls.queue[0]):
                         group.append(ls.queue.popleft()[1])
                         size += _send_size(group[-1])
+                    ls.room.set()
                     await self._send_group(ls, group)
                     continue
                 ls.queue.popleft()
@@ -487,29 +510,44 @@ class SyncService:
         import watchfiles  # a Rust extension: loaded only when there is a folder to watch
 
         root = str(f.config.path.absolute())
-        try:
-            async for changes in watchfiles.awatch(
-                root, watch_filter=None, debounce=WATCH_DEBOUNCE_MS, step=WATCH_STEP_MS, recursive=True,
-                ignore_permission_denied=True,
-                # The watcher thread notices cancellation only between waits: keep them short so
-                # SIGTERM stops the agent well inside its 5 s.
-                rust_timeout=500,
-            ):  # fmt: skip
-                for _, path in changes:
-                    name = self._event_name(root, path)
-                    if name is None:
-                        continue
-                    if name == "":
-                        f.rescan = True
-                    else:
-                        f.changed.add(name)
-                if len(f.changed) > MAX_EVENT_NAMES:
-                    f.changed.clear()
+        warned = False
+        await f.started.wait()  # a new folder's root is made by the start
+        while True:
+            failure: Exception | None = None
+            with anyio.CancelScope() as f.watch_scope:
+                try:
+                    await self._watch_once(f, watchfiles, root)
+                except Exception as exc:  # no inotify watches left, the folder vanished, ...
+                    failure = exc
+            present = await anyio.to_thread.run_sync(os.path.isdir, root)
+            if failure is not None and present and not warned:  # a missing root is the engine's to report
+                log.warning("not watching %s for changes (%s); periodic rescans still run", root, failure)
+                warned = True
+            # The watch ended (its root went away) or failed: try again, on the root as it is then;
+            # soon while the folder is stopped, rarely if watching itself fails (a big tree costs).
+            await anyio.sleep(WATCH_RETRY if f.halted or not present else RESCAN_INTERVAL)
+
+    async def _watch_once(self, f: _Folder, watchfiles: Any, root: str) -> None:
+        async for changes in watchfiles.awatch(
+            root, watch_filter=None, debounce=WATCH_DEBOUNCE_MS, step=WATCH_STEP_MS, recursive=True,
+            ignore_permission_denied=True,
+            # The watcher thread notices cancellation only between waits: keep them short so
+            # SIGTERM stops the agent well inside its 5 s.
+            rust_timeout=500,
+        ):  # fmt: skip
+            for _, path in changes:
+                name = self._event_name(root, path)
+                if name is None:
+                    continue
+                if name == "":
                     f.rescan = True
-                if f.changed or f.rescan:
-                    f.wake.set()
-        except Exception as exc:  # no inotify watches left, the folder vanished, ...
-            log.warning("not watching %s for changes (%s); periodic rescans still run", root, exc)
+                else:
+                    f.changed.add(name)
+            if len(f.changed) > MAX_EVENT_NAMES:
+                f.changed.clear()
+                f.rescan = True
+            if f.changed or f.rescan:
+                f.wake.set()
 
     @staticmethod
     def _event_name(root: str, path: str) -> str | None:
@@ -540,7 +578,7 @@ class SyncService:
                 finally:
                     f.lock.release()
             snap = f.snapshot
-            state = "scanning" if f.engine.state == "scanning" else snap.state
+            state = "scanning" if f.engine.state == "scanning" and snap.state != "error" else snap.state
             peers = []
             for device_id, progress in sorted(snap.peers.items()):
                 need_files, need_bytes = progress if progress is not None else (0, 0)
@@ -563,6 +601,7 @@ class SyncService:
                     "id": f.config.id,
                     "path": str(f.config.path),
                     "state": state,
+                    "error": snap.error,
                     "files": snap.files,
                     "bytes": snap.bytes,
                     "need_files": snap.need_files,

@@ -35,7 +35,7 @@ from agent.sync.model import FileInfo, FileType
 from agent.sync.vectors import Vector
 from agent.wire.handshake import Connection, HandshakeComplete, MessageReceived, PeerAuthenticated, PeerClosed, Role
 from agent.wire.messages import WireMessage
-from tests.agent.harness import ROOT, AgentProc, short_home, wait_for
+from tests.agent.harness import ROOT, AgentProc, cli, short_home, wait_for
 
 MiB = 1024 * 1024
 
@@ -98,7 +98,7 @@ def snapshot(root: Path) -> dict[str, tuple[str, int, int | None, str | None]]:
         for name in dirs + files:
             path = Path(dirpath) / name
             rel = str(path.relative_to(root))
-            if name.startswith(".tofu-tmp-"):
+            if name.startswith(".tofu-tmp-") or rel == ".tofu-folder":  # ours, never synced
                 continue
             st = path.lstat()
             if path.is_symlink():
@@ -314,6 +314,27 @@ def test_status_json_has_the_folder_fields(pair: Pair) -> None:
     peer = wait_for(lambda: folder_status(pair.a)["peers"], 10, "the peer entry")[0]
     assert peer["device_id"] == pair.idb and peer["name"] == "beta"
     assert {"need_files", "need_bytes", "percent"} <= peer.keys()
+
+
+def test_a_folder_moved_away_stops_and_deletes_nothing_on_the_peer(pair: Pair) -> None:
+    a, b = pair.fa / "moved", pair.fb / "moved"
+    write(a / "keep.txt", b"keep me")
+    same_tree(a, b)
+    inode = (b / "keep.txt").stat().st_ino
+    away = pair.homes[0] / "away"
+    pair.fa.rename(away)  # as a disk that is unmounted, or a folder moved by its user
+    try:
+        stopped = wait_for(lambda: (s := folder_status(pair.a))["state"] == "error" and s, 30, "alpha to stop")
+        assert ".tofu-folder" in stopped["error"]
+        human = cli(pair.a.home, "status").stdout
+        assert "STOPPED" in human, human
+        assert not pair.fa.exists(), "a stopped folder is not made again"
+    finally:
+        away.rename(pair.fa)
+    write(a / "after.txt", b"back again")
+    same_tree(a, b, what="alpha to resume once its folder is back")
+    assert folder_status(pair.a)["error"] == ""
+    assert (b / "keep.txt").stat().st_ino == inode, "beta's copy was deleted (and made again) meanwhile"
 
 
 def test_conflict_keeps_both_versions_on_both_machines(pair: Pair) -> None:

@@ -19,6 +19,8 @@ def tree(root: Path) -> dict[str, str | None]:
     """{name: sha256 or None for a directory} under `root`, our temp files left out."""
     out: dict[str, str | None] = {}
     for dirpath, dirs, files in os.walk(root):
+        if Path(dirpath) == root:
+            dirs[:] = [d for d in dirs if d != ".tofu-folder"]  # the folder marker is never synced
         for d in dirs:
             out[str((Path(dirpath) / d).relative_to(root))] = None
         for f in files:
