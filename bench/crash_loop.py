@@ -69,6 +69,7 @@ from tests.hostile.peer import ProtocolClient, new_identity  # noqa: E402
 
 MiB = 1024 * 1024
 TEMP_PREFIX = ".tofu-tmp-"
+MARKER = ".tofu-folder"
 
 
 def integrity(home: Path) -> dict[str, str]:
@@ -129,14 +130,14 @@ def folder_of(agent: AgentProc) -> dict[str, Any] | None:
 
 
 def tree(root: Path) -> dict[str, str]:
-    """{name: sha256 hex, or "dir"} of everything under `root` but temp files."""
+    """{name: sha256 hex, or "dir"} of everything under `root` but temp files and the folder marker."""
     out: dict[str, str] = {}
     for dirpath, dirs, files in os.walk(root):
         for name in dirs + files:
             path = Path(dirpath) / name
-            if name.startswith(TEMP_PREFIX):
-                continue
             rel = str(path.relative_to(root))
+            if name.startswith(TEMP_PREFIX) or rel == MARKER:  # the agent's own, never synced
+                continue
             if path.is_dir():
                 out[rel] = "dir"
             else:

@@ -513,19 +513,21 @@ class SyncService:
         warned = False
         await f.started.wait()  # a new folder's root is made by the start
         while True:
-            failure: Exception | None = None
+            # cancelled (from `_run_folder`) when a stopped folder's root is back: watch afresh at once
             with anyio.CancelScope() as f.watch_scope:
+                failure: Exception | None = None
                 try:
                     await self._watch_once(f, watchfiles, root)
                 except Exception as exc:  # no inotify watches left, the folder vanished, ...
                     failure = exc
-            present = await anyio.to_thread.run_sync(os.path.isdir, root)
-            if failure is not None and present and not warned:  # a missing root is the engine's to report
-                log.warning("not watching %s for changes (%s); periodic rescans still run", root, failure)
-                warned = True
-            # The watch ended (its root went away) or failed: try again, on the root as it is then;
-            # soon while the folder is stopped, rarely if watching itself fails (a big tree costs).
-            await anyio.sleep(WATCH_RETRY if f.halted or not present else RESCAN_INTERVAL)
+                present = await anyio.to_thread.run_sync(os.path.isdir, root)
+                if failure is not None and present and not warned:  # a missing root is the engine's to report
+                    log.warning("not watching %s for changes (%s); periodic rescans still run", root, failure)
+                    warned = True
+                # The watch ended (its root went away) or failed: try again, on the root as it is
+                # then; soon while the folder is stopped, rarely if watching itself fails (a big
+                # tree costs).
+                await anyio.sleep(WATCH_RETRY if f.halted or not present else RESCAN_INTERVAL)
 
     async def _watch_once(self, f: _Folder, watchfiles: Any, root: str) -> None:
         async for changes in watchfiles.awatch(
@@ -602,6 +604,7 @@ class SyncService:
                     "path": str(f.config.path),
                     "state": state,
                     "error": snap.error,
+                    "failed_files": snap.failed_files,
                     "files": snap.files,
                     "bytes": snap.bytes,
                     "need_files": snap.need_files,

@@ -334,6 +334,8 @@ def test_a_folder_moved_away_stops_and_deletes_nothing_on_the_peer(pair: Pair) -
     write(a / "after.txt", b"back again")
     same_tree(a, b, what="alpha to resume once its folder is back")
     assert folder_status(pair.a)["error"] == ""
+    write(a / "later.txt", b"seen by the watcher")  # well before the 5-minute rescan would
+    same_tree(a, b, what="alpha to watch its folder again")
     assert (b / "keep.txt").stat().st_ino == inode, "beta's copy was deleted (and made again) meanwhile"
 
 
