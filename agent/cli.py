@@ -349,6 +349,29 @@ def cmd_trust_add(ctx: Ctx) -> int:
     return EXIT_OK
 
 
+def _check_folders(folders: tuple[config.FolderConfig, ...], data_dir: Path) -> None:
+    """Refuse folders that cannot be synced safely: not a directory, overlapping each other, or
+    holding (or inside) the agent's own data directory, whose private key must never sync.
+
+    :raises ConfigError: naming the folder and the reason.
+    """
+    data = data_dir.resolve()
+    roots: list[tuple[str, Path]] = []
+    for f in folders:
+        real = f.path.resolve()  # a symlinked root is followed, as the agent does
+        if f.path.exists() and not f.path.is_dir():
+            raise ConfigError(f"folder {f.id!r}: {f.path} is not a directory")
+        if real == data or real in data.parents or data in real.parents:
+            raise ConfigError(f"folder {f.id!r}: {f.path} overlaps the agent's data directory {data_dir}")
+        for other_id, other in roots:
+            if real == other or real in other.parents or other in real.parents:
+                raise ConfigError(
+                    f"folders {other_id!r} and {f.id!r} overlap ({other} and {real}): "
+                    "a folder cannot be synced inside another"
+                )
+        roots.append((f.id, real))
+
+
 def cmd_run(ctx: Ctx) -> int:
     from agent import daemon
 
@@ -364,6 +387,7 @@ def cmd_run(ctx: Ctx) -> int:
         cfg = cfg.with_overrides(peers=cfg.peers + tuple(config.parse_peer(p) for p in a.peer))
     if a.folder:
         cfg = cfg.with_overrides(folders=(config.FolderConfig("default", Path(a.folder).absolute()),))
+    _check_folders(cfg.folders, ctx.paths.data_dir)
     return daemon.run(ctx.paths, cfg)
 
 

@@ -181,7 +181,13 @@ def _folders(items: list[Any], base_dir: Path) -> tuple[FolderConfig, ...]:
         if folder_id in seen:
             raise ConfigError(f"{where}: folder id {folder_id!r} is used twice")
         seen.add(folder_id)
-        path = Path(_expect(item, "path", str, where)).expanduser()
+        unknown = sorted(set(item) - {"id", "path"})
+        if unknown:
+            raise ConfigError(f"{where}: unknown setting(s): {', '.join(unknown)}")
+        text = _expect(item, "path", str, where)
+        if not text.strip():
+            raise ConfigError(f"{where}: `path` is empty")
+        path = Path(text).expanduser()
         folders.append(FolderConfig(folder_id, path if path.is_absolute() else base_dir / path))
     return tuple(folders)
 

@@ -437,6 +437,8 @@ BAD_COMMANDS: list[tuple[str, list[str], str]] = [
     ("bad --port big", ["run", "--port", "70000"], "out of range"),
     ("bad --port negative", ["run", "--port", "-1"], "out of range"),
     ("bad --trust-policy", ["run", "--trust-policy", "bogus"], "invalid choice"),
+    ("run folder is a file", ["run", "--folder", "{home}/a-file"], "is not a directory"),
+    ("run folder holds the data", ["run", "--folder", "{home}"], "overlaps the agent's data directory"),
     ("bad --limit zero", ["trust", "log", "--limit", "0"], "at least 1"),
     ("bad --limit negative", ["trust", "log", "--limit", "-3"], "at least 1"),
     ("bad --limit word", ["trust", "log", "--limit", "x"], "not a number"),

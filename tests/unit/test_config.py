@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from agent import config
+from agent import cli, config
 from agent.config import AnomalyConfig, Config, FolderConfig
 from agent.errors import ConfigError, UserError
 from agent.trust.model import TrustPolicy
@@ -155,6 +155,8 @@ def test_with_overrides_ignores_unset_options() -> None:
         ('[[folder]]\nid = "a\\tb"\npath = "/x"', r"`id` must be 1-64 printable characters"),
         (f"[[folder]]\nid = '{'x' * 65}'\npath = '/x'", r"`id` must be 1-64"),
         ("[[folder]]\nid = 'a'\npath = 5", r"#1: `path` must be str"),
+        ("[[folder]]\nid = 'a'\npath = ''", r"#1: `path` is empty"),
+        ("[[folder]]\nid = 'a'\npath = '/x'\nignore = '*.log'", r"#1: unknown setting\(s\): ignore"),
         (
             "[[folder]]\nid = 'a'\npath = '/x'\n[[folder]]\nid = 'b'\npath = '/y'\n[[folder]]\nid = 'a'\npath = '/z'",
             r"#3: folder id 'a' is used twice",
@@ -204,3 +206,35 @@ def test_parse_policy_lists_the_valid_ones() -> None:
     assert config.parse_policy("code") is TrustPolicy.CODE
     with pytest.raises(ConfigError, match="auto, manual, code"):
         config.parse_policy("AUTO ")
+
+
+@pytest.mark.parametrize(
+    ("paths", "message"),
+    [
+        (["f", "f"], "overlap"),
+        (["f", "f/inner"], "a folder cannot be synced inside another"),
+        (["f/inner", "f"], "overlap"),
+        (["link-to-f", "f"], "overlap"),  # the same directory through a symlink
+        (["data/sync"], "overlaps the agent's data directory"),
+        (["."], "overlaps the agent's data directory"),
+        (["file"], "is not a directory"),
+    ],
+)
+def test_run_refuses_folders_that_cannot_be_synced_safely(tmp_path: Path, paths: list[str], message: str) -> None:
+    (tmp_path / "f").mkdir()
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "link-to-f").symlink_to(tmp_path / "f")
+    folders = tuple(FolderConfig(f"id{i}", tmp_path / p) for i, p in enumerate(paths))
+    with pytest.raises(ConfigError, match=message):
+        cli._check_folders(folders, tmp_path / "data")
+
+
+def test_run_accepts_separate_folders_and_a_symlinked_root(tmp_path: Path) -> None:
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    folders = (
+        FolderConfig("a", tmp_path / "link"),
+        FolderConfig("b", tmp_path / "b"),
+        FolderConfig("c", tmp_path / "bc"),
+    )
+    cli._check_folders(folders, tmp_path / "data")
