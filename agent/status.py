@@ -34,6 +34,16 @@ def _ago(stamp: str | None) -> str:
     return dt.datetime.fromtimestamp(then).strftime("%Y-%m-%d %H:%M")
 
 
+def _size(n: int) -> str:
+    """Bytes for people: 512 B, 4.0 KiB, 1.5 GiB."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{n} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
 def _bar(fraction: float, width: int = 20) -> str:
     filled = round(max(0.0, min(1.0, fraction)) * width)
     return "[" + "#" * filled + "." * (width - filled) + "]"
@@ -53,16 +63,18 @@ def render(st: dict[str, Any]) -> str:
         need = f.get("need_bytes", 0)
         lines.append(
             f"Folder {f['id']}: {f['path']}  {f.get('state', '?')}  "
-            f"{f.get('files', 0)} files, {f.get('bytes', 0)} bytes"
-            + (f"  needs {f.get('need_files', 0)} files / {need} bytes" if need or f.get("need_files") else "")
+            f"{f.get('files', 0)} files, {_size(f.get('bytes', 0))}"
+            + (f"  needs {f.get('need_files', 0)} files / {_size(need)}" if need or f.get("need_files") else "")
         )
         if f.get("error"):
             lines.append(f"  STOPPED: {f['error']}")
+        if f.get("failed_files"):
+            lines.append(f"  {f['failed_files']} files could not be written; trying again every minute (see the log)")
         for p in f.get("peers", []):
             if p.get("need_bytes") or p.get("need_files"):
                 lines.append(
                     f"  {p.get('name') or p['device_id'][:8]}: {_bar(p.get('percent', 0) / 100)} "
-                    f"{p.get('percent', 0):.0f}%  {p.get('need_files', 0)} files, {p.get('need_bytes', 0)} bytes to go"
+                    f"{p.get('percent', 0):.0f}%  {p.get('need_files', 0)} files, {_size(p.get('need_bytes', 0))} to go"
                 )
     peers = st.get("peers", [])
     anomalies = sum(len(p.get("anomalies", [])) for p in peers)

@@ -119,6 +119,7 @@ class FolderStatus:
     need_bytes: int
     peers: dict[str, tuple[int, int] | None]
     error: str = ""  # why the folder is stopped (state 'error')
+    failed_files: int = 0  # names we could not write (full disk, a directory in the way), retried every 60 s
 
 
 class SyncEngine:
@@ -513,10 +514,20 @@ class SyncEngine:
     def status(self) -> FolderStatus:
         """Files, bytes and what is still needed, for `status`."""
         files, size = self.index.totals()
-        need_bytes = sum(n.target.size for n in self.need.values() if not n.target.deleted)
+        # a file being pulled counts only its blocks still to come, so progress moves during a
+        # long transfer instead of jumping from 0 to 100 % at its end
+        finished = {j.name for j in self.done}
+        need_bytes = 0
+        for name, n in self.need.items():
+            t = n.target
+            if t.deleted or name in finished:
+                continue
+            job = self.jobs.get(name)
+            left = t.size if job is None else min(t.size, (len(job.fetch) + len(job.outstanding)) * t.block_size)
+            need_bytes += left
         state = "error" if self.halted else "syncing" if self.need or self.jobs else self.state
         peers = {p: s.progress for p, s in self.peers.items()}
-        return FolderStatus(state, files, size, len(self.need), need_bytes, peers, self.halted or "")
+        return FolderStatus(state, files, size, len(self.need), need_bytes, peers, self.halted or "", len(self.failed))
 
     # -- index exchange ------------------------------------------------------------------------
 

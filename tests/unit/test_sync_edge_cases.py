@@ -533,3 +533,23 @@ def test_a_new_pattern_stops_pulls_of_what_it_ignores(tmp_path: Path) -> None:
     assert "big.iso" not in eng.need and not eng.jobs
     net.settle()
     assert not (net.root(A_ID) / "big.iso").exists()
+
+
+def test_need_bytes_falls_while_a_large_file_arrives(tmp_path: Path) -> None:
+    net = Net(tmp_path, [A_ID, B_ID])
+    data = secrets.token_bytes(4 * 1024 * 1024)
+    write(net.root(A_ID) / "big", data)
+    net.change(A_ID)
+    b = net.engines[B_ID]
+    b.max_inflight_bytes = block_size_for(len(data))  # one block in flight: the transfer takes many steps
+    net.connect(A_ID, B_ID)
+    seen = []
+    while net.queue:
+        net.step(limit=1)
+        seen.append(b.status().need_bytes)
+    net.settle()
+    assert (net.root(B_ID) / "big").read_bytes() == data and b.status().need_bytes == 0
+    during = [x for x in seen if 0 < x < len(data)]
+    assert len(set(during)) >= 3, f"need_bytes only took the values {sorted(set(seen))}"
+    first = seen.index(len(data))
+    assert seen[first:] == sorted(seen[first:], reverse=True), "it only ever falls once the pull began"
