@@ -71,7 +71,9 @@ class FolderFS:
                 raise
 
     def _open_root(self) -> None:
-        fd = os.open(self.root, _DIR_FLAGS)
+        # The root itself may be a symlink the user chose (~/Sync -> /data/sync), as in Syncthing;
+        # only what lies inside it is never followed.
+        fd = os.open(self.root, _DIR_FLAGS & ~os.O_NOFOLLOW)
         st = os.fstat(fd)
         self._drop_dirs()
         if self._root_fd >= 0:

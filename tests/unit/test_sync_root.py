@@ -155,3 +155,16 @@ def test_the_block_server_reopens_a_root_that_came_back(tmp_path: Path) -> None:
         assert server.fs.lstat("d/f0") is not None and server.fs.lstat("d/f1") is None
     finally:
         server.close()
+
+
+def test_a_symlinked_root_is_followed_but_nothing_inside_it(tmp_path: Path) -> None:
+    real = tmp_path / "data" / "sync"
+    write(real / "a.txt", b"hello")
+    (tmp_path / "Sync").symlink_to(real)
+    (real / "out").symlink_to(tmp_path)  # a symlink inside stays a local thing
+    eng = SyncEngine("default", tmp_path / "Sync", FolderIndex(tmp_path / "i.db"), A_ID)
+    eng.start(1_700_000_000.0)
+    assert not stopped(eng)
+    assert [f.name for f in eng.index.local_files()] == ["a.txt"]
+    eng.close()
+    eng.index.close()
