@@ -26,7 +26,10 @@ def tree(root: Path) -> dict[str, str | None]:
         for f in files:
             if not f.startswith(".tofu-tmp-"):
                 p = Path(dirpath) / f
-                out[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest()
+                try:
+                    out[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest()
+                except FileNotFoundError:  # deleted by an agent while we walked: the next look sees it
+                    continue
     return out
 
 
