@@ -62,6 +62,7 @@ MAX_BAD_BLOCKS = 3
 MAX_EVENT_NAMES = 256  # more changed names than this at once (after our own writes): one full scan
 RETRY_SCAN_AFTER = 60.0  # a scan that failed on a disk or database error is retried (in full) this soon
 RETRY_PULL_AFTER = 60.0  # a name we could not write (full disk, read-only directory) is tried again this soon
+MAX_DEPTH_PASSES = 8  # deletion passes per call when emptied directories become deletable in turn
 ROOT_RECHECK = 10.0  # a folder stopped for a missing root or marker looks for it again this often
 MAX_FAILED = 10_000  # names remembered for a retry; past that the periodic full rescan is the retry
 # A peer that leaves our requests unanswered this long (not one response) is stalled: its
@@ -149,6 +150,7 @@ class SyncEngine:
         self.cancelled: dict[int, tuple[str, int]] = {}  # request id -> (peer, bytes)
         self.done: list[puller.Job] = []  # complete temp files waiting for `flush`
         self.failed: dict[str, float] = {}  # name -> when to try it again (a write or rename failed)
+        self.kept_dirs: set[str] = set()  # directories a peer deleted that still held files here
         self.records: list[FileInfo] = []  # index records waiting for `flush`
         self.dirty_dirs: set[str] = set()
         # Files we put in place ourselves: name -> (inode, mtime_ns). The file-system event our
@@ -490,6 +492,7 @@ class SyncEngine:
         self.deletes.clear()
         self.need.clear()
         self.failed.clear()
+        self.kept_dirs.clear()
         # what these would record is found again by the full scan of `_resume`
         self.records.clear()
         self.dirty_dirs.clear()
@@ -940,6 +943,22 @@ class SyncEngine:
 
     def _apply_deletes(self, under: str | None = None) -> None:
         """Apply the pending deletions (only those inside directory `under`, if given)."""
+        for _ in range(MAX_DEPTH_PASSES):
+            deleted = self._apply_deletes_once(under)
+            # A directory's deletion that found it still full is tried again once deletions inside
+            # it were applied: a large tree's records come over several messages, the directory's
+            # (lowest sequence) first, so its files may only have gone in this later pass.
+            ready = {d for d in self.kept_dirs if any(n.startswith(d + "/") for n in deleted)}
+            if not ready:
+                return
+            self.kept_dirs -= ready
+            self._reconsider(sorted(ready))
+            if under is not None:
+                return  # the caller goes on with its own name; the rest waits for the next pump
+
+    def _apply_deletes_once(self, under: str | None) -> list[str]:
+        """One pass of `_apply_deletes`; the names it deleted from the disk."""
+        deleted: list[str] = []
         names = self.deletes if under is None else {n for n in self.deletes if n.startswith(under + "/")}
         self.deletes = set() if under is None else self.deletes - names
         # deepest first, so a directory's files go before the directory itself
@@ -965,14 +984,20 @@ class SyncEngine:
                         # temp files of pulls that this deletion cancelled would keep it
                         self.fs.remove_temps(name, keep=self._temps_in_use(name))
                         if not self.fs.rmdir(name):
-                            continue  # holds files we keep (ignored or new): keep the directory
+                            # holds files we keep (ignored or new), or files whose deletions are
+                            # still on their way: keep it, and look again if some of them go
+                            if len(self.kept_dirs) < MAX_FAILED:
+                                self.kept_dirs.add(name)
+                            continue
                     else:
                         self.fs.unlink(name)
                 except OSError as exc:
                     log.warning("cannot delete %r: %s", name, exc)
                     continue
                 self.dirty_dirs.add(name.rpartition("/")[0])
+                deleted.append(name)
             self.records.append(d.target)
+        return deleted
 
     def _temp_of(self, name: str) -> str:
         parent = name.rpartition("/")[0]

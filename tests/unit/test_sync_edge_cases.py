@@ -553,3 +553,20 @@ def test_need_bytes_falls_while_a_large_file_arrives(tmp_path: Path) -> None:
     assert len(set(during)) >= 3, f"need_bytes only took the values {sorted(set(seen))}"
     first = seen.index(len(data))
     assert seen[first:] == sorted(seen[first:], reverse=True), "it only ever falls once the pull began"
+
+
+def test_deleting_a_directory_announced_over_several_messages_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(engine_module, "MAX_FILES_PER_MESSAGE", 3)  # the directory's record comes first, alone
+    net = pair(tmp_path)
+    a, b = net.root(A_ID), net.root(B_ID)
+    for i in range(10):
+        write(a / "big" / "sub" / f"f{i}", b"x")
+    net.change(A_ID)
+    net.settle()
+    assert len(tree(b)) == 12
+    shutil.rmtree(a / "big")
+    net.change(A_ID)
+    net.settle()
+    assert tree(b) == {}, "the emptied directories are deleted too"
