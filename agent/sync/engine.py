@@ -62,6 +62,7 @@ MAX_BAD_BLOCKS = 3
 MAX_EVENT_NAMES = 256  # more changed names than this at once (after our own writes): one full scan
 RETRY_SCAN_AFTER = 60.0  # a scan that failed on a disk or database error is retried (in full) this soon
 RETRY_PULL_AFTER = 60.0  # a name we could not write (full disk, read-only directory) is tried again this soon
+MIN_FREE_FRACTION = 0.01  # as Syncthing's minDiskFree: pulls never fill the disk past 99 %
 MAX_DEPTH_PASSES = 8  # deletion passes per call when emptied directories become deletable in turn
 ROOT_RECHECK = 10.0  # a folder stopped for a missing root or marker looks for it again this often
 MAX_FAILED = 10_000  # names remembered for a retry; past that the periodic full rescan is the retry
@@ -151,6 +152,7 @@ class SyncEngine:
         self.done: list[puller.Job] = []  # complete temp files waiting for `flush`
         self.failed: dict[str, float] = {}  # name -> when to try it again (a write or rename failed)
         self.kept_dirs: set[str] = set()  # directories a peer deleted that still held files here
+        self._space, self._space_at = 0, -1e18  # free bytes left for new pulls, and when they were read
         self.records: list[FileInfo] = []  # index records waiting for `flush`
         self.dirty_dirs: set[str] = set()
         # Files we put in place ourselves: name -> (inode, mtime_ns). The file-system event our
@@ -758,6 +760,9 @@ class SyncEngine:
                 if n.sources and all(p in self.peers and self.peers[p].stalled for p in n.sources):
                     self._give_up(name, now)  # only stalled peers have it: keep the slot for others
                     return
+                if not self._disk_has_room(d.target.size, now):
+                    self._give_up(name, now)
+                    return
                 job = puller.Job(d.target, local, set(n.sources))
                 puller.open_job(self.fs, self.index, job, self.scanner.executor)
                 self.jobs[name] = job
@@ -786,6 +791,24 @@ class SyncEngine:
         for name, job in list(self.jobs.items()):
             if not any(self._can_ask(p) for p in job.sources):
                 self._give_up(name, now)  # frees the slot for files other peers can send
+
+    def _disk_has_room(self, size: int, now: float) -> bool:
+        """True if pulling `size` more bytes (on top of what running pulls still write) leaves
+        the file system at least MIN_FREE_FRACTION free; a full disk hurts the whole machine.
+        The free space is read at most once a second; pulls started meanwhile are subtracted."""
+        if now - self._space_at >= 1.0 or now < self._space_at:
+            free, total = self.fs.free_space()
+            coming = sum((len(j.fetch) + len(j.outstanding)) * j.target.block_size for j in self.jobs.values())
+            self._space, self._space_at = free - coming - int(total * MIN_FREE_FRACTION), now
+        if self._space >= size:
+            self._space -= size
+            return True
+        if not self.failed:  # one line per episode, not one per file
+            log.warning(
+                "folder %r: not enough free disk space to pull %d bytes (keeping %.0f %% of the disk free); "
+                "trying again every %.0f s", self.folder_id, size, MIN_FREE_FRACTION * 100, RETRY_PULL_AFTER,
+            )  # fmt: skip
+        return False
 
     def _can_ask(self, peer: str) -> bool:
         state = self.peers.get(peer)

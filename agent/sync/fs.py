@@ -111,6 +111,14 @@ class FolderFS:
             os.close(fd)
         self.refresh()
 
+    def free_space(self) -> tuple[int, int]:
+        """(bytes free for us, total bytes) of the file system the folder is on.
+
+        :raises OSError: the root is not open.
+        """
+        st = os.fstatvfs(self._root_fd)
+        return st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
+
     def close(self) -> None:
         """Release the root directory fd."""
         self._drop_dirs()

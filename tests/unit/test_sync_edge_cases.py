@@ -570,3 +570,20 @@ def test_deleting_a_directory_announced_over_several_messages_leaves_nothing(
     net.change(A_ID)
     net.settle()
     assert tree(b) == {}, "the emptied directories are deleted too"
+
+
+def test_pulls_stop_before_the_disk_is_full_and_resume_when_there_is_room(tmp_path: Path) -> None:
+    net = pair(tmp_path)
+    b = net.engines[B_ID]
+    disk = {"free": 10**9 + 50_000, "total": 100 * 10**9}  # 1 GB must stay free (1 %): 50 kB of room
+    b.fs.free_space = lambda: (disk["free"], disk["total"])  # type: ignore[method-assign]
+    write(net.root(A_ID) / "small", b"s" * 10_000)
+    write(net.root(A_ID) / "large", b"l" * 100_000)
+    net.change(A_ID)
+    net.settle()
+    assert (net.root(B_ID) / "small").exists() and not (net.root(B_ID) / "large").exists()
+    assert b.status().failed_files == 1
+    disk["free"] = 10 * 10**9
+    later(net, B_ID)
+    assert (net.root(B_ID) / "large").read_bytes() == b"l" * 100_000
+    assert b.status().failed_files == 0
