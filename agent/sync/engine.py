@@ -153,6 +153,7 @@ class SyncEngine:
         self.failed: dict[str, float] = {}  # name -> when to try it again (a write or rename failed)
         self.kept_dirs: set[str] = set()  # directories a peer deleted that still held files here
         self._space, self._space_at = 0, -1e18  # free bytes left for new pulls, and when they were read
+        self._space_warned = False  # the lack of space was logged (until a pull fits again)
         self.records: list[FileInfo] = []  # index records waiting for `flush`
         self.dirty_dirs: set[str] = set()
         # Files we put in place ourselves: name -> (inode, mtime_ns). The file-system event our
@@ -802,8 +803,10 @@ class SyncEngine:
             self._space, self._space_at = free - coming - int(total * MIN_FREE_FRACTION), now
         if self._space >= size:
             self._space -= size
+            self._space_warned = False
             return True
-        if not self.failed:  # one line per episode, not one per file
+        if not self._space_warned:  # one line per episode, not one per file
+            self._space_warned = True
             log.warning(
                 "folder %r: not enough free disk space to pull %d bytes (keeping %.0f %% of the disk free); "
                 "trying again every %.0f s", self.folder_id, size, MIN_FREE_FRACTION * 100, RETRY_PULL_AFTER,
