@@ -278,6 +278,7 @@ class SyncVictim:
     attacker: Identity
     homes: list[Path]
     probes: int = 0
+    open_peers: list[SyncPeer] = field(default_factory=list)  # closed by the next `peer()` if a test failed
 
     @property
     def port(self) -> int:
@@ -302,9 +303,12 @@ class SyncVictim:
 
     def peer(self, *, source: str = ATTACKER_SOURCE) -> SyncPeer:
         """A connected attacker that said FOLDER_HELLO (close it with `done`)."""
+        while self.open_peers:  # a failed test left its attacker connected: it must not fail the next
+            self.open_peers.pop().close()
         self.wait_attacker_gone()
         p = SyncPeer(self.port, self.attacker, source=source)
         p.start()
+        self.open_peers.append(p)
         return p
 
     def done(self, p: SyncPeer) -> None:
