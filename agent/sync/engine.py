@@ -50,7 +50,7 @@ from agent.sync.messages import (
     wire_size,
 )  # fmt: skip
 from agent.sync.model import FileInfo, FileType
-from agent.sync.paths import IGNORE_FILE, MARKER
+from agent.sync.paths import IGNORE_FILE, MARKER, parent_names
 from agent.sync.planner import Action, conflict_name, decide
 from agent.sync.scanner import Scanner, ScanResult, load_ignore
 from agent.sync.server import serve_block
@@ -974,7 +974,7 @@ class SyncEngine:
             # A directory's deletion that found it still full is tried again once deletions inside
             # it were applied: a large tree's records come over several messages, the directory's
             # (lowest sequence) first, so its files may only have gone in this later pass.
-            ready = {d for d in self.kept_dirs if any(n.startswith(d + "/") for n in deleted)}
+            ready = self.kept_dirs & {a for n in deleted for a in parent_names(n)}
             if not ready:
                 return
             self.kept_dirs -= ready
