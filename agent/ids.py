@@ -9,8 +9,9 @@ import secrets
 from agent.errors import IdentityError
 
 DEVICE_ID_BYTES = 20  # 160 bits, 32 base32 characters
-_DEVICE_ID_RE = re.compile(r"^[A-Z2-7]{32}$")
-_FINGERPRINT_RE = re.compile(r"^[0-9a-f]{64}$")
+# Checked with fullmatch: `$` would also match before a trailing "\n", letting "<64 hex>\n" through.
+_DEVICE_ID_RE = re.compile(r"[A-Z2-7]{32}")
+_FINGERPRINT_RE = re.compile(r"[0-9a-f]{64}")
 MAX_NAME_LEN = 64
 
 
@@ -25,12 +26,12 @@ def new_device_id() -> str:
 
 def is_device_id(value: object) -> bool:
     """True if `value` has the form of a device id."""
-    return isinstance(value, str) and _DEVICE_ID_RE.match(value) is not None
+    return isinstance(value, str) and _DEVICE_ID_RE.fullmatch(value) is not None
 
 
 def is_fingerprint(value: object) -> bool:
     """True if `value` is 64 lower-case hex characters."""
-    return isinstance(value, str) and _FINGERPRINT_RE.match(value) is not None
+    return isinstance(value, str) and _FINGERPRINT_RE.fullmatch(value) is not None
 
 
 def clean_name(name: str) -> str:

@@ -57,7 +57,7 @@ _TRANSCRIPT_LABEL = b"tofu-agent/v1/pair-transcript"
 _CONFIRM_LABEL_A = b"tofu-agent/v1/pair-confirm-A"
 _CONFIRM_LABEL_B = b"tofu-agent/v1/pair-confirm-B"
 
-_CODE_RE = re.compile(r"^(\d{1,3})[-\s]+([a-z]+)[-\s]+([a-z]+)$")
+_CODE_RE = re.compile(r"(\d{1,3})[-\s]+([a-z]+)[-\s]+([a-z]+)")  # used with fullmatch, never `$`
 
 
 # -- errors ---------------------------------------------------------------------------------------
@@ -129,7 +129,7 @@ def parse_code(text: str) -> PairingCode:
 
     :raises UserError: it is not a code; the message shows the expected form.
     """
-    m = _CODE_RE.match(text.strip().lower())
+    m = _CODE_RE.fullmatch(text.strip().lower())
     if m is None:
         raise UserError(f"{text.strip()!r} is not a pairing code; it looks like 7-guitar-orbit")
     nameplate = int(m.group(1))
