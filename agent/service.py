@@ -21,10 +21,8 @@ def unit_text(exec_start: str) -> str:
 
 
 def _template() -> str:
-    here = Path(__file__).resolve().parent.parent / "systemd" / UNIT_NAME
-    if here.exists():
-        return here.read_text("utf-8")
-    return resources.files("agent").joinpath(UNIT_NAME).read_text("utf-8")
+    # Package data (agent/data/), so a wheel install has it as well as a source checkout.
+    return resources.files("agent").joinpath("data", UNIT_NAME).read_text("utf-8")
 
 
 def user_unit_dir() -> Path:
@@ -48,16 +46,26 @@ def _systemctl(*args: str) -> None:
         raise UserError("systemctl is not available on this machine")
     result = subprocess.run(["systemctl", "--user", *args], capture_output=True, text=True, check=False)
     if result.returncode != 0:
-        raise UserError(f"systemctl --user {' '.join(args)} failed: {result.stderr.strip()}")
+        reason = " ".join(result.stderr.split()) or f"exit status {result.returncode}"
+        raise UserError(f"systemctl --user {' '.join(args)} failed: {reason}")
 
 
 def install(paths: Paths) -> str:
-    """Write the unit, reload systemd and enable the service now."""
+    """Write the unit, reload systemd and enable the service now.
+
+    :raises UserError: systemctl is missing or fails (no user manager); the unit is written anyway.
+    """
     target = user_unit_dir() / UNIT_NAME
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(unit_text(exec_start(paths)), "utf-8")
-    _systemctl("daemon-reload")
-    _systemctl("enable", "--now", UNIT_NAME)
+    try:
+        _systemctl("daemon-reload")
+        _systemctl("enable", "--now", UNIT_NAME)
+    except UserError as exc:
+        raise UserError(
+            f"wrote {target} but could not enable and start it: {exc}; once a user manager runs, "
+            f"`systemctl --user daemon-reload && systemctl --user enable --now {UNIT_NAME}`"
+        ) from exc
     return f"installed {target} and started it; see `systemctl --user status tofu-agent`"
 
 

@@ -26,7 +26,7 @@ import pytest
 from agent import service
 from tests.agent.harness import AgentProc, cli, fill_trust_store, wait_for
 
-UNIT = Path(__file__).resolve().parents[2] / "systemd" / service.UNIT_NAME
+UNIT = Path(__file__).resolve().parents[2] / "agent" / "data" / service.UNIT_NAME
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
 
 
