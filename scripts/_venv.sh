@@ -9,9 +9,11 @@ if [ ! -x "$VENV/bin/python" ]; then
     "$PY" -m venv "$VENV"
 fi
 # Reinstall only when pyproject.toml changed since the last install, so repeated runs are quick.
+# An install with extras also serves the plain install (it is a superset), so scripts/run after
+# scripts/test installs nothing; the other way round, scripts/test still has to add its extras.
 STAMP="$VENV/.tofu-installed$1"
 if [ ! -f "$STAMP" ] || [ "$ROOT/pyproject.toml" -nt "$STAMP" ]; then
     "$VENV/bin/python" -m pip install --quiet --upgrade pip
     "$VENV/bin/python" -m pip install --quiet -e "$ROOT$1"
-    touch "$STAMP"
+    touch "$STAMP" "$VENV/.tofu-installed"
 fi

@@ -1,4 +1,4 @@
-"""A normal (non-editable) install works: build the wheel, install it into a fresh venv, `service install`.
+"""A normal (non-editable) install works: the wheel builds without warnings, `service install` runs from it.
 
 An editable install finds files in the source tree that a wheel never ships (the systemd unit
 template was one), so this builds a wheel from a copy of the project, installs it with `--no-deps`
@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -35,7 +36,16 @@ def run(*args: str | Path, env: dict[str, str] | None = None, timeout: float = 3
     )
 
 
-def build_wheel(tmp: Path) -> Path:
+@dataclass(frozen=True)
+class Built:
+    wheel: Path
+    output: str  # what the build printed with --quiet: only warnings and errors
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
+    """The wheel, built once for the tests here (as pip builds it: in an isolated build environment)."""
+    tmp = tmp_path_factory.mktemp("wheel")
     src = tmp / "src"
     src.mkdir()
     for name in SOURCES:
@@ -46,10 +56,15 @@ def build_wheel(tmp: Path) -> Path:
     for extra in ROOT.glob("LICEN[CS]E*"):
         shutil.copy2(extra, src / extra.name)
     out = tmp / "wheels"
-    built = run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", out, src)
-    assert built.returncode == 0, built.stdout + built.stderr
+    result = run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", out, src)
+    assert result.returncode == 0, result.stdout + result.stderr
     (wheel,) = out.glob("tofu_agent-*.whl")
-    return wheel
+    return Built(wheel, result.stdout + result.stderr)
+
+
+def test_the_build_prints_no_warning(built: Built) -> None:
+    # setuptools warned on every install about `license = { text = ... }` (PEP 639 wants an SPDX string).
+    assert "Warning" not in built.output, built.output
 
 
 def make_venv(tmp: Path, wheel: Path) -> Path:
@@ -86,8 +101,8 @@ def isolated_env(tmp: Path) -> dict[str, str]:
     return env
 
 
-def test_service_install_from_a_wheel_writes_a_valid_unit(tmp_path: Path) -> None:
-    venv = make_venv(tmp_path, build_wheel(tmp_path))
+def test_service_install_from_a_wheel_writes_a_valid_unit(built: Built, tmp_path: Path) -> None:
+    venv = make_venv(tmp_path, built.wheel)
     env = isolated_env(tmp_path)
 
     result = run(venv / "bin" / "tofu-agent", "service", "install", env=env, timeout=60)
