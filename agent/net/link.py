@@ -4,6 +4,15 @@ The link decides nothing: it asks its `LinkHooks` (the daemon) whether to accept
 authenticated peer, and hands it open-connection messages. A peer's bad input ends in a
 `ProtocolError`: the ERROR frame the machine queued is sent, the stream closed, and one log line
 names the peer and the code.
+
+Full duplex. Each link has a reader (`_pump`) and a writer (`_write_loop`) task. The reader
+never waits for a write: what the machine queues (PONGs, READY, ERROR) and what `send_many`
+adds leave through the writer. Were the reader to wait for its own writes, two peers that both
+write while their socket buffers are full would each wait for the other to read, for good (the
+two-way first-sync deadlock). Backpressure is explicit instead: `send_many` waits while more than
+`SEND_HIGH_WATER` bytes are queued, and the reader stops reading only past `READ_STOP_BACKLOG`,
+which the machine's own small replies cannot reach unless the peer sends without ever reading
+(then holding it up is the point: it bounds what a peer can make us buffer).
 """
 
 from __future__ import annotations
@@ -40,6 +49,12 @@ log = logging.getLogger(__name__)
 READ_SIZE = 256 * 1024
 TIMER_GRACE = 0.05
 DRAIN_RECORDS = 64  # TLS records decrypted per wake-up at most (16 KiB each), so other tasks get turns
+SEND_HIGH_WATER = 4 * 1024 * 1024  # queued outgoing bytes past which `send_many` waits for the writer
+# Queued outgoing bytes past which the reader stops reading. Callers of `send_many` stop at the
+# high-water mark and add at most one batch (a few MiB), so only a peer that makes us answer
+# (PINGs) while it never reads gets here.
+READ_STOP_BACKLOG = SEND_HIGH_WATER + 32 * 1024 * 1024
+CLOSE_FLUSH_TIMEOUT = 1.0  # seconds to let the ERROR frame (and what precedes it) leave at close
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,8 +89,12 @@ class PeerLink:
         rotations: tuple[bytes, ...] = (),
         keepalive_idle: float = 15.0,
         keepalive_timeout: float = 10.0,
+        send_high_water: int = SEND_HIGH_WATER,
+        read_stop_backlog: int = READ_STOP_BACKLOG,
     ) -> None:
         self.stream = stream
+        self.send_high_water = send_high_water
+        self.read_stop_backlog = read_stop_backlog
         self.address = address
         self.role = role
         self.conn = Connection(
@@ -89,9 +108,16 @@ class PeerLink:
         )
         self.peer: PeerAuthenticated | None = None
         self.opened_at: float | None = None
-        self._send_lock = anyio.Lock()
         self._closing: tuple[ErrorCode, str] | None = None
         self._recv_scope: anyio.CancelScope | None = None
+        # writer side: bytes taken from the machine and not yet written, and the events that
+        # wake the writer (work queued) and the waiting senders (room)
+        self._writing = 0
+        self._wake_writer = anyio.Event()
+        self._room = anyio.Event()
+        self._writer_done = anyio.Event()
+        self._write_error: BaseException | None = None
+        self._stopping = False  # the reader is done: the writer sends what is queued, then ends
         # A TLS stream hands out one 16 KiB record per `receive`; records already buffered are
         # read straight from its SSLObject (public via TLSAttribute) without a trip through the
         # event loop each, which is most of the cost of receiving bulk data.
@@ -109,25 +135,72 @@ class PeerLink:
         who = self.peer.name if self.peer else "?"
         return f"<PeerLink {who} {self.address} {self.role.name.lower()} {self.conn.state.name}>"
 
-    async def _flush(self) -> None:
-        async with self._send_lock:
-            data = self.conn.data_to_send()
-            if data:
-                await self.stream.send(data)
+    @property
+    def backlog(self) -> int:
+        """Outgoing bytes queued and not yet written to the stream."""
+        return self.conn.bytes_to_send + self._writing
+
+    def _kick(self) -> None:
+        """Let the writer send what the machine has queued; never waits."""
+        if self.conn.bytes_to_send:
+            self._wake_writer.set()
 
     async def send(self, message: WireMessage) -> None:
         """Send an application message on the open connection."""
         await self.send_many((message,))
 
     async def send_many(self, messages: Iterable[WireMessage]) -> None:
-        """Send application messages in order with one TLS write (thousands of small ones cost
-        one write and a few TLS records instead of a syscall and a record each)."""
-        async with self._send_lock:
-            for message in messages:
-                self.conn.send(message)
-            data = self.conn.data_to_send()
-            if data:
+        """Queue application messages in order for one TLS write (thousands of small ones cost
+        one write and a few TLS records instead of a syscall and a record each).
+
+        Waits while more than SEND_HIGH_WATER bytes are queued (the peer reads slower than we
+        write); never waits for the peer otherwise.
+
+        :raises anyio.BrokenResourceError: the link's stream failed or the link is closing.
+        :raises LocalProtocolError: the connection is not open.
+        """
+        await self._room_below(self.send_high_water)
+        if self._write_error is not None or self._stopping:
+            raise anyio.BrokenResourceError("the link is closing")
+        for message in messages:
+            self.conn.send(message)
+        self._kick()
+
+    async def _write_loop(self) -> None:
+        """Write what the machine queues, in order, until the reader is done and all is sent."""
+        try:
+            while True:
+                data = self.conn.data_to_send()
+                if not data:
+                    self._room.set()
+                    if self._stopping:
+                        return
+                    self._wake_writer = anyio.Event()
+                    if self.conn.bytes_to_send:
+                        continue  # queued between the take and the new event
+                    await self._wake_writer.wait()
+                    continue
+                self._writing = len(data)
+                if self.backlog <= self.send_high_water:
+                    self._room.set()
                 await self.stream.send(data)
+                self._writing = 0
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+            self._write_error = exc
+            self._room.set()
+            if self._recv_scope is not None:
+                self._recv_scope.cancel()  # the reader learns it from _write_error
+        finally:
+            self._writing = 0
+            self._writer_done.set()
+
+    async def _drain_and_stop(self) -> None:
+        """Let the writer send what is queued (at most CLOSE_FLUSH_TIMEOUT), then stop it."""
+        self._stopping = True
+        self._wake_writer.set()
+        self._room.set()
+        with anyio.move_on_after(CLOSE_FLUSH_TIMEOUT):
+            await self._writer_done.wait()
 
     def close_soon(self, code: ErrorCode, reason: str) -> None:
         """Ask the pump to send ERROR(code) and close (e.g. the device was just revoked)."""
@@ -139,13 +212,24 @@ class PeerLink:
         """Bytes from the peer, b"" at EOF, None after `wait` seconds or when `close_soon` wakes us."""
         with anyio.move_on_after(wait) as scope:
             self._recv_scope = scope
-            if self._closing is not None:
+            if self._closing is not None or self._write_error is not None:
+                return None
+            if self.backlog > self.read_stop_backlog:
+                # the peer sends and never reads: hold it up until the writer gets through
+                await self._room_below(self.read_stop_backlog)
                 return None
             try:
                 return await self.stream.receive(READ_SIZE)
             except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
                 return b""
         return None
+
+    async def _room_below(self, limit: int) -> None:
+        """Wait until at most `limit` bytes are queued, or the writer stopped."""
+        while self.backlog > limit and self._write_error is None and not self._stopping:
+            if self._room.is_set():
+                self._room = anyio.Event()  # one event for all waiters: the writer sets it
+            await self._room.wait()
 
     def _buffered_records(self) -> list[bytes]:
         """Plaintext of the TLS records that are already received and need no waiting.
@@ -169,7 +253,21 @@ class PeerLink:
         """Drive the connection until it closes; never raises for anything the peer does."""
         reason = "closed"
         try:
-            reason = await self._pump(hooks)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._write_loop)
+                try:
+                    reason = await self._read(hooks)
+                finally:
+                    with anyio.CancelScope(shield=True):
+                        await self._drain_and_stop()
+                    tg.cancel_scope.cancel()
+        finally:
+            await hooks.closed(self, reason)
+
+    async def _read(self, hooks: LinkHooks) -> str:
+        """Run the reader; the reason the connection ended."""
+        try:
+            return await self._pump(hooks)
         except ProtocolError as exc:
             reason = f"{exc.code.value}: {exc}"
             who = f"{self.peer.name} ({self.peer.device_id[:8]}..)" if self.peer else "unauthenticated peer"
@@ -180,25 +278,20 @@ class PeerLink:
                 # would have queued the ERROR itself: tell the peer why before closing.
                 with contextlib.suppress(ProtocolError):
                     self.conn.close(exc.code, str(exc))
-            try:
-                with anyio.move_on_after(1.0):
-                    await self._flush()
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-                pass
+            return reason
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
-            reason = f"connection lost: {exc}"
-        finally:
-            await hooks.closed(self, reason)
+            return f"connection lost: {exc}"
 
     async def _pump(self, hooks: LinkHooks) -> str:
         conn = self.conn
         conn.initiate(time.monotonic())
-        await self._flush()
+        self._kick()
         while True:
+            if self._write_error is not None:
+                return f"connection lost: {self._write_error}"
             if self._closing is not None:
                 code, why = self._closing
                 conn.close(code, why)
-                await self._flush()
                 return f"closed by us: {code.value}"
             timer = conn.get_timer()
             # Never judge a timer without a look at what already arrived: after the pump was held
@@ -223,11 +316,10 @@ class PeerLink:
                             conn.accept(time.monotonic())
                         else:
                             conn.refuse(verdict.code, verdict.reason, time.monotonic())
-                            await self._flush()
                             return f"refused: {verdict.code.value}"
                     case HandshakeComplete():
                         self.opened_at = time.time()
-                        await self._flush()
+                        self._kick()
                         await hooks.opened(self)
                     case MessageReceived():
                         await hooks.message(self, event.message)
@@ -235,4 +327,4 @@ class PeerLink:
                         return f"peer closed: {event.code.value} {event.reason}".rstrip()
                     case ConnectionTerminated():
                         return "connection closed by peer"
-            await self._flush()
+            self._kick()

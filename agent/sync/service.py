@@ -273,20 +273,22 @@ class SyncService:
                 f.bytes_received += len(message.data)
                 await self._to_inbox(f, ls, message, len(message.data) + 64)
             case Request():
+                # Past MAX_PENDING_SERVES queued answers this link stops reading. A peer of ours
+                # never gets there (its engine keeps at most max_inflight_bytes / 128 KiB + max_jobs
+                # requests open, a few hundred), so only one that asks without reading is held up;
+                # our own queued messages never count here, so two busy peers cannot wait on
+                # each other.
+                while ls.serves >= MAX_PENDING_SERVES and not ls.closed:
+                    if ls.room.is_set():
+                        ls.room = anyio.Event()
+                    await ls.room.wait()
+                ls.serves += 1
                 served = self.by_id.get(message.folder)
                 if served is None:
                     # answered, as Syncthing does (the folder may have left our config while the
-                    # request was on its way), but only while the send queue has room: a peer that
-                    # asks without reading cannot pile answers up
-                    while len(ls.queue) >= MAX_PENDING_SERVES and not ls.closed:
-                        ls.room = anyio.Event()
-                        await ls.room.wait()
+                    # request was on its way)
                     ls.push(Response(message.request_id, b"", BlockError.INVALID))
                     return
-                while ls.serves >= MAX_PENDING_SERVES and not ls.closed:
-                    ls.room = anyio.Event()
-                    await ls.room.wait()
-                ls.serves += 1
                 ls.push(message, served)
             case FolderHello() | Index() | Progress():
                 shared = self.by_id.get(message.folder)
@@ -473,6 +475,8 @@ class SyncService:
                     while ls.queue and size < SEND_BATCH_BYTES and not _to_serve(*ls.queue[0]):
                         group.append(ls.queue.popleft()[1])
                         size += _send_size(group[-1])
+                        if isinstance(group[-1], Response):
+                            ls.serves -= 1  # an INVALID answer (the queue holds no other Response)
                     ls.room.set()
                     await self._send_group(ls, group)
                     continue

@@ -309,6 +309,11 @@ class Connection:
         self._out.clear()
         return out
 
+    @property
+    def bytes_to_send(self) -> int:
+        """How many bytes are queued for the transport (what data_to_send() would return)."""
+        return len(self._out)
+
     def get_timer(self) -> float | None:
         """When handle_timer() next needs to run, or None."""
         if self._state is State.OPEN:
