@@ -1,7 +1,8 @@
 """Folder sync benchmark: tofu-agent against Syncthing and an rsync daemon, plus this machine's limits.
 
-    .venv/bin/python bench/sync_bench.py            # 1 GiB file, 10,000 x 4 KiB files, one-byte change
+    .venv/bin/python bench/sync_bench.py            # 1 GiB file, 10,000 x 4 KiB files, one-byte change, two-way
     .venv/bin/python bench/sync_bench.py --quick    # small sizes, a minute at most (the test suite runs it)
+    .venv/bin/python bench/sync_bench.py --case twoway --no-rsync   # 500 MiB a side the other lacks, vs Syncthing
 
 Needs `syncthing` and `rsync` (Debian: `apt-get install -y syncthing rsync`); a missing tool's
 columns are skipped with a note. All traffic stays on loopback: our agents and rsync use
@@ -26,39 +27,89 @@ import threading
 import time
 import urllib.request
 import xml.etree.ElementTree as ET
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from tests.agent.harness import AgentProc, free_port, wait_for  # noqa: E402
 
 MiB = 1024 * 1024
-CASES = frozenset({"big", "small", "change"})
+CASES = frozenset({"big", "small", "change", "twoway"})
+ONE_WAY = frozenset({"big", "small", "change"})  # the cases one pair of running agents syncs in turn
 Results = dict[str, dict[str, float]]  # tool -> case -> seconds
 
 
 # -- data ----------------------------------------------------------------------------------------
 
 
-def make_data(work: Path, big: int, files: int, dirs: int) -> Path:
-    """The master data set: big.bin (random) and small/DIR/FILE (4 KiB each, random)."""
+def make_data(
+    work: Path, big: int, files: int, dirs: int, cases: frozenset[str] = ONE_WAY, twoway: tuple[int, int] = (0, 0)
+) -> Path:
+    """The master data set, only what `cases` need: big.bin (random), small/DIR/FILE (4 KiB each,
+    random), and for the two-way case twoway/a/ta/ and twoway/b/tb/ (`twoway` = (files, bytes
+    each) per side, random), the data each side starts with and the other lacks."""
     master = work / "master"
-    (master / "small").mkdir(parents=True)
-    with (master / "big.bin").open("wb") as fh:
-        left = big
+    master.mkdir(parents=True)
+    if cases & {"big", "change"}:
+        _random_file(master / "big.bin", big)
+    if "small" in cases:
+        (master / "small").mkdir()
+        for i in range(files):
+            d = master / "small" / f"d{i % dirs:03d}"
+            d.mkdir(exist_ok=True)
+            (d / f"f{i:05d}.dat").write_bytes(os.urandom(4096))
+    if "twoway" in cases:
+        n, size = twoway
+        for side in ("a", "b"):
+            d = master / "twoway" / side / f"t{side}"
+            d.mkdir(parents=True)
+            for i in range(n):
+                _random_file(d / f"f{i:03d}.bin", size)
+    os.sync()
+    return master
+
+
+def _random_file(path: Path, size: int) -> None:
+    with path.open("wb") as fh:
+        left = size
         while left:
             n = min(left, 8 * MiB)
             fh.write(os.urandom(n))
             left -= n
-    for i in range(files):
-        d = master / "small" / f"d{i % dirs:03d}"
-        d.mkdir(exist_ok=True)
-        (d / f"f{i:05d}.dat").write_bytes(os.urandom(4096))
+
+
+def twoway_files(master: Path) -> dict[str, dict[str, int]]:
+    """{side: {name relative to the synced folder: size}} of the two-way data in `master`."""
+    out: dict[str, dict[str, int]] = {}
+    for side in ("a", "b"):
+        base = master / "twoway" / side
+        out[side] = {str(p.relative_to(base)): p.stat().st_size for p in sorted(base.rglob("*")) if p.is_file()}
+    return out
+
+
+def fill_twoway(master: Path, side: str, folder: Path) -> None:
+    """Copy one side's two-way data into `folder` (made if missing), before anything syncs it."""
+    shutil.copytree(master / "twoway" / side, folder, dirs_exist_ok=True)
     os.sync()
-    return master
+
+
+def holds(folder: Path, files: dict[str, int]) -> bool:
+    """Every one of `files` is in `folder` at its full size (receivers write to a temp name, then rename)."""
+    for name, size in files.items():
+        try:
+            if (folder / name).stat().st_size != size:
+                return False
+        except FileNotFoundError:
+            return False
+    return True
+
+
+def check_twoway(master: Path, folders: Sequence[Path], tool: str) -> None:
+    """Each of `folders` holds both sides' data byte for byte (sha256); AssertionError naming `tool` if not."""
+    for side, files in twoway_files(master).items():
+        for name in files:
+            for folder in folders:
+                assert same_file(master / "twoway" / side / name, folder / name), f"{tool}: {folder / name} differs"
 
 
 def copy_data(master: Path, dest: Path, what: str) -> None:
@@ -188,12 +239,89 @@ def disk_write_speed(work: Path, total: int) -> float:
 # -- tofu-agent ----------------------------------------------------------------------------------
 
 
-def poll(pred: Callable[[], bool], timeout: float, what: str, step: float = 0.05) -> None:
+def poll(pred: Callable[[], object], timeout: float, what: str, step: float = 0.05) -> None:
     deadline = time.monotonic() + timeout
     while not pred():
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out waiting for {what}")
         time.sleep(step)
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class Agent:
+    """One `tofu-agent run` on 127.0.0.1 (static peers, no mDNS) with its own home, asked through the CLI."""
+
+    def __init__(self, home: Path, name: str) -> None:
+        self.home = home
+        self.name = name
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = home / f"{name}.log"
+
+    def spawn(self, folder: Path, peers: Sequence[Agent] = ()) -> Agent:
+        """Start the agent syncing `folder` and return at once."""
+        argv = [sys.executable, "-m", "agent", "--home", str(self.home), "run", "--no-mdns", "--port", str(self.port),
+                "--bind", "127.0.0.1", "--name", self.name, "--folder", str(folder)]  # fmt: skip
+        for p in peers:
+            argv += ["--peer", f"127.0.0.1:{p.port}"]
+        with self.log_path.open("a") as log:
+            self.proc = subprocess.Popen(argv, stdout=log, stderr=log, cwd=ROOT)
+        return self
+
+    def wait_started(self, timeout: float = 20.0) -> Agent:
+        """Wait until the control socket answers; RuntimeError with the log if the process ended."""
+        assert self.proc is not None
+        proc = self.proc
+        poll(lambda: proc.poll() is not None or self.status() is not None, timeout, f"{self.name} to start")
+        if proc.poll() is not None:
+            raise RuntimeError(f"{self.name} exited with {proc.returncode}:\n{self.log()[-3000:]}")
+        return self
+
+    def start(self, folder: Path, peers: Sequence[Agent] = ()) -> Agent:
+        """spawn() and wait_started()."""
+        return self.spawn(folder, peers).wait_started()
+
+    def _cli(self, *args: str) -> Any:
+        r = subprocess.run([sys.executable, "-m", "agent", "--home", str(self.home), *args],
+                           capture_output=True, text=True, timeout=30, check=False, cwd=ROOT)  # fmt: skip
+        return json.loads(r.stdout) if r.returncode == 0 else None
+
+    def status(self) -> dict[str, Any] | None:
+        """`status --json` if the agent answers, else None."""
+        st = self._cli("status", "--json")
+        return st if isinstance(st, dict) and st.get("running", True) else None
+
+    def device_id(self) -> str:
+        ident = self._cli("id", "--json")
+        assert isinstance(ident, dict), f"`tofu-agent id` failed for {self.name}"
+        return str(ident["device_id"])
+
+    def connected_to(self, device_id: str) -> bool:
+        st = self.status() or {}
+        return any(p["device_id"] == device_id and p.get("connected") for p in st.get("peers", []))
+
+    def folder_idle(self) -> bool:
+        st = self.status()
+        return bool(st and all(f["state"] == "idle" and not f["need_files"] for f in st["folders"]))
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
 
 
 def bench_tofu(
@@ -206,16 +334,16 @@ def bench_tofu(
     homes = [work / "ta-a", work / "ta-b"]
     for h in homes:
         h.mkdir()
-    a, b = AgentProc(homes[0], "alpha"), AgentProc(homes[1], "beta")
+    a, b = Agent(homes[0], "alpha"), Agent(homes[1], "beta")
     fa, fb = homes[0] / "f", homes[1] / "f"
     stage = work / "ta-stage"
     res: dict[str, float] = {}
     mem: dict[str, float] = {}
     try:
-        a.start("--folder", str(fa), peers=[b])
-        b.start("--folder", str(fb), peers=[a])
-        idb = b.identity()["device_id"]
-        a.wait_peer(idb, connected=True, timeout=30)
+        a.start(fa, peers=[b])
+        b.start(fb, peers=[a])
+        idb = b.device_id()
+        poll(lambda: a.connected_to(idb), 30, "alpha to connect to beta", 0.1)
         time.sleep(3.0)  # let start-up work finish before calling it idle
         assert a.proc is not None and b.proc is not None
         mem["idle_rss"] = max(rss_mb(a.proc.pid, "VmRSS"), rss_mb(b.proc.pid, "VmRSS"))
@@ -236,7 +364,7 @@ def bench_tofu(
             poll(lambda: count_files(fb / "small") == nfiles if (fb / "small").exists() else False, timeout,
                  "the small files", 0.1)  # fmt: skip
             res["small"] = time.perf_counter() - t0
-        wait_for(lambda: (s := b.status()) and s["folders"][0]["state"] == "idle", 30, "beta idle")
+        poll(b.folder_idle, 30, "beta idle", 0.1)
         if "change" not in cases:
             return res, mem
         st = b.status()
@@ -255,7 +383,7 @@ def bench_tofu(
         poll(changed, timeout, "the one-byte change")
         res["change"] = time.perf_counter() - t0
         assert same_file(fa / "big.bin", fb / "big.bin"), "tofu-agent: changed file differs"
-        wait_for(lambda: (s := b.status()) and s["folders"][0]["state"] == "idle", 30, "beta idle")
+        poll(b.folder_idle, 30, "beta idle", 0.1)
         st = b.status()
         assert st is not None
         mem["change_bytes_received"] = float(st["folders"][0]["bytes_received"] - received_before)
@@ -263,6 +391,40 @@ def bench_tofu(
         a.stop()
         b.stop()
     return res, mem
+
+
+def bench_tofu_twoway(master: Path, work: Path, timeout: float) -> tuple[float, float, float]:
+    """Seconds from spawning two agents whose folders each hold data the other lacks until both hold
+    all of it (so it includes their start-up, scans and connecting), the seconds of that until both
+    control sockets answered, and their peak RSS (MB)."""
+    homes = [work / "tw-a", work / "tw-b"]
+    fa, fb = homes[0] / "f", homes[1] / "f"
+    fill_twoway(master, "a", fa)
+    fill_twoway(master, "b", fb)
+    files = twoway_files(master)
+    everything = files["a"] | files["b"]
+    a, b = Agent(homes[0], "alpha"), Agent(homes[1], "beta")
+    try:
+        t0 = time.perf_counter()
+        b.spawn(fb, peers=[a])
+        a.spawn(fa, peers=[b])
+        a.wait_started()
+        b.wait_started()
+        started = time.perf_counter() - t0
+        try:
+            poll(lambda: holds(fa, everything) and holds(fb, everything), timeout, "both sides to hold all", 0.05)
+        except TimeoutError as exc:
+            raise TimeoutError(f"{exc}\n--- alpha ---\n{a.log()[-3000:]}\n--- beta ---\n{b.log()[-3000:]}") from None
+        elapsed = time.perf_counter() - t0
+        assert a.proc is not None and b.proc is not None
+        peak = max(rss_mb(a.proc.pid, "VmHWM"), rss_mb(b.proc.pid, "VmHWM"))
+        check_twoway(master, (fa, fb), "tofu-agent")
+    finally:
+        a.stop()
+        b.stop()
+        for h in homes:
+            shutil.rmtree(h, ignore_errors=True)  # the space for Syncthing's copies
+    return elapsed, started, peak
 
 
 # -- rsync ---------------------------------------------------------------------------------------
@@ -444,10 +606,40 @@ def syncthing_inside(
         if "change" in cases:
             res["change"] = timed(lambda: flip_middle_byte(fa / "big.bin"), True)
             assert same_file(fa / "big.bin", fb / "big.bin"), "syncthing: changed file differs"
+        if "twoway" in cases:
+            res["twoway"] = syncthing_twoway(a, b, master, work, timeout)
     finally:
         a.stop()
         b.stop()
     return res
+
+
+def syncthing_twoway(a: Syncthing, b: Syncthing, master: Path, work: Path, timeout: float) -> float:
+    """Seconds from sharing a folder that is pre-filled on both connected instances, each with data
+    the other lacks, until both hold all of it (includes both scans, not Syncthing's start-up)."""
+    ta, tb = work / "st-ta", work / "st-tb"
+    for side, path in (("a", ta), ("b", tb)):
+        fill_twoway(master, side, path)
+        (path / ".stfolder").mkdir()
+    total = sum(len(f) for f in twoway_files(master).values())
+    t0 = time.perf_counter()
+    for me, path in ((a, ta), (b, tb)):
+        me.rest("PUT", "/rest/config/folders/twoway", {
+            "id": "twoway", "path": str(path), "type": "sendreceive", "fsWatcherEnabled": False,
+            "rescanIntervalS": 3600, "devices": [{"deviceID": a.device_id}, {"deviceID": b.device_id}],
+        })  # fmt: skip
+
+    def done(x: Syncthing) -> bool:
+        try:
+            s = x.rest("GET", "/rest/db/status?folder=twoway")
+        except OSError:  # the folder is not running yet
+            return False
+        return bool(s["state"] == "idle" and s["needFiles"] == 0 and s["localFiles"] == s["globalFiles"] == total)
+
+    poll(lambda: done(a) and done(b), timeout, "syncthing to sync both ways", 0.1)
+    elapsed = time.perf_counter() - t0
+    check_twoway(master, (ta, tb), "syncthing")
+    return elapsed
 
 
 def bench_syncthing(
@@ -475,10 +667,13 @@ def report(results: Results, sizes: dict[str, int], limits: dict[str, float], me
         f"machine limits: loopback TLS {limits['tls']:.0f} MB/s, SHA-256 {limits['sha256']:.0f} MB/s, "
         f"disk write+fsync {limits['disk']:.0f} MB/s"
     )
-    cases = [("big", "1 big file"), ("small", "small files"), ("change", "one-byte change")]
+    cases = [("big", "1 big file"), ("small", "small files"), ("change", "one-byte change"),
+             ("twoway", "two-way")]  # fmt: skip
     tools = list(results)
     print(f"{'case':<18}" + "".join(f"{t:>22}" for t in tools) + "".join(f"{'ours/' + t:>16}" for t in tools[1:]))
     for case, label in cases:
+        if not any(case in r for r in results.values()):
+            continue
         cells = []
         for t in tools:
             sec = results[t].get(case)
@@ -496,11 +691,25 @@ def report(results: Results, sizes: dict[str, int], limits: dict[str, float], me
             f"our big-file throughput {mbps:.0f} MB/s = {mbps / limit:.0%} of the slowest limit ({limit:.0f} MB/s); "
             f"TLS {mbps / limits['tls']:.0%}, SHA-256 {mbps / limits['sha256']:.0%}, disk {mbps / limits['disk']:.0%}"
         )
-    print(
-        f"tofu-agent memory: idle {mem.get('idle_rss', 0):.1f} MB RSS, peak during the big file "
-        f"{mem.get('peak_rss', 0):.1f} MB (VmHWM); "
-        f"the one-byte change moved {mem.get('change_bytes_received', 0):.0f} bytes"
-    )
+    memory = []
+    if "idle_rss" in mem:
+        memory.append(f"idle {mem['idle_rss']:.1f} MB RSS")
+    if "peak_rss" in mem:
+        memory.append(f"peak during the big file {mem['peak_rss']:.1f} MB (VmHWM)")
+    if "twoway_peak_rss" in mem:
+        memory.append(f"peak during the two-way case {mem['twoway_peak_rss']:.1f} MB (VmHWM)")
+    if "change_bytes_received" in mem:
+        memory.append(f"the one-byte change moved {mem['change_bytes_received']:.0f} bytes")
+    if memory:
+        print("tofu-agent memory: " + "; ".join(memory))
+    ours_tw, st_tw = results["tofu-agent"].get("twoway"), results.get("syncthing", {}).get("twoway")
+    if ours_tw:
+        versus = f", Syncthing {st_tw:.2f} s, ours/Syncthing {ours_tw / st_tw:.2f}" if st_tw else ""
+        print(
+            f"two-way ({sizes['twoway'] // 2 // MiB} MiB a side the other lacks): tofu-agent {ours_tw:.2f} s "
+            f"from spawning both agents ({mem.get('twoway_startup', 0):.2f} s of it until both answered `status`)"
+            f"{versus}; Syncthing's is timed from sharing the folder between its running, connected instances"
+        )
     if "syncthing_idle_rss" in mem:
         print(f"syncthing idle: {mem['syncthing_idle_rss']:.1f} MB RSS per instance (monitor + main process)")
     for n in notes:
@@ -509,7 +718,8 @@ def report(results: Results, sizes: dict[str, int], limits: dict[str, float], me
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="small sizes (32 MiB, 300 files), for the test suite")
+    p.add_argument("--quick", action="store_true",
+                   help="small sizes (32 MiB, 300 files, 16 MiB a side two-way), for the test suite")  # fmt: skip
     p.add_argument("--workdir", default="/tmp", help="where data and homes go (one file system)")
     p.add_argument("--no-syncthing", action="store_true")
     p.add_argument("--no-rsync", action="store_true")
@@ -523,19 +733,25 @@ def main() -> int:
         print(json.dumps(syncthing_inside(Path(master), Path(work), int(n), float(to), frozenset(which.split(",")))))
         return 0
     big, nfiles, ndirs = (32 * MiB, 300, 10) if args.quick else (1024 * MiB, 10_000, 100)
+    twoway = (8, 2 * MiB) if args.quick else (50, 10 * MiB)  # files a side, bytes each
     timeout = 120.0 if args.quick else 600.0
+    cases = frozenset(args.case) if args.case else CASES
     work = Path(tempfile.mkdtemp(prefix="tb-", dir=args.workdir))
     notes: list[str] = []
     try:
-        master = make_data(work, big, nfiles, ndirs)
+        master = make_data(work, big, nfiles, ndirs, cases, twoway)
         limits = {
             "tls": tls_throughput(min(big, 512 * MiB)),
             "sha256": sha256_speed(min(big, 512 * MiB)),
             "disk": disk_write_speed(work, min(big, 512 * MiB)),
         }
         results: Results = {}
-        cases = frozenset(args.case) if args.case else CASES
-        ours, mem = bench_tofu(master, work, nfiles, timeout, cases)
+        ours: dict[str, float] = {}
+        mem: dict[str, float] = {}
+        if cases & ONE_WAY:
+            ours, mem = bench_tofu(master, work, nfiles, timeout, cases)
+        if "twoway" in cases:
+            ours["twoway"], mem["twoway_startup"], mem["twoway_peak_rss"] = bench_tofu_twoway(master, work, timeout)
         results["tofu-agent"] = ours
         if args.no_syncthing or shutil.which("syncthing") is None or shutil.which("unshare") is None:
             notes.append("Syncthing skipped (not installed or --no-syncthing): apt-get install -y syncthing")
@@ -546,10 +762,18 @@ def main() -> int:
         if args.no_rsync or shutil.which("rsync") is None:
             notes.append("rsync skipped (not installed or --no-rsync): apt-get install -y rsync")
         else:
-            results["rsync"] = bench_rsync(master, work, timeout, cases)
-        sizes = {"big": big, "small": nfiles * 4096, "change": big}
-        print(f"data: {big // MiB} MiB random file; {nfiles} x 4 KiB files in {ndirs} directories; "
-              "one byte changed in the middle of the big file")  # fmt: skip
+            if cases & ONE_WAY:
+                results["rsync"] = bench_rsync(master, work, timeout, cases)
+            if "twoway" in cases:
+                notes.append("rsync pushes one way: no two-way figure for it")
+        sizes = {"big": big, "small": nfiles * 4096, "change": big, "twoway": 2 * twoway[0] * twoway[1]}
+        data = {
+            "big": f"{big // MiB} MiB random file",
+            "small": f"{nfiles} x 4 KiB files in {ndirs} directories",
+            "change": "one byte changed in the middle of the big file",
+            "twoway": f"two-way: {twoway[0]} x {twoway[1] // MiB} MiB random files on each side that the other lacks",
+        }
+        print("data: " + "; ".join(v for k, v in data.items() if k in cases))
         report(results, sizes, limits, mem, notes)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -405,8 +405,9 @@ def test_hostile_peer_writes_nothing_outside_the_folder(pair: Pair) -> None:
 
 @pytest.mark.timeout(120)
 def test_bench_quick_mode_runs() -> None:
-    """bench/sync_bench.py --quick end to end, so the script cannot rot (rsync if installed; Syncthing's
-    start-up alone takes ~50 s, so its driver is covered by the config test below instead)."""
+    """bench/sync_bench.py --quick end to end, the two-way case included, so the script cannot rot (rsync
+    if installed; Syncthing is left out to keep the suite quick: its driver's config step is covered by
+    the config test below)."""
     r = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "sync_bench.py"), "--quick", "--no-syncthing"],
         capture_output=True, text=True, timeout=100, check=False, cwd=ROOT,
@@ -414,6 +415,7 @@ def test_bench_quick_mode_runs() -> None:
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert "machine limits" in r.stdout and "tofu-agent memory" in r.stdout
     assert "1 big file" in r.stdout and "one-byte change" in r.stdout
+    assert "two-way (16 MiB a side the other lacks): tofu-agent" in r.stdout, "the two-way case ran (issue 20)"
 
 
 @pytest.mark.timeout(60)
