@@ -66,6 +66,10 @@ MIN_FREE_FRACTION = 0.01  # as Syncthing's minDiskFree: pulls never fill the dis
 MAX_DEPTH_PASSES = 8  # deletion passes per call when emptied directories become deletable in turn
 ROOT_RECHECK = 10.0  # a folder stopped for a missing root or marker looks for it again this often
 MAX_FAILED = 10_000  # names remembered for a retry; past that the periodic full rescan is the retry
+# A file a scan skipped because it was being written is looked at again this soon, event or not
+# (no watcher runs yet while the agent starts), backing off to RECHECK_MAX while it keeps changing.
+RECHECK_FIRST = 1.0
+RECHECK_MAX = 16.0
 # A peer that leaves our requests unanswered this long (not one response) is stalled: its
 # requests are written off and its files are asked of other peers, or wait (a slow but honest
 # peer answers something well within this: a whole window of 48 MiB at 1 MB/s takes 48 s).
@@ -151,6 +155,8 @@ class SyncEngine:
         self.cancelled: dict[int, tuple[str, int]] = {}  # request id -> (peer, bytes)
         self.done: list[puller.Job] = []  # complete temp files waiting for `flush`
         self.failed: dict[str, float] = {}  # name -> when to try it again (a write or rename failed)
+        self.recheck: dict[str, float] = {}  # name -> when to scan it again (it was changing when scanned)
+        self._recheck_tries: dict[str, int] = {}  # name -> scans that found it changing in a row
         self.kept_dirs: set[str] = set()  # directories a peer deleted that still held files here
         self._space, self._space_at = 0, -1e18  # free bytes left for new pulls, and when they were read
         self._space_warned = False  # the lack of space was logged (until a pull fits again)
@@ -364,7 +370,7 @@ class SyncEngine:
         if self.halted is not None:
             return self.next_check
         stalls = [s.answered_at + STALL_TIMEOUT for s in self.peers.values() if s.inflight_bytes and not s.stalled]
-        return min([self.next_scan, *self.failed.values(), *stalls])
+        return min([self.next_scan, *self.failed.values(), *self.recheck.values(), *stalls])
 
     def handle_timer(self, now: float) -> list[Outgoing]:
         """Periodic full rescan (the safety net under file-system events) and batch flush."""
@@ -373,6 +379,11 @@ class SyncEngine:
                 return self._resume(now) if now >= self.next_check else []
             if now >= self.next_scan and self._scan_chunks is None:
                 self._scan_later(now, [""])
+            unsettled = [name for name, when in self.recheck.items() if when <= now]
+            for name in unsettled:
+                del self.recheck[name]
+            if unsettled:
+                self._scan_later(now, unsettled)
             for peer, state in self.peers.items():
                 if state.inflight_bytes and not state.stalled and now - state.answered_at >= STALL_TIMEOUT:
                     self._stalled(peer, state, now)
@@ -495,6 +506,8 @@ class SyncEngine:
         self.deletes.clear()
         self.need.clear()
         self.failed.clear()
+        self.recheck.clear()
+        self._recheck_tries.clear()
         self.kept_dirs.clear()
         # what these would record is found again by the full scan of `_resume`
         self.records.clear()
@@ -532,6 +545,8 @@ class SyncEngine:
             left = t.size if job is None else min(t.size, (len(job.fetch) + len(job.outstanding)) * t.block_size)
             need_bytes += left
         state = "error" if self.halted else "syncing" if self.need or self.jobs else self.state
+        if state == "idle" and self.recheck:
+            state = "scanning"  # files being written are looked at again in a moment: not idle yet
         peers = {p: s.progress for p, s in self.peers.items()}
         return FolderStatus(state, files, size, len(self.need), need_bytes, peers, self.halted or "", len(self.failed))
 
@@ -655,13 +670,27 @@ class SyncEngine:
             return False
         for name, ino, mtime in result.refreshed:
             self.index.set_inode(name, ino, mtime)
+            self._recheck_tries.pop(name, None)
         self.index.update_local(result.changed)
+        for f in result.changed:
+            self._recheck_tries.pop(f.name, None)
+        for name in result.unsettled:
+            self._look_again(name, now)
         changed = [f.name for f in result.changed]
         if changed:
             self._reconsider(changed)
         if self.scanner.ignore.lines != self._ignore_lines:
             self._ignore_changed(now)
         return True
+
+    def _look_again(self, name: str, now: float) -> None:
+        """Scan `name` again soon: it changed while we hashed it (backing off while it keeps changing)."""
+        tries = self._recheck_tries.get(name, 0) + 1
+        if tries == 1 and len(self._recheck_tries) >= MAX_FAILED:
+            self.next_scan = min(self.next_scan, now + RECHECK_MAX)  # too many: one full scan looks at all
+            return
+        self._recheck_tries[name] = tries
+        self.recheck[name] = now + min(RECHECK_MAX, RECHECK_FIRST * 2 ** min(tries - 1, 8))
 
     def _ignore_changed(self, now: float) -> None:
         """`.tofuignore` changed: names it no longer ignores are scanned and pulled now, not at the

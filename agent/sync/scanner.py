@@ -6,7 +6,8 @@ record is unchanged; anything else is rehashed and, if its content or metadata r
 becomes a new version: the old vector bumped with our device id. A name in the index that the walk
 did not find becomes a deletion record. A rename is a deletion plus a creation; the new name's
 blocks are already in the index's block table, so peers copy them locally instead of fetching.
-A file that changes while being hashed is skipped this round; the next event or scan finds it.
+A file that changes while being hashed is skipped this round and listed as `unsettled`: the
+engine looks at it again within seconds, whether or not a file-system event comes.
 `scan_chunks` hands the result over in chunks (every `SCAN_CHUNK_FILES` new versions or
 `SCAN_CHUNK_BYTES` hashed), as Syncthing commits its scan in batches: the engine records and
 announces each chunk, so peers start fetching while a large tree is still being hashed.
@@ -43,6 +44,7 @@ class ScanResult:
     changed: list[FileInfo] = field(default_factory=list)
     refreshed: list[tuple[str, int, int]] = field(default_factory=list)  # (name, inode, mtime_ns)
     temp_files: list[str] = field(default_factory=list)  # names whose temp file exists
+    unsettled: list[str] = field(default_factory=list)  # files skipped: written to (or gone) while hashed
     final: bool = True  # the last chunk of its scan
 
 
@@ -50,6 +52,7 @@ def _merge(into: ScanResult, chunk: ScanResult) -> None:
     into.changed += chunk.changed
     into.refreshed += chunk.refreshed
     into.temp_files += chunk.temp_files
+    into.unsettled += chunk.unsettled
 
 
 def load_ignore(fs: FolderFS) -> Ignore:
@@ -121,8 +124,8 @@ class Scanner:
 
     def _take(self, result: ScanResult) -> ScanResult:
         """Hand over what `result` holds so far as a chunk, and empty it."""
-        chunk = ScanResult(result.changed, result.refreshed, result.temp_files, final=False)
-        result.changed, result.refreshed, result.temp_files = [], [], []
+        chunk = ScanResult(result.changed, result.refreshed, result.temp_files, result.unsettled, final=False)
+        result.changed, result.refreshed, result.temp_files, result.unsettled = [], [], [], []
         self._hashed = 0
         return chunk
 
@@ -207,6 +210,7 @@ class Scanner:
             return
         info = self.hash_file(name)
         if info is None:
+            result.unsettled.append(name)  # the engine looks again soon, event or not
             return
         if live and old is not None and old.same_content(info) and old.mtime_ns == info.mtime_ns:
             result.refreshed.append((name, info.inode, info.mtime_ns))

@@ -70,6 +70,7 @@ RESCAN_INTERVAL = 300.0  # the safety net under file-system events
 WATCH_DEBOUNCE_MS = 1600  # longest a burst of events is grouped
 WATCH_STEP_MS = 50  # quiet time that ends a group: a single change is seen within ~50 ms
 WATCH_RETRY = 10.0  # seconds before watching a folder again whose root went away
+WATCH_READY_TIMEOUT = 10.0  # longest a folder's first scan waits for its watch to be in place
 START_RETRY = 60.0  # seconds before starting a folder again whose start failed (disk, database)
 MAX_EVENT_NAMES = 20_000  # changed names queued per folder; more become one full scan (the engine
 # itself rescans everything past 256 names that are not its own writes)
@@ -150,6 +151,7 @@ class _Folder:
     halted: bool = False  # the engine was stopped (missing root) after the last step
     watch_scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
     started: anyio.Event = field(default_factory=anyio.Event)  # the engine's start is done (its root made)
+    watching: anyio.Event = field(default_factory=anyio.Event)  # the watch is in place: no change goes unseen
 
     def put(self, kind: InboxKind, link: _Link, msg: SyncMessage | None = None, size: int = 0) -> None:
         self.inbox.append((kind, link, msg))
@@ -343,6 +345,12 @@ class SyncService:
     # -- folders ---------------------------------------------------------------------------------
 
     async def _run_folder(self, f: _Folder) -> None:
+        # Watch before the first scan: a file written while the scan runs then comes as an event
+        # instead of waiting for the periodic rescan. (A new folder's root is made by the start;
+        # its watch, once in place, asks for a rescan of what it may have missed.)
+        if await anyio.to_thread.run_sync(os.path.isdir, f.config.path):
+            with anyio.move_on_after(WATCH_READY_TIMEOUT):
+                await f.watching.wait()
         while True:
             try:
                 await anyio.to_thread.run_sync(self._start_engine, f)
@@ -515,22 +523,29 @@ class SyncService:
 
         root = str(f.config.path.absolute())
         warned = False
-        await f.started.wait()  # a new folder's root is made by the start
         while True:
             # cancelled (from `_run_folder`) when a stopped folder's root is back: watch afresh at once
             with anyio.CancelScope() as f.watch_scope:
                 failure: Exception | None = None
-                try:
-                    await self._watch_once(f, watchfiles, root)
-                except Exception as exc:  # no inotify watches left, the folder vanished, ...
-                    failure = exc
                 present = await anyio.to_thread.run_sync(os.path.isdir, root)
+                if present:
+                    try:
+                        await self._watch_once(f, watchfiles, root)
+                    except Exception as exc:  # no inotify watches left, the folder vanished, ...
+                        failure = exc
+                    present = await anyio.to_thread.run_sync(os.path.isdir, root)
                 if failure is not None and present and not warned:  # a missing root is the engine's to report
                     log.warning("not watching %s for changes (%s); periodic rescans still run", root, failure)
                     warned = True
+                if f.watching.is_set():
+                    f.watching = anyio.Event()
                 # The watch ended (its root went away) or failed: try again, on the root as it is
-                # then; soon while the folder is stopped, rarely if watching itself fails (a big
-                # tree costs).
+                # then; at once when a new folder's root is made, soon while the folder is stopped,
+                # rarely if watching itself fails (a big tree costs).
+                if not present and not f.started.is_set():
+                    with anyio.move_on_after(WATCH_RETRY):
+                        await f.started.wait()
+                    continue
                 await anyio.sleep(WATCH_RETRY if f.halted or not present else RESCAN_INTERVAL)
 
     async def _watch_once(self, f: _Folder, watchfiles: Any, root: str) -> None:
@@ -538,9 +553,18 @@ class SyncService:
             root, watch_filter=None, debounce=WATCH_DEBOUNCE_MS, step=WATCH_STEP_MS, recursive=True,
             ignore_permission_denied=True,
             # The watcher thread notices cancellation only between waits: keep them short so
-            # SIGTERM stops the agent well inside its 5 s.
-            rust_timeout=500,
+            # SIGTERM stops the agent well inside its 5 s. Each wait ends in a yield (empty on a
+            # timeout), and the first one says the watch is in place.
+            rust_timeout=500, yield_on_timeout=True,
         ):  # fmt: skip
+            if not f.watching.is_set():
+                f.watching.set()
+                if f.started.is_set():
+                    # watching again (the root is back, the watch failed) or for the first time
+                    # after a new folder's start: what changed while nobody watched is found by
+                    # a full scan
+                    f.rescan = True
+                    f.wake.set()
             for _, path in changes:
                 name = self._event_name(root, path)
                 if name is None:
