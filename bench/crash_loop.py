@@ -1,8 +1,8 @@
 """SIGKILL agents at random moments of pairing churn, folder sync and key rotation; check what survives.
 
-    .venv/bin/python bench/crash_loop.py [--during all|trust|sync|rotate] [--kills 50] [--seed N]
+    .venv/bin/python bench/crash_loop.py [--during all|trust|sync|writing|rotate] [--kills 50] [--seed N]
 
-`--kills` is per mode; `--during all` (the default) runs trust, then sync, then rotate.
+`--kills` is per mode; `--during all` (the default) runs trust, sync, writing, then rotate.
 
 **trust.** Two real agents (A, B) on loopback are static peers of each other. Meanwhile a
 background client keeps pairing fresh strangers with A (each a first-use pin written to A's trust
@@ -27,6 +27,12 @@ As soon as the receiver starts receiving, it is SIGKILLed 0-`--window` s later, 
 
 Then it restarts and must converge (same names and bytes as the sender, folder `idle`,
 `need_files` 0) with no `.tofu-tmp-*` file left; integrity is checked again on both agents.
+
+**writing.** A program writes files into the sender's folder in place, a piece at a time (eight
+new files of 0.5-4 MiB a round and an overwrite of last round's), and the sender is SIGKILLed or
+SIGTERMed 0-1 s into the writing and restarted at once, while the writing goes on: its start-up
+scan meets files mid-write. After the last write both agents must be `idle` with the same names
+and bytes, and no temp file left; integrity is checked on both.
 
 **rotate.** A rotator R and a peer P, paired and syncing a small folder. Each round picks one of:
 `rotator` (`tofu-agent rotate-key` against the running R, and R SIGKILLed 0-1 s after the
@@ -363,6 +369,89 @@ def sync_loop(
         cleanup([s, r], homes)
 
 
+class Writer(threading.Thread):
+    """Writes files in place into a folder, a piece at a time, as a download or a program does."""
+
+    def __init__(self, root: Path, n: int, rng: random.Random) -> None:
+        super().__init__(daemon=True)
+        self.root, self.n = root, n
+        self.sizes = [rng.randrange(MiB // 2, 4 * MiB) for _ in range(8)]
+
+    def run(self) -> None:
+        (self.root / f"w{self.n:03d}").mkdir(parents=True, exist_ok=True)
+        names = [f"w{self.n:03d}/f{i}.bin" for i in range(len(self.sizes))]
+        if self.n > 1:
+            names.append(f"w{self.n - 1:03d}/f0.bin")  # an overwrite of last round's file
+        sizes = [*self.sizes, MiB][: len(names)]
+        for name, size in zip(names, sizes, strict=True):
+            with open(self.root / name, "wb") as out:
+                for _ in range(0, size, 256 * 1024):
+                    out.write(os.urandom(256 * 1024))
+                    out.flush()
+                    time.sleep(0.01)  # the writer's pace: spans the kill and the restart
+
+
+def writing_loop(kills: int, rng: random.Random, timeout: float) -> ModeResult:
+    """The sender is killed (SIGKILL or SIGTERM) and restarted while a program writes into its folder."""
+    res = ModeResult("writing")
+    homes = [short_home("ta-w-"), short_home("ta-w-")]
+    s, r = AgentProc(homes[0], "sender"), AgentProc(homes[1], "receiver")
+    fs, fr = homes[0] / "f", homes[1] / "f"
+    fs.mkdir()
+    fr.mkdir()
+    try:
+        s.start("--folder", str(fs), peers=[r])
+        r.start("--folder", str(fr), peers=[s])
+        ids, idr = s.identity()["device_id"], r.identity()["device_id"]
+        if (
+            wait(lambda: (fast_peer(s, idr) or {}).get("connected") and (fast_peer(r, ids) or {}).get("connected"), 20)
+            is None
+        ):
+            raise SystemExit("the agents did not pair")
+        t_start = time.monotonic()
+        for n in range(1, kills + 1):
+            writer = Writer(fs, n, rng)
+            writer.start()
+            time.sleep(rng.uniform(0.0, 1.0))  # the random moment
+            how = rng.choice(["kill", "term"])
+            if how == "kill":
+                s.kill()
+            else:
+                s.stop()
+            res.kills += 1
+            res.check_integrity(n, s.home)
+            s.start("--folder", str(fs), peers=[r])  # while the writer still writes
+            writer.join(60)
+            t_end = time.monotonic()
+
+            def same() -> bool:
+                st_s, st_r = folder_of(s), folder_of(r)
+                if not st_s or not st_r or (st_s["state"], st_r["state"]) != ("idle", "idle"):
+                    return False
+                return not temps(fr) and not st_r["need_files"] and tree(fs) == tree(fr)
+
+            took = wait(same, timeout)
+            if took is None:
+                mine, theirs = tree(fr), tree(fs)
+                diff = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
+                res.failures.append(
+                    f"round {n}: no convergence in {timeout:.0f} s after the writes: differing {diff[:5]}"
+                )
+            else:
+                res.converged += 1
+                res.times.append(time.monotonic() - t_end)
+            res.check_integrity(n, r.home, s.home)
+            print(
+                f"writing {n:>3}: sender got SIG{how.upper()} mid-write, converged "
+                f"{res.times[-1] if took is not None else float('nan'):.2f} s after the last write",
+                flush=True,
+            )
+        res.elapsed = time.monotonic() - t_start
+        return res
+    finally:
+        cleanup([s, r], homes)
+
+
 def rotate_key(home: Path) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "agent", "--home", str(home), "rotate-key", "--json"],
@@ -469,7 +558,7 @@ def fmt_times(times: list[float]) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--during", choices=["all", "trust", "sync", "rotate"], default="all")
+    parser.add_argument("--during", choices=["all", "trust", "sync", "writing", "rotate"], default="all")
     parser.add_argument("--kills", type=int, default=50, help="kills per mode")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--big", type=int, default=3, help="sync: large files rewritten each round")
@@ -479,7 +568,7 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds to converge after a restart")
     args = parser.parse_args()
     rng = random.Random(args.seed)
-    modes = ["trust", "sync", "rotate"] if args.during == "all" else [args.during]
+    modes = ["trust", "sync", "writing", "rotate"] if args.during == "all" else [args.during]
     results: list[ModeResult] = []
     strangers: Strangers | None = None
     for mode in modes:
@@ -487,6 +576,8 @@ def main() -> int:
             res, strangers = trust_loop(args.kills, rng)
         elif mode == "sync":
             res = sync_loop(args.kills, rng, args.big, args.big_mib, args.small, args.window, args.timeout)
+        elif mode == "writing":
+            res = writing_loop(args.kills, rng, args.timeout)
         else:
             res = rotate_loop(args.kills, rng, args.timeout)
         results.append(res)

@@ -21,4 +21,6 @@ def test_crash_loop_short() -> None:
     )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "no failures" in r.stdout
-    assert "| sync | 2 |" in r.stdout and "| rotate | 2 |" in r.stdout, r.stdout[-3000:]
+    assert "| sync | 2 |" in r.stdout and "| writing | 2 |" in r.stdout and "| rotate | 2 |" in r.stdout, r.stdout[
+        -3000:
+    ]
