@@ -141,14 +141,19 @@ def check(history: History, end: EndState) -> Report:
                 if act is None:
                     own_lines.append(f"{p} missing on {m.name}; {made}")
                 elif exp is None:
-                    what = (
-                        "a synced symlink"
-                        if act.kind == LINK
-                        else ("a conflict copy" if CONFLICT.search(p) else act.kind)
-                    )
-                    own_lines.append(f"{p} on {m.name} is {what} that nobody wrote there")
+                    gone = _last_touch(history, owner.name, p)
+                    if act.kind == LINK:
+                        own_lines.append(f"{p} on {m.name} is a synced symlink")
+                    elif CONFLICT.search(p):
+                        own_lines.append(f"{p} on {m.name} is a conflict copy in an area with one writer")
+                    elif gone is not None:
+                        own_lines.append(f"{p} on {m.name} is stale ({_desc(act)}): gone since {gone.describe(t0)}")
+                    else:
+                        own_lines.append(f"{p} on {m.name} is {_desc(act)} that nobody wrote")
                 else:
-                    own_lines.append(f"{p} on {m.name} is {_desc(act)}, expected {_desc(exp)}; {made}")
+                    older = _op_with_sha(history, owner.name, act.sha) if act.kind == FILE else None
+                    was = f" (the version of {older.describe(t0)})" if older is not None else ""
+                    own_lines.append(f"{p} on {m.name} is {_desc(act)}{was}, expected {_desc(exp)}; {made}")
     rep.fail("own areas differ from what their only writer did", _group(own_lines))
 
     # 3. the shared pool
@@ -248,6 +253,22 @@ def check(history: History, end: EndState) -> Report:
     rep.fail("problems seen while running", end.problems)
     rep.stats["rss_max_mb"] = {m.name: round(m.rss_max_mb, 1) for m in machines}
     return rep
+
+
+def _last_touch(history: History, machine: str, path: str) -> Op | None:
+    """The last op of `machine` that removed or renamed away `path` or one of its parents."""
+    found = None
+    for op in history.ops:
+        if op.machine == machine and op.kind in ("delete", "rmtree", "rename") and _under(path, op.path):
+            found = op
+    return found
+
+
+def _op_with_sha(history: History, machine: str, digest: str) -> Op | None:
+    for op in reversed(history.ops):
+        if op.machine == machine and op.sha == digest:
+            return op
+    return None
 
 
 def _desc(e: Entry) -> str:

@@ -112,6 +112,10 @@ def agent_env(agent_root: Path) -> dict[str, str]:
     return env
 
 
+def _join(*parts: str) -> str:
+    return "; ".join(p for p in parts if p)
+
+
 def free_port() -> int:
     import socket
 
@@ -491,7 +495,7 @@ class Soak:
                 full.parent.mkdir(parents=True, exist_ok=True)
                 full.write_bytes(data)
             except OSError as exc:
-                op.ok, op.note = False, f"{type(exc).__name__}"
+                op.ok, op.note = False, _join(op.note, type(exc).__name__)
             return self._record(op)
         if kind == "rename":
             dst = rng.choice([x for x in SHARED_NAMES if x != name])
@@ -500,7 +504,7 @@ class Soak:
                 (m.folder / dst).parent.mkdir(parents=True, exist_ok=True)
                 os.rename(full, m.folder / dst)
             except OSError as exc:
-                op.ok, op.note = False, f"{type(exc).__name__}"
+                op.ok, op.note = False, _join(op.note, type(exc).__name__)
             return self._record(op)
         if kind == "rmtree":
             d = f"{SHARED}/{rng.choice(SHARED_DIRS)}"
@@ -514,7 +518,7 @@ class Soak:
             else:
                 os.chmod(full, 0o755)  # noqa: S103 - chmod +x is one of the operations under test
         except OSError as exc:
-            op.ok, op.note = False, f"{type(exc).__name__}"
+            op.ok, op.note = False, _join(op.note, type(exc).__name__)
         return self._record(op)
 
     def writer(self, m: Machine) -> None:
@@ -539,9 +543,9 @@ class Soak:
 
     def initial_data(self, m: Machine, note: str) -> None:
         """Several MB of files m has before its agent first starts (the other machines lack them)."""
-        n = self.rng.randint(0, 15)
+        n = self.rng.randint(0, 20)
         for _ in range(n):
-            size = int(self.rng.uniform(0.2, self.cfg.initial_mb) * MiB)
+            size = int(self.rng.uniform(0.5, 1.0) * self.cfg.initial_mb * MiB)
             self.own_write(m, self.rng, min(size, int(self.cfg.max_mb * MiB)), note=note)
 
     def start(self, m: Machine, *, burst: bool) -> None:
@@ -577,7 +581,14 @@ class Soak:
 
     def faults(self, t_end: float, joiner: Machine | None, t_join: float) -> None:
         """The fault schedule: one fault at a time, until `t_end`."""
-        weights = {"sigterm": 3.0, "sigkill": 3.0, "pause": 2.0, "rotate": 1.5, "cut": 2.0 if self.lan else 0.0}
+        weights = {
+            "sigterm": 3.0,
+            "sigkill": 3.0,
+            "pause": 2.0,
+            "rotate": 1.5,
+            "power": 1.0,
+            "cut": 2.0 if self.lan else 0.0,
+        }
         while True:
             self.stop_writers.wait(self.rng.uniform(0.5, 2 * self.cfg.fault_gap))
             now = time.monotonic()
@@ -596,6 +607,21 @@ class Soak:
                 self.stop(m, signal.SIGKILL if kind == "sigkill" else signal.SIGTERM)
                 self.stop_writers.wait(self.rng.uniform(0.5, 5.0))  # down: its writer goes on
                 self.start(m, burst=self.rng.random() < 0.6)
+            elif kind == "power":  # a power cut: every agent dies, each machine gets new data, all boot together
+                up = [x for x in self.machines if x.joined]
+                self.history.fault("all", "power")
+                self.log("power cut: every agent SIGKILLed")
+                for x in up:
+                    self.stop(x, signal.SIGKILL)
+                for x in up:
+                    self.initial_data(x, note=f"{x.name}'s data while the power is off")
+                self.stop_writers.wait(self.rng.uniform(0.5, 3.0))
+                for x in up:
+                    x.spawn([p for p in self.machines if p is not x])
+                    self.history.fault(x.name, "start")
+                for x in up:
+                    if not x.wait_up(60):
+                        self.problems.append(f"{x.name} did not answer `status` within 60 s of its start")
             elif kind == "pause":
                 self.history.fault(m.name, "pause")
                 m.pause()
