@@ -157,6 +157,9 @@ class SyncEngine:
         self.failed: dict[str, float] = {}  # name -> when to try it again (a write or rename failed)
         self.recheck: dict[str, float] = {}  # name -> when to scan it again (it was changing when scanned)
         self._recheck_tries: dict[str, int] = {}  # name -> scans that found it changing in a row
+        # names whose temp file may be left over (a pull dropped, not committed, or kept at start
+        # to resume): deleted once the name is no longer needed, not at the next restart
+        self._leftover_temps: set[str] = set()
         self.kept_dirs: set[str] = set()  # directories a peer deleted that still held files here
         self._space, self._space_at = 0, -1e18  # free bytes left for new pulls, and when they were read
         self._space_warned = False  # the lack of space was logged (until a pull fits again)
@@ -208,10 +211,12 @@ class SyncEngine:
             return
         for peer in self.index.peers():
             self._consider(list(self.index.differing(peer)), peer)
-        wanted = {self._temp_of(name) for name in self.need}
+        wanted = {self._temp_of(name): name for name in self.need}
         for t in temps:
             if t not in wanted:
                 self.fs.unlink(t)
+            else:
+                self._leftover_temps.add(wanted[t])
 
     def close(self) -> None:
         """Close open files (temp files stay for resuming)."""
@@ -463,6 +468,7 @@ class SyncEngine:
                         continue
                     if not puller.unchanged(self.fs.lstat_at(dfd, job.name.rpartition("/")[2]), job.expected):
                         rescan.append(job.name)
+                        self._leftover_temps.add(job.name)  # the rescan decides whether it is still wanted
                         continue
                     st = self.fs.commit_temp_at(dfd, job.name)
                 except OSError as exc:
@@ -506,6 +512,7 @@ class SyncEngine:
         self.deletes.clear()
         self.need.clear()
         self.failed.clear()
+        self._leftover_temps.clear()  # the start after the root is back sorts them out
         self.recheck.clear()
         self._recheck_tries.clear()
         self.kept_dirs.clear()
@@ -736,7 +743,19 @@ class SyncEngine:
                 out += self._issue_requests(now)
         if self.records or self.dirty_dirs:
             out += self.flush(now)
+        if self._leftover_temps:
+            self._sweep_temps()
         return out + self._announce()
+
+    def _sweep_temps(self) -> None:
+        """Delete the temp files of names we no longer pull (a local edit or a newer record won)."""
+        busy = self.need.keys() | self.jobs.keys() | {j.name for j in self.done}
+        for name in [n for n in self._leftover_temps if n not in busy]:
+            self._leftover_temps.discard(name)
+            try:
+                self.fs.unlink(name, temp=True)
+            except OSError as exc:  # a directory in the way, a read-only disk: the next start tries again
+                log.info("cannot delete the temp file of %r: %s", name, exc)
 
     def _start(self, name: str, now: float) -> None:
         n = self.need.get(name)
@@ -990,6 +1009,7 @@ class SyncEngine:
         job = self.jobs.pop(name, None)
         if job is not None:
             puller.abort_job(job)
+            self._leftover_temps.add(name)
             t = job.target
             for rid, (p, n, i) in list(self.requests.items()):
                 if n == name:
