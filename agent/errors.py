@@ -89,7 +89,3 @@ class LocalProtocolError(ProtocolError):
 
 class RemoteProtocolError(ProtocolError):
     """The peer sent something the protocol forbids; close its connection with `code`."""
-
-
-class PeerRefused(RemoteProtocolError):
-    """The peer authenticated but may not sync (key changed, revoked, pending); `code` says why."""

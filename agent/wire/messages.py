@@ -447,5 +447,4 @@ class Pong(WireMessage):
         return cls(seq=field_int(fields, "seq"))
 
 
-Message = Hello | Auth | Ready | Error | Ping | Pong
 CONTROL_TYPES: Final = (Hello, Auth, Ready, Error, Ping, Pong)
