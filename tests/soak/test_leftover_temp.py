@@ -2,8 +2,9 @@
 
 The soak saw `.tofu-tmp-*` files left in folders that had converged (every agent idle, nothing
 needed), each the temp of a name its writer deleted or renamed away while a peer was pulling it.
-The agent removes stale temps only when it starts (`SyncEngine.start`), so a long-running agent
-keeps them, up to the size of the file, until its next restart.
+The agent removed stale temps only when it started (`SyncEngine.start`), so a long-running agent
+kept them, up to the size of the file, until its next restart; since d3d9ca5 the engine deletes
+the temp of a name once it is no longer needed.
 
 Deterministic: B starts pulling a 64 MB file from A; A is paused (SIGSTOP) as soon as B holds a
 temp file, so the pull cannot finish; the file is deleted on A, A resumes and announces the
@@ -34,9 +35,6 @@ def _idle_without(agent: AgentProc, path: Path) -> bool:
 
 @pytest.mark.slow
 @pytest.mark.timeout(180)
-@pytest.mark.xfail(
-    strict=True, reason="soak finding: a pull cancelled by the source leaves its temp file until restart"
-)
 def test_temp_of_a_pull_cancelled_by_a_deletion_is_removed() -> None:
     ha, hb = short_home(), short_home()
     fa, fb = ha / "f", hb / "f"
