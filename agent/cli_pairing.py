@@ -22,7 +22,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from agent import config, control, ids
@@ -145,29 +145,10 @@ def verify_compared(record: DeviceRecord, shown: Comparison) -> tuple[DeviceReco
             f"{record.name} ({record.device_id}) is revoked; lift that first with "
             f"`tofu-agent trust retrust {record.device_id}`, then verify"
         )
-    if shown.fingerprint == record.fingerprint:
-        return policy.verify(record)
-    new = replace(record, fingerprint=shown.fingerprint, pending_fingerprint=None, trust=TrustLevel.VERIFIED, notes="")
-    return new, EventKind.VERIFIED
+    return policy.verify(record, shown.fingerprint)
 
 
-def pairing_conflict(record: DeviceRecord | None, fingerprint: str) -> str | None:
-    """Why a device that proved `fingerprint` may not be paired here, or None if it may."""
-    if record is None or record.trust is TrustLevel.UNKNOWN:
-        return None
-    if record.fingerprint != fingerprint:
-        offered = " (it is the new key it offered)" if record.pending_fingerprint == fingerprint else ""
-        return (
-            f"{record.name} ({record.device_id}) is pinned to another key here{offered}; pairing never "
-            f"replaces a pin: if the new key is right, run `tofu-agent trust retrust {record.device_id}` "
-            f"or `tofu-agent trust forget {record.device_id}` on this machine, then pair again"
-        )
-    if record.trust is TrustLevel.REVOKED:
-        return (
-            f"{record.name} ({record.device_id}) is revoked here; lift that first with "
-            f"`tofu-agent trust retrust {record.device_id}`, then pair again"
-        )
-    return None
+pairing_conflict = policy.pairing_conflict  # why a device may not be paired here (pure)
 
 
 def pin_paired(record: DeviceRecord, fingerprint: str) -> tuple[DeviceRecord, EventKind]:
@@ -175,10 +156,7 @@ def pin_paired(record: DeviceRecord, fingerprint: str) -> tuple[DeviceRecord, Ev
 
     :raises UserError: it is pinned to another key or revoked (see `pairing_conflict`).
     """
-    reason = pairing_conflict(record, fingerprint)
-    if reason is not None:
-        raise UserError(reason)
-    return policy.verify(record)
+    return policy.pair(record, record.device_id, record.name, fingerprint, record.last_seen)
 
 
 # -- store and agent edges ------------------------------------------------------------------------
@@ -189,10 +167,8 @@ def pin_peer(store: TrustStore, peer: PairedPeer, now: float) -> DeviceRecord:
 
     :raises UserError: it is pinned to another key or revoked here.
     """
-    if store.get(peer.device_id) is None:
-        # `add` itself refuses, in its transaction, if a record with another key appeared meanwhile.
-        return store.add(peer.device_id, ids.clean_name(peer.name), peer.fingerprint, now, PAIR_DETAIL)
-    return store.change(peer.device_id, now, lambda r: pin_paired(r, peer.fingerprint), PAIR_DETAIL)
+    # One transaction reads the record and applies `policy.pair` to it.
+    return store.pair(peer.device_id, ids.clean_name(peer.name), peer.fingerprint, now, PAIR_DETAIL)
 
 
 # -- verify ---------------------------------------------------------------------------------------

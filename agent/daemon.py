@@ -415,7 +415,7 @@ class Agent:
         live: list[LiveConnection],
         observations: list[Observation],
     ) -> tuple[Decision, bool, NameSighting | None]:
-        """In a worker thread: follow a rotation chain, run verify_device, then the anomaly rules.
+        """In a worker thread: one trust decision (rotation chain, level, anomaly rules) in one transaction.
 
         Returns the decision, whether the rules just blocked the device, and the name sighting a
         new device makes (for the loop to keep).
@@ -424,20 +424,30 @@ class Agent:
         sighting = NameSighting(peer.device_id, peer.name, address, now) if record is None else None
         if sighting is not None:
             observations = [*observations, sighting]
-        if record is not None and record.fingerprint != peer.fingerprint and record.trust.may_sync:
-            chain = rotation.follow_chain(record.fingerprint, peer.device_id, peer.fingerprint, peer.rotations)
-            if chain.ok:
-                self.store.rotate_pin(peer.device_id, peer.fingerprint, now, " -> ".join(fp[:16] for fp in chain.path))
-                log.info(
-                    "%s (%s) rotated its key along a signed chain of %d statement(s): pin moved to %s",
-                    peer.name,
-                    peer.device_id,
-                    len(chain.links),
-                    format_fingerprint(peer.fingerprint),
-                )
-        decision = self.store.verify_device(peer.device_id, peer.name, peer.fingerprint, now, address)
-        _, blocked = guard.apply(self.store, self.config.anomaly, now, live, observations)
-        return decision, peer.device_id in blocked, sighting
+        chains: list[rotation.ChainResult] = []
+
+        def follow(pinned: str) -> tuple[str, ...]:
+            # Asked inside the store's transaction, from the pin it read there.
+            chain = rotation.follow_chain(pinned, peer.device_id, peer.fingerprint, peer.rotations)
+            chains.append(chain)
+            return chain.path if chain.ok else ()
+
+        review = guard.reviewer(self.config.anomaly, now, live, observations)
+        outcome = self.store.handshake(
+            peer.device_id, peer.name, peer.fingerprint, now, address, follow=follow, review=review
+        )
+        guard.report(outcome)
+        decision = outcome.decision
+        assert decision is not None
+        if decision.event is EventKind.ROTATED and chains:
+            log.info(
+                "%s (%s) rotated its key along a signed chain of %d statement(s): pin moved to %s",
+                peer.name,
+                peer.device_id,
+                len(chains[-1].links),
+                format_fingerprint(peer.fingerprint),
+            )
+        return decision, peer.device_id in outcome.blocked, sighting
 
     def _live(self) -> list[LiveConnection]:
         return [

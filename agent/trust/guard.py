@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from agent.config import AnomalyConfig
 from agent.trust import anomaly
 from agent.trust.anomaly import Anomaly, AnomalyCode, LiveConnection, Observation
-from agent.trust.model import EventKind, TrustEvent, TrustLevel
+from agent.trust.model import AnomalyEntry, DeviceRecord, EventKind, Outcome, Review, Reviewer, TrustEvent
 from agent.trust.store import TrustStore
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,65 @@ def current(
     return sorted(merged, key=lambda a: (a.device_id, a.code.value))
 
 
+def reviewer(
+    config: AnomalyConfig,
+    now: float,
+    live: Sequence[LiveConnection] = (),
+    observations: Sequence[Observation] = (),
+) -> Reviewer:
+    """The rules as the store runs them inside a decision's transaction, over the log it read once.
+
+    Anomalies with evidence newer than their last ANOMALY entry are to be logged; devices whose
+    blocking anomalies are newer than the last decision on them (`anomaly.to_block`) are to be
+    revoked, through `policy.revoke` in the same transaction.
+    """
+
+    def review(events: Sequence[TrustEvent], records: Sequence[DeviceRecord]) -> Review:
+        fresh = anomaly.evaluate(events, records, live, observations, config, now)
+        entries = []
+        for a in anomaly.unreported(fresh, events):
+            evidence = dict(a.evidence)
+            proven = evidence.get("proven")
+            fp = proven[0] if isinstance(proven, tuple) and proven else evidence.get("fingerprint")
+            entries.append(AnomalyEntry(a.device_id, a.event_detail(), fp if isinstance(fp, str) else None))
+        block = []
+        for device_id in anomaly.to_block(fresh, events, config):
+            codes = sorted(
+                {a.code.value for a in fresh if a.device_id == device_id and anomaly.should_block(a, config)}
+            )
+            note = f"blocked automatically: {', '.join(codes)}; let it back only with `trust retrust` or `trust verify`"
+            block.append((device_id, note))
+        return Review(tuple(entries), tuple(block))
+
+    return review
+
+
+def report(outcome: Outcome) -> None:
+    """The warning lines for what a review logged and blocked (after its transaction committed)."""
+    names = {r.device_id: r.name for r in outcome.records}
+    for entry in outcome.review.anomalies:
+        code, _, summary = entry.detail.partition(":")
+        severity = anomaly.SEVERITY[AnomalyCode(code)]
+        log.warning("ANOMALY %s (%s) for device %s: %s", code, severity.value, entry.device_id, summary.strip())
+    for device_id in outcome.blocked:
+        note = next((n for d, n in outcome.review.block if d == device_id), "")
+        log.warning("BLOCKED device %s (%s): %s", names.get(device_id, ""), device_id, note)
+
+
+def in_force(
+    outcome: Outcome,
+    config: AnomalyConfig,
+    now: float,
+    live: Sequence[LiveConnection] = (),
+    observations: Sequence[Observation] = (),
+) -> list[Anomaly]:
+    """Every anomaly in force after `outcome`, from the log it read (no second read)."""
+    fresh = anomaly.evaluate(outcome.events, outcome.records, live, observations, config, now)
+    seen = {(a.device_id, a.code) for a in fresh}
+    merged = fresh + [a for a in recorded(outcome.events) if (a.device_id, a.code) not in seen]
+    return sorted(merged, key=lambda a: (a.device_id, a.code.value))
+
+
 def apply(
     store: TrustStore,
     config: AnomalyConfig,
@@ -76,31 +135,9 @@ def apply(
 ) -> tuple[list[Anomaly], list[str]]:
     """Log anomalies not yet logged (with a warning line) and revoke what policy blocks.
 
-    Returns the anomalies in force and the device ids revoked just now.
+    One transaction, one read of the log. Returns the anomalies in force and the device ids
+    revoked just now.
     """
-    events = store.events()
-    fresh = anomaly.evaluate(events, store.all(), live, observations, config, now)
-    for a in anomaly.unreported(fresh, events):
-        log.warning("ANOMALY %s (%s) for device %s: %s", a.code.value, a.severity.value, a.device_id, a.summary)
-        evidence = dict(a.evidence)
-        proven = evidence.get("proven")
-        fp = proven[0] if isinstance(proven, tuple) and proven else evidence.get("fingerprint")
-        store.record_event(
-            a.device_id,
-            EventKind.ANOMALY,
-            now,
-            fingerprint=fp if isinstance(fp, str) else None,
-            detail=a.event_detail(),
-        )
-    blocked = []
-    events = store.events()
-    for device_id in anomaly.to_block(fresh, events, config):
-        record = store.get(device_id)
-        if record is None or record.trust is TrustLevel.REVOKED:
-            continue
-        codes = sorted({a.code.value for a in fresh if a.device_id == device_id and anomaly.should_block(a, config)})
-        note = f"blocked automatically: {', '.join(codes)}; let it back only with `trust retrust` or `trust verify`"
-        store.revoke(device_id, now, note)
-        log.warning("BLOCKED device %s (%s): %s", record.name, device_id, note)
-        blocked.append(device_id)
-    return current(store, config, now, live, observations), blocked
+    outcome = store.review(reviewer(config, now, live, observations), now)
+    report(outcome)
+    return in_force(outcome, config, now, live, observations), list(outcome.blocked)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -87,7 +88,45 @@ class Decision:
     record: DeviceRecord
     previous: DeviceRecord | None = None
     notes: tuple[str, ...] = field(default=())
+    detail: str = ""  # for the log entry (a rotation's path)
 
     @property
     def may_sync(self) -> bool:
         return self.level.may_sync
+
+
+@dataclass(frozen=True, slots=True)
+class AnomalyEntry:
+    """An anomaly to log: `detail` is `code: summary`, `fingerprint` the key it is about."""
+
+    device_id: str
+    detail: str
+    fingerprint: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Review:
+    """What the anomaly rules ask after a decision: entries to log, and devices to block (id, note)."""
+
+    anomalies: tuple[AnomalyEntry, ...] = ()
+    block: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """One transaction's result: the decision (if a handshake), the review, and the log after it.
+
+    `events` is the log as read once in the transaction plus what it appended, oldest first;
+    `records` the devices after it.
+    """
+
+    decision: Decision | None
+    review: Review
+    blocked: tuple[str, ...]
+    events: tuple[TrustEvent, ...]
+    records: tuple[DeviceRecord, ...]
+
+
+# The anomaly rules as the store runs them, inside a decision's transaction: the log (oldest first)
+# and the devices in, what to log and block out. Pure.
+Reviewer = Callable[[Sequence[TrustEvent], Sequence[DeviceRecord]], Review]

@@ -12,12 +12,21 @@ import sqlite3
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import replace
 from pathlib import Path
 
-from agent.errors import AmbiguousDeviceError, TrustStoreError, UnknownDeviceError, UserError
+from agent.errors import AmbiguousDeviceError, TrustStoreError, UnknownDeviceError
 from agent.trust import policy
-from agent.trust.model import Decision, DeviceRecord, EventKind, TrustEvent, TrustLevel, TrustPolicy
+from agent.trust.model import (
+    Decision,
+    DeviceRecord,
+    EventKind,
+    Outcome,
+    Review,
+    Reviewer,
+    TrustEvent,
+    TrustLevel,
+    TrustPolicy,
+)
 
 SCHEMA_VERSION = 1
 _SCHEMA = """
@@ -82,10 +91,6 @@ def _row_to_event(row: sqlite3.Row) -> TrustEvent:
         detail=row["detail"],
         trust_after=TrustLevel(row["trust_after"]) if row["trust_after"] else None,
     )
-
-
-# An import may raise a known key to these levels, never lower it.
-_IMPORT_RANK = {TrustLevel.REVOKED: 3, TrustLevel.VERIFIED: 2}
 
 
 class TrustStore:
@@ -229,8 +234,8 @@ class TrustStore:
         address: str | None = None,
         detail: str = "",
         trust_after: TrustLevel | None = None,
-    ) -> None:
-        db.execute(
+    ) -> TrustEvent:
+        cursor = db.execute(
             "INSERT INTO events (time, device_id, kind, fingerprint, old_fingerprint, address, detail,"
             " trust_after) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             (
@@ -244,59 +249,112 @@ class TrustStore:
                 trust_after.value if trust_after else None,
             ),
         )
+        seq = cursor.lastrowid
+        assert seq is not None
+        return TrustEvent(seq, now, device_id, kind, fingerprint, old_fingerprint, address, detail, trust_after)
 
     def verify_device(
-        self, device_id: str, name: str, fingerprint: str, now: float, address: str | None = None
+        self,
+        device_id: str,
+        name: str,
+        fingerprint: str,
+        now: float,
+        address: str | None = None,
+        follow: policy.ChainFollower | None = None,
     ) -> Decision:
         """The one decision point, for a device that has proven `fingerprint` in a handshake."""
+        decision = self.handshake(device_id, name, fingerprint, now, address, follow=follow).decision
+        assert decision is not None
+        return decision
+
+    def handshake(
+        self,
+        device_id: str,
+        name: str,
+        fingerprint: str,
+        now: float,
+        address: str | None = None,
+        *,
+        follow: policy.ChainFollower | None = None,
+        review: Reviewer | None = None,
+    ) -> Outcome:
+        """Decide on a device that proved `fingerprint` (following a signed rotation chain from its
+        pin with `follow`), then let `review` (the anomaly rules) log anomalies and block devices.
+
+        All of it is one transaction that reads the log once: a crash leaves either nothing or the
+        moved pin, the decision, its log entry and the review's entries together. An ordinary
+        reconnect writes only the row (last_seen, name, addresses), not the log (`worth_logging`).
+        """
         with self._transaction() as db:
+            events = self._read_log(db)
             previous = self.get(device_id)
             restore = TrustLevel.TOFU
             if previous is not None and previous.trust is TrustLevel.KEY_CHANGED:
-                restore = self._level_before_change(db, device_id)
-            decision = policy.decide(previous, device_id, name, fingerprint, now, self.policy, address, restore)
+                restore = policy.restore_level(events, device_id)
+            decision = policy.decide(previous, device_id, name, fingerprint, now, self.policy, address, restore, follow)
             self._put(db, decision.record)
-            if self._repeats_refusal(db, device_id, decision.event, fingerprint):
-                return decision
-            old = previous.fingerprint if previous and previous.fingerprint != fingerprint else None
-            self._log(
+            if policy.worth_logging(decision, fingerprint, events):
+                old = previous.fingerprint if previous and previous.fingerprint != fingerprint else None
+                detail = decision.detail or (f"name={name}" if decision.event is EventKind.FIRST_USE else "")
+                entry = self._log(
+                    db,
+                    now,
+                    device_id,
+                    decision.event,
+                    fingerprint=fingerprint,
+                    old_fingerprint=old,
+                    address=address,
+                    trust_after=decision.level,
+                    detail=detail,
+                )
+                events.append(entry)
+            return self._review(db, decision, review, events, now)
+
+    def review(self, review: Reviewer, now: float) -> Outcome:
+        """Run the anomaly rules alone (no handshake) in one transaction that reads the log once."""
+        with self._transaction() as db:
+            return self._review(db, None, review, self._read_log(db), now)
+
+    def _read_log(self, db: sqlite3.Connection) -> list[TrustEvent]:
+        """The whole log, oldest first: the one read of it a decision makes."""
+        return [_row_to_event(r) for r in db.execute("SELECT * FROM events ORDER BY seq").fetchall()]
+
+    def _review(
+        self,
+        db: sqlite3.Connection,
+        decision: Decision | None,
+        review: Reviewer | None,
+        events: list[TrustEvent],
+        now: float,
+    ) -> Outcome:
+        records = self.all()
+        found = review(events, records) if review is not None else Review()
+        for a in found.anomalies:
+            record = self.get(a.device_id)
+            trust_after = record.trust if record else None
+            entry = self._log(
                 db,
                 now,
-                device_id,
-                decision.event,
-                fingerprint=fingerprint,
-                old_fingerprint=old,
-                address=address,
-                trust_after=decision.level,
-                detail=f"name={name}" if decision.event is EventKind.FIRST_USE else "",
+                a.device_id,
+                EventKind.ANOMALY,
+                fingerprint=a.fingerprint,
+                detail=a.detail,
+                trust_after=trust_after,
             )
-        return decision
-
-    def _level_before_change(self, db: sqlite3.Connection, device_id: str) -> TrustLevel:
-        """The last level that allowed sync, from the log (`tofu` if none is recorded)."""
-        row = db.execute(
-            "SELECT trust_after FROM events WHERE device_id = ? AND trust_after IN ('tofu', 'verified')"
-            " ORDER BY seq DESC LIMIT 1",
-            (device_id,),
-        ).fetchone()
-        return TrustLevel(row["trust_after"]) if row else TrustLevel.TOFU
-
-    def _repeats_refusal(self, db: sqlite3.Connection, device_id: str, kind: EventKind, fingerprint: str) -> bool:
-        """True if this refusal was already logged since the device's last other decision.
-
-        A refused peer retries, and an impersonator may alternate keys: one entry per distinct
-        (kind, key) keeps the log bounded and readable, while every distinct key still counts for
-        the anomaly rules. The row's last_seen still moves.
-        """
-        if kind not in (EventKind.REFUSED, EventKind.KEY_CHANGED):
-            return False
-        row = db.execute(
-            "SELECT 1 FROM events WHERE device_id = ? AND kind = ? AND fingerprint = ? AND seq > COALESCE("
-            " (SELECT MAX(seq) FROM events WHERE device_id = ? AND kind NOT IN ('refused', 'key_changed', 'anomaly')),"
-            " 0) LIMIT 1",
-            (device_id, kind.value, fingerprint, device_id),
-        ).fetchone()
-        return row is not None
+            events.append(entry)
+        blocked: list[str] = []
+        for device_id, note in found.block:
+            record = self.get(device_id)
+            if record is None or record.trust is TrustLevel.REVOKED:
+                continue
+            new, kind = policy.revoke(record, note)
+            self._put(db, new)
+            entry = self._log(db, now, device_id, kind, fingerprint=new.fingerprint, detail=note, trust_after=new.trust)
+            events.append(entry)
+            blocked.append(device_id)
+        if blocked:
+            records = self.all()
+        return Outcome(decision, found, tuple(blocked), tuple(events), tuple(records))
 
     def change(
         self,
@@ -343,37 +401,40 @@ class TrustStore:
         """Delete the device's record; it is a stranger on next contact. The log keeps its history."""
         with self._transaction() as db:
             record = self.resolve(device)
+            _, kind = policy.forget(record)
             db.execute("DELETE FROM devices WHERE device_id = ?", (record.device_id,))
-            self._log(
-                db,
-                now,
-                record.device_id,
-                EventKind.FORGOTTEN,
-                fingerprint=record.fingerprint,
-                trust_after=TrustLevel.UNKNOWN,
-            )
+            self._log(db, now, record.device_id, kind, fingerprint=record.fingerprint, trust_after=TrustLevel.UNKNOWN)
         return record
 
     def add(self, device_id: str, name: str, fingerprint: str, now: float, detail: str = "") -> DeviceRecord:
         """Pre-pin a device as `verified` before first contact (a scanned URI or an import)."""
+        return self._pin(device_id, now, lambda r: policy.add(r, device_id, name, fingerprint, now), detail)
+
+    def pair(self, device_id: str, name: str, fingerprint: str, now: float, detail: str = "") -> DeviceRecord:
+        """A device proved `fingerprint` in a pairing: add it, or verify the known one (`policy.pair`)."""
+        return self._pin(device_id, now, lambda r: policy.pair(r, device_id, name, fingerprint, now), detail)
+
+    def _pin(
+        self,
+        device_id: str,
+        now: float,
+        transition: Callable[[DeviceRecord | None], tuple[DeviceRecord, EventKind]],
+        detail: str,
+    ) -> DeviceRecord:
         with self._transaction() as db:
             existing = self.get(device_id)
-            if existing is not None and existing.fingerprint != fingerprint:
-                raise UserError(
-                    f"device {device_id} is already pinned to another key; if the new one is right, "
-                    f"run `tofu-agent trust forget {device_id}` first"
-                )
-            record = existing or DeviceRecord(device_id, name, fingerprint, TrustLevel.VERIFIED, now, now)
-            record = replace(record, trust=TrustLevel.VERIFIED, pending_fingerprint=None, notes="")
+            record, kind = transition(existing)
             self._put(db, record)
+            old = existing.fingerprint if existing and existing.fingerprint != record.fingerprint else None
             self._log(
                 db,
                 now,
                 device_id,
-                EventKind.ADDED,
-                fingerprint=fingerprint,
+                kind,
+                fingerprint=record.fingerprint,
+                old_fingerprint=old,
                 detail=detail,
-                trust_after=TrustLevel.VERIFIED,
+                trust_after=record.trust,
             )
         return record
 
@@ -403,26 +464,6 @@ class TrustStore:
                 trust_after=record.trust if record else None,
             )
 
-    def rotate_pin(self, device_id: str, new_fingerprint: str, now: float, detail: str = "") -> DeviceRecord:
-        """Move the pin along a verified rotation chain, keeping the trust level."""
-        with self._transaction() as db:
-            record = self.get(device_id)
-            if record is None:
-                raise UnknownDeviceError(f"no known device {device_id}")
-            new = replace(record, fingerprint=new_fingerprint, pending_fingerprint=None, last_seen=now)
-            self._put(db, new)
-            self._log(
-                db,
-                now,
-                device_id,
-                EventKind.ROTATED,
-                fingerprint=new_fingerprint,
-                old_fingerprint=record.fingerprint,
-                detail=detail,
-                trust_after=new.trust,
-            )
-        return new
-
     def count_sync(self, device_id: str, now: float) -> None:
         """Count one completed sync session with the device."""
         with self._transaction() as db:
@@ -439,16 +480,9 @@ class TrustStore:
         `revoked`, never lowered.
         """
         with self._transaction() as db:
-            existing = self.get(record.device_id)
-            if existing is None:
-                stored, outcome = replace(record, pending_fingerprint=None), "added"
-            elif existing.fingerprint != record.fingerprint:
-                return "conflict"
-            elif _IMPORT_RANK.get(record.trust, 0) > _IMPORT_RANK.get(existing.trust, 0):
-                pending = None if record.trust is TrustLevel.VERIFIED else existing.pending_fingerprint
-                stored, outcome = replace(existing, trust=record.trust, pending_fingerprint=pending), "updated"
-            else:
-                return "kept"
+            stored, outcome = policy.import_record(self.get(record.device_id), record)
+            if stored is None:
+                return outcome
             self._put(db, stored)
             self._log(
                 db,
