@@ -63,6 +63,13 @@ def main(argv: list[str] | None = None) -> int:
     if not 2 <= args.agents <= 8:
         print("--agents must be between 2 and 8", file=sys.stderr)
         return 1
+    if args.netns:
+        from tests.netns import netns_available
+
+        reason = netns_available()
+        if reason is not None:
+            print(f"--netns: {reason}", file=sys.stderr)
+            return 1
     failed = []
     for seed in iter_seeds(args.seed, args.seeds):
         cfg = SoakConfig(

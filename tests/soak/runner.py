@@ -537,6 +537,9 @@ class Soak:
                         self.own_op(m, rng)
                 except OSError as exc:  # own area: only we write there, so this is the test's bug or the agent's
                     self.problems.append(f"{m.name}: an operation on its own area failed: {exc!r}")
+                except Exception as exc:  # a bug of the runner: say so rather than end the writer silently
+                    self.problems.append(f"{m.name}: the writer failed: {exc!r}")
+                    return
             self.stop_writers.wait(rng.uniform(0, 2 * self.cfg.gap))
 
     # -- faults ------------------------------------------------------------------------------------

@@ -20,9 +20,8 @@ SEEDS = [101, 202, 303]
 
 # Failures of a bug that is open and has its own strict-xfail test; the soak reports them but they
 # do not fail this test. Remove an entry when its bug is fixed (its xfail test then XPASSes and fails).
-KNOWN_OPEN: tuple[str, ...] = (
-    "temp files left",  # tests/soak/test_leftover_temp.py: a pull cancelled by its source leaves its temp file
-)
+# (The leftover temp of a cancelled pull was one, until d3d9ca5: tests/soak/test_leftover_temp.py.)
+KNOWN_OPEN: tuple[str, ...] = ()
 
 
 @pytest.mark.slow
