@@ -53,6 +53,8 @@ def test_rotate_key_on_a_running_agent_keeps_its_pairings(agents: list[AgentProc
     assert entry["pending_fingerprint"] is None
     kinds = [e["kind"] for e in trust_log(a)]
     assert "rotated" in kinds and "key_changed" not in kinds
+    # The pin moved and the decision was made in one step, one entry; reconnects add none.
+    assert kinds.count("rotated") == 1 and "match" not in kinds, kinds
     assert "KEY CHANGED" not in a.log()
 
 
