@@ -7,6 +7,7 @@ from pathlib import Path
 
 import msgpack
 
+from agent.sync.clock import Now
 from agent.sync.engine import Outgoing, SyncEngine
 from agent.sync.index import FolderIndex
 from agent.sync.messages import PARSERS, Index, Request, SyncMessage
@@ -28,7 +29,10 @@ class Net:
 
     def __init__(self, tmp: Path, ids: list[str]) -> None:
         self.tmp = tmp
-        self.now = 1_700_000_000.0
+        # Two clocks, as the shell reads them: timers run on `mono` (its origin is arbitrary: a
+        # timer taken from the wall clock by mistake would never come due), records use `wall`.
+        self.mono = 1_000.0
+        self.wall = 1_700_000_000.0
         self.engines: dict[str, SyncEngine] = {}
         self.links: set[tuple[str, str]] = set()
         self.queue: list[tuple[str, str, SyncMessage]] = []
@@ -36,6 +40,16 @@ class Net:
         for dev in ids:
             (tmp / dev[:1]).mkdir(exist_ok=True)
             self.open(dev)
+
+    @property
+    def now(self) -> Now:
+        """What the engines are given for time."""
+        return Now(self.mono, self.wall)
+
+    def advance(self, seconds: float) -> None:
+        """Let `seconds` pass on both clocks."""
+        self.mono += seconds
+        self.wall += seconds
 
     def root(self, dev: str) -> Path:
         return self.tmp / dev[:1]
@@ -98,7 +112,7 @@ class Net:
 
     def change(self, dev: str, names: list[str] | None = None) -> None:
         """Tell `dev` its disk changed (a full scan if `names` is None)."""
-        self.now += 1
+        self.advance(1)
         eng = self.engines[dev]
         if names is None:
             eng.next_scan = 0

@@ -4,7 +4,9 @@ Theory of operation. The shell calls, one at a time (from one worker thread if i
   start(now) once; peer_connected(peer) -> [FolderHello]; on_peer_message(peer, msg, now) for
   every sync message; on_local_change(names, now) for file-system events; handle_timer(now) when
   get_timer() says; continue_scan(now) while `scan_pending`; peer_disconnected(peer). Each
-  returns [(peer, message)] to send.
+  returns [(peer, message)] to send. `now` is a `Now`: timers (rescans, stalls, retries,
+  rechecks; `get_timer`) run on its monotonic `mono`, versions and conflict copies record its
+  `wall`, so a clock step or a resume from suspend neither stalls requests nor moves a rescan.
 A scan from file-system events or the periodic timer runs in chunks: each chunk is recorded and
 announced at once, and the shell comes back for the next (`scan_pending`), serving peers in
 between. Until the scan's last chunk no pull starts or commits, so nothing but the scan changes
@@ -34,6 +36,7 @@ from pathlib import Path
 
 from agent.errors import ErrorCode, RemoteProtocolError
 from agent.sync import puller
+from agent.sync.clock import Now
 from agent.sync.fs import FolderFS, temp_name_for
 from agent.sync.index import FolderIndex
 from agent.sync.messages import (
@@ -100,7 +103,7 @@ class Peer:
     records: int = -1  # at least how many names it announced to us (-1: not counted yet)
     record_bytes: int = -1  # at least how many bytes of records it announced (-1: not counted yet)
     inflight_bytes: int = 0
-    answered_at: float = 0.0  # its last response, or our first request since it had none open
+    answered_at: float = 0.0  # (monotonic) its last response, or our first request since it had none open
     stalled: bool = False  # it left requests unanswered for STALL_TIMEOUT; cleared by any response
     bad_blocks: int = 0
     progress: tuple[int, int] | None = None  # its (need_files, need_bytes) as it reported
@@ -175,7 +178,7 @@ class SyncEngine:
         self.max_remote_bytes = max_remote_bytes
         self.batch_files = batch_files
         self.rescan_interval = rescan_interval
-        self.next_scan = 0.0
+        self.next_scan = 0.0  # when the next full scan is due (monotonic, as every timer here)
         self.flush_due = False  # a batch is complete and waits for the next `pump` (call it soon)
         self.requested_blocks = 0  # counters for tests and status
         self.state = "idle"
@@ -192,7 +195,7 @@ class SyncEngine:
 
     # -- lifecycle -----------------------------------------------------------------------------
 
-    def start(self, now: float) -> None:
+    def start(self, now: Now) -> None:
         """Find changes made while we were stopped, plan from stored peer indexes, drop stale temps.
 
         A folder that recorded nothing yet gets its root and marker made; one that did and lacks
@@ -224,7 +227,7 @@ class SyncEngine:
             puller.abort_job(job)
         self.fs.close()
 
-    def peer_connected(self, peer: str, now: float) -> list[Outgoing]:
+    def peer_connected(self, peer: str, now: Now) -> list[Outgoing]:
         """A session with `peer` that shares this folder is up: say hello."""
         self.peers[peer] = Peer()
         have_id, have_seq = self.index.peer_state(peer)
@@ -256,7 +259,7 @@ class SyncEngine:
         """Group several calls (one batch of inputs): walked directories are reused meanwhile."""
         return self.fs.batch()
 
-    def on_peer_message(self, peer: str, msg: SyncMessage, now: float, pump: bool = True) -> list[Outgoing]:
+    def on_peer_message(self, peer: str, msg: SyncMessage, now: Now, pump: bool = True) -> list[Outgoing]:
         """Handle one sync message from `peer`. With `pump=False` the pulling work it enables
         (starting files, requests, flushes) waits for `pump`: a batch of messages pumps once.
 
@@ -266,12 +269,12 @@ class SyncEngine:
             out = self._on_peer_message(peer, msg, now)
             return out + self._pump(now) if pump else out
 
-    def pump(self, now: float) -> list[Outgoing]:
+    def pump(self, now: Now) -> list[Outgoing]:
         """Start pulls, issue requests, flush finished files, announce (after `pump=False` calls)."""
         with self.fs.batch():
             return self._pump(now)
 
-    def _on_peer_message(self, peer: str, msg: SyncMessage, now: float) -> list[Outgoing]:
+    def _on_peer_message(self, peer: str, msg: SyncMessage, now: Now) -> list[Outgoing]:
         state = self.peers.get(peer)
         if state is None:
             raise RemoteProtocolError("sync message before the session was set up", ErrorCode.UNEXPECTED_MESSAGE)
@@ -298,7 +301,7 @@ class SyncEngine:
                 state.progress = (msg.need_files, msg.need_bytes)
         return out
 
-    def on_local_change(self, names: list[str], now: float) -> list[Outgoing]:
+    def on_local_change(self, names: list[str], now: Now) -> list[Outgoing]:
         """Rescan `names` (relative paths from file-system events; '' is everything) and announce
         what changed. Names that still are exactly what we wrote there are skipped."""
         with self.fs.batch():
@@ -312,14 +315,14 @@ class SyncEngine:
         """A chunked scan has more to do: call `continue_scan` soon."""
         return self._scan_chunks is not None
 
-    def continue_scan(self, now: float) -> list[Outgoing]:
+    def continue_scan(self, now: Now) -> list[Outgoing]:
         """Record and announce the next chunk of the scan in progress."""
         with self.fs.batch():
             if self._scan_chunks is not None:
                 self._scan_step(now)
             return self._pump(now)
 
-    def _scan_later(self, now: float, names: list[str]) -> None:
+    def _scan_later(self, now: Now, names: list[str]) -> None:
         """Start a chunked scan of `names` ('' = everything) and do its first chunk; if one is
         running, queue the names for after it and do its next chunk (events never starve it)."""
         if not self._root_ok(now):
@@ -332,10 +335,10 @@ class SyncEngine:
             return
         self._scan_full = "" in names
         self.state = "scanning"
-        self._scan_chunks = self.scanner.scan_chunks(int(now), None if self._scan_full else names)
+        self._scan_chunks = self.scanner.scan_chunks(int(now.wall), None if self._scan_full else names)
         self._scan_step(now)
 
-    def _scan_step(self, now: float) -> None:
+    def _scan_step(self, now: Now) -> None:
         assert self._scan_chunks is not None
         try:
             chunk = next(self._scan_chunks)
@@ -346,14 +349,14 @@ class SyncEngine:
             # and let the timer run a full one soon, which also covers the names this one had
             self._scan_chunks = None
             self.state = "idle"
-            self.next_scan = min(self.next_scan, now + RETRY_SCAN_AFTER)
+            self.next_scan = min(self.next_scan, now.mono + RETRY_SCAN_AFTER)
             raise
         if not chunk.final:
             return
         self._scan_chunks = None
         self.state = "idle"
         if self._scan_full:
-            self.next_scan = now + self.rescan_interval
+            self.next_scan = now.mono + self.rescan_interval
         if self._scan_next:
             names, self._scan_next = sorted(self._scan_next), set()
             self._scan_later(now, names)
@@ -371,40 +374,40 @@ class SyncEngine:
         self.written[name] = (st.st_ino, st.st_mtime_ns)
 
     def get_timer(self) -> float:
-        """When `handle_timer` wants to run next."""
+        """When `handle_timer` wants to run next, on the monotonic clock (`Now.mono`)."""
         if self.halted is not None:
             return self.next_check
         stalls = [s.answered_at + STALL_TIMEOUT for s in self.peers.values() if s.inflight_bytes and not s.stalled]
         return min([self.next_scan, *self.failed.values(), *self.recheck.values(), *stalls])
 
-    def handle_timer(self, now: float) -> list[Outgoing]:
+    def handle_timer(self, now: Now) -> list[Outgoing]:
         """Periodic full rescan (the safety net under file-system events) and batch flush."""
         with self.fs.batch():
             if self.halted is not None:
-                return self._resume(now) if now >= self.next_check else []
-            if now >= self.next_scan and self._scan_chunks is None:
+                return self._resume(now) if now.mono >= self.next_check else []
+            if now.mono >= self.next_scan and self._scan_chunks is None:
                 self._scan_later(now, [""])
-            unsettled = [name for name, when in self.recheck.items() if when <= now]
+            unsettled = [name for name, when in self.recheck.items() if when <= now.mono]
             for name in unsettled:
                 del self.recheck[name]
             if unsettled:
                 self._scan_later(now, unsettled)
             for peer, state in self.peers.items():
-                if state.inflight_bytes and not state.stalled and now - state.answered_at >= STALL_TIMEOUT:
+                if state.inflight_bytes and not state.stalled and now.mono - state.answered_at >= STALL_TIMEOUT:
                     self._stalled(peer, state, now)
-            due = [name for name, when in self.failed.items() if when <= now]
+            due = [name for name, when in self.failed.items() if when <= now.mono]
             for name in due:
                 del self.failed[name]
             if due:
                 self._reconsider(sorted(due))  # what is still needed is queued afresh
             return self._pump(now, force_flush=True)
 
-    def flush(self, now: float) -> list[Outgoing]:
+    def flush(self, now: Now) -> list[Outgoing]:
         """Commit finished files durably, record them, and announce them to peers."""
         with self.fs.batch():
             return self._flush(now)
 
-    def _flush(self, now: float) -> list[Outgoing]:
+    def _flush(self, now: Now) -> list[Outgoing]:
         if self.halted is not None:
             return []
         if self._scan_chunks is not None:
@@ -448,7 +451,7 @@ class SyncEngine:
                 self._reconsider([n for n in rescan if n not in self.need])
         return self._announce()
 
-    def _commit_dir(self, parent: str, jobs: list[puller.Job], rescan: list[str], now: float) -> bool:
+    def _commit_dir(self, parent: str, jobs: list[puller.Job], rescan: list[str], now: Now) -> bool:
         """Steps 2 and 3 of `flush` for the finished files of one directory, walked once; True if
         anything was renamed. A name whose temp file is not the one we wrote (its directory was
         replaced or became a symlink while we fetched), or whose target changed locally, is not
@@ -485,13 +488,13 @@ class SyncEngine:
 
     # -- the folder root -----------------------------------------------------------------------
 
-    def _root_ok(self, now: float) -> bool:
+    def _root_ok(self, now: Now) -> bool:
         """True if we may scan and write: the root is there with its marker. Otherwise stop."""
         if self.fs.refresh():
             return self.halted is None  # a stopped folder resumes from `handle_timer` only
         if self.halted is None:
             self._halt()
-        self.next_check = now + ROOT_RECHECK
+        self.next_check = now.mono + ROOT_RECHECK
         return False
 
     def _halt(self) -> None:
@@ -525,10 +528,10 @@ class SyncEngine:
         self.state = "idle"
         self.flush_due = False
 
-    def _resume(self, now: float) -> list[Outgoing]:
+    def _resume(self, now: Now) -> list[Outgoing]:
         """Look for the root of a stopped folder; when it is back, scan it and sync again."""
         if not self.fs.refresh():
-            self.next_check = now + ROOT_RECHECK
+            self.next_check = now.mono + ROOT_RECHECK
             return []
         log.warning("folder %r: %s is back; syncing it again", self.folder_id, self.fs.root)
         self.halted = None
@@ -659,18 +662,18 @@ class SyncEngine:
 
     # -- scanning ------------------------------------------------------------------------------
 
-    def _scan(self, now: float, names: list[str] | None) -> list[str]:
+    def _scan(self, now: Now, names: list[str] | None) -> list[str]:
         """Scan `names` (None: everything) in one go: at start, and for a few names while pulling."""
         self.state = "scanning"
-        result = self.scanner.scan(int(now), names)
+        result = self.scanner.scan(int(now.wall), names)
         if not self._record_scan(result, now):
             return []
         if names is None:
-            self.next_scan = now + self.rescan_interval
+            self.next_scan = now.mono + self.rescan_interval
         self.state = "idle"
         return result.temp_files
 
-    def _record_scan(self, result: ScanResult, now: float) -> bool:
+    def _record_scan(self, result: ScanResult, now: Now) -> bool:
         """Record what a scan found; False (nothing recorded) if the root went away meanwhile:
         then what looks deleted is only not mounted."""
         if not self._root_ok(now):
@@ -690,16 +693,16 @@ class SyncEngine:
             self._ignore_changed(now)
         return True
 
-    def _look_again(self, name: str, now: float) -> None:
+    def _look_again(self, name: str, now: Now) -> None:
         """Scan `name` again soon: it changed while we hashed it (backing off while it keeps changing)."""
         tries = self._recheck_tries.get(name, 0) + 1
         if tries == 1 and len(self._recheck_tries) >= MAX_FAILED:
-            self.next_scan = min(self.next_scan, now + RECHECK_MAX)  # too many: one full scan looks at all
+            self.next_scan = min(self.next_scan, now.mono + RECHECK_MAX)  # too many: one full scan looks at all
             return
         self._recheck_tries[name] = tries
-        self.recheck[name] = now + min(RECHECK_MAX, RECHECK_FIRST * 2 ** min(tries - 1, 8))
+        self.recheck[name] = now.mono + min(RECHECK_MAX, RECHECK_FIRST * 2 ** min(tries - 1, 8))
 
-    def _ignore_changed(self, now: float) -> None:
+    def _ignore_changed(self, now: Now) -> None:
         """`.tofuignore` changed: names it no longer ignores are scanned and pulled now, not at the
         next timer scan or restart; names it now ignores are no longer pulled."""
         self._ignore_lines = self.scanner.ignore.lines
@@ -709,13 +712,13 @@ class SyncEngine:
             if ignore.matches(name, n.target.type is FileType.DIR):
                 self._drop_job(name)
                 del self.need[name]
-        self.next_scan = min(self.next_scan, now)  # a full scan, on the timer's next run
+        self.next_scan = min(self.next_scan, now.mono)  # a full scan, on the timer's next run
         for peer in self.index.peers():
             self._consider(list(self.index.differing(peer)), peer)
 
     # -- pulling -------------------------------------------------------------------------------
 
-    def _pump(self, now: float, force_flush: bool = False) -> list[Outgoing]:
+    def _pump(self, now: Now, force_flush: bool = False) -> list[Outgoing]:
         out: list[Outgoing] = []
         if self.halted is not None:
             return self._announce()
@@ -757,7 +760,7 @@ class SyncEngine:
             except OSError as exc:  # a directory in the way, a read-only disk: the next start tries again
                 log.info("cannot delete the temp file of %r: %s", name, exc)
 
-    def _start(self, name: str, now: float) -> None:
+    def _start(self, name: str, now: Now) -> None:
         n = self.need.get(name)
         if n is None or name in self.jobs:
             return
@@ -785,7 +788,7 @@ class SyncEngine:
         try:
             if d.conflict_name is not None and local is not None:
                 self.fs.rename(name, d.conflict_name)
-                copy = local.replace(name=d.conflict_name, version=Vector().bump(self.device_id, int(now)),
+                copy = local.replace(name=d.conflict_name, version=Vector().bump(self.device_id, int(now.wall)),
                                      modified_by=self.device_id)  # fmt: skip
                 self.records.append(copy)
                 self.dirty_dirs.update({name.rpartition("/")[0], d.conflict_name.rpartition("/")[0]})
@@ -822,7 +825,7 @@ class SyncEngine:
             log.warning("cannot sync %r (trying again in %.0f s): %s", name, RETRY_PULL_AFTER, exc)
             self._give_up(name, now)
 
-    def _stalled(self, peer: str, state: Peer, now: float) -> None:
+    def _stalled(self, peer: str, state: Peer, now: Now) -> None:
         """Write off `peer`'s open requests: its files are asked of other peers, or retried later."""
         log.warning("peer %s left our block requests unanswered for %.0f s: asking others", peer[:7], STALL_TIMEOUT)
         state.stalled = True
@@ -841,14 +844,14 @@ class SyncEngine:
             if not any(self._can_ask(p) for p in job.sources):
                 self._give_up(name, now)  # frees the slot for files other peers can send
 
-    def _disk_has_room(self, size: int, now: float) -> bool:
+    def _disk_has_room(self, size: int, now: Now) -> bool:
         """True if pulling `size` more bytes (on top of what running pulls still write) leaves
         the file system at least MIN_FREE_FRACTION free; a full disk hurts the whole machine.
         The free space is read at most once a second; pulls started meanwhile are subtracted."""
-        if now - self._space_at >= 1.0 or now < self._space_at:
+        if now.mono - self._space_at >= 1.0 or now.mono < self._space_at:
             free, total = self.fs.free_space()
             coming = sum((len(j.fetch) + len(j.outstanding)) * j.target.block_size for j in self.jobs.values())
-            self._space, self._space_at = free - coming - int(total * MIN_FREE_FRACTION), now
+            self._space, self._space_at = free - coming - int(total * MIN_FREE_FRACTION), now.mono
         if self._space >= size:
             self._space -= size
             self._space_warned = False
@@ -865,19 +868,19 @@ class SyncEngine:
         state = self.peers.get(peer)
         return state is not None and state.ready and not state.stalled
 
-    def _give_up(self, name: str, now: float) -> None:
+    def _give_up(self, name: str, now: Now) -> None:
         """Stop working on `name` (its temp file stays for resuming) and try it again later."""
         self._drop_job(name)
         self.need.pop(name, None)
         if len(self.failed) < MAX_FAILED:
-            self.failed[name] = now + RETRY_PULL_AFTER
+            self.failed[name] = now.mono + RETRY_PULL_AFTER
 
     def _temps_in_use(self, dirname: str) -> set[str]:
         """Base names of the temp files in `dirname` that a running or finished pull still needs."""
         names = [*self.jobs, *(j.name for j in self.done)]
         return {temp_name_for(n) for n in names if n.rpartition("/")[0] == dirname}
 
-    def _clear_dir(self, local: FileInfo, now: float) -> bool:
+    def _clear_dir(self, local: FileInfo, now: Now) -> bool:
         """Remove directory `local.name` so a file can take its name: apply the pending deletions
         under it, drop our stale temp files in it, rmdir. If it still holds files we keep (new or
         ignored ones), rename it to a conflict copy instead, rescan both names and return False:
@@ -915,7 +918,7 @@ class SyncEngine:
         finally:
             os.close(fd)
 
-    def _issue_requests(self, now: float) -> list[Outgoing]:
+    def _issue_requests(self, now: Now) -> list[Outgoing]:
         out: list[Outgoing] = []
         for job in self.jobs.values():
             while job.fetch:
@@ -930,7 +933,7 @@ class SyncEngine:
                 job.fetch.popleft()
                 job.outstanding.add(i)
                 if not state.inflight_bytes:
-                    state.answered_at = now  # the stall clock starts with the first open request
+                    state.answered_at = now.mono  # the stall clock starts with the first open request
                 state.inflight_bytes += size
                 rid = self._new_request_id()
                 self.requests[rid] = (peer, job.name, i)
@@ -953,19 +956,19 @@ class SyncEngine:
         # The daemon's shell answers requests with a `BlockServer` instead, beside the engine.
         return serve_block(self.folder_id, self.index, self.fs, req)
 
-    def _on_response(self, peer: str, state: Peer, msg: Response, now: float) -> None:
+    def _on_response(self, peer: str, state: Peer, msg: Response, now: Now) -> None:
         entry = self.requests.get(msg.request_id)
         late = self.cancelled.get(msg.request_id)
         if entry is None and late is not None and late[0] == peer:
             del self.cancelled[msg.request_id]
             state.inflight_bytes -= late[1]
-            state.answered_at, state.stalled = now, False
+            state.answered_at, state.stalled = now.mono, False
             return
         if entry is None or entry[0] != peer:
             # (checked before the entry is taken: a peer answering another's id must not steal it)
             raise RemoteProtocolError("response to no request of ours", ErrorCode.UNEXPECTED_MESSAGE)
         del self.requests[msg.request_id]
-        state.answered_at, state.stalled = now, False
+        state.answered_at, state.stalled = now.mono, False
         _, name, i = entry
         job = self.jobs.get(name)
         t = job.target if job is not None else None

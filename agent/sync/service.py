@@ -48,6 +48,7 @@ from agent.identity import Identity
 from agent.memtrim import TRIM_AFTER_BYTES, trim
 from agent.net.link import PeerLink
 from agent.paths import Paths
+from agent.sync.clock import Now
 from agent.sync.engine import FolderStatus, Outgoing, SyncEngine
 from agent.sync.index import FolderIndex
 from agent.sync.messages import (
@@ -87,6 +88,11 @@ MAX_FOLDERS = 256  # request ids carry the folder's number in 8 bits
 SWITCH_INTERVAL = 0.0005  # seconds; see `run`
 
 SEND_BATCH_BYTES = 256 * 1024  # small messages coalesced into one TLS write
+
+
+def _now() -> Now:
+    """Both clocks, read once for a batch: timers run on the monotonic one (see `agent.sync.clock`)."""
+    return Now(time.monotonic(), time.time())
 
 
 def _send_size(msg: SyncMessage) -> int:
@@ -144,7 +150,7 @@ class _Folder:
     room: anyio.Event = field(default_factory=anyio.Event)
     current: dict[str, _Link] = field(default_factory=dict)  # the engine's view: peer -> link (worker only)
     snapshot: FolderStatus = field(default_factory=lambda: FolderStatus("scanning", 0, 0, 0, 0, {}))
-    snapshot_at: float = 0.0
+    snapshot_at: float = 0.0  # monotonic
     reported: dict[str, tuple[int, int]] = field(default_factory=dict)  # progress last sent per peer
     blocks_received: int = 0  # on the wire: responses with data, and their bytes
     bytes_received: int = 0
@@ -237,7 +243,7 @@ class SyncService:
     def _close_folder(self, f: _Folder) -> None:
         with f.lock:
             try:
-                f.engine.flush(time.time())  # finished files go in place now, not after a restart
+                f.engine.flush(_now())  # finished files go in place now, not after a restart
             except Exception:
                 log.exception("folder %r: flushing at shutdown failed", f.config.id)
             f.engine.close()
@@ -362,7 +368,7 @@ class SyncService:
                 await anyio.sleep(START_RETRY)
         while True:
             if not (f.inbox or f.changed or f.rescan or f.engine.flush_due or f.engine.scan_pending):
-                delay = max(0.0, f.engine.get_timer() - time.time())
+                delay = max(0.0, f.engine.get_timer() - time.monotonic())
                 with anyio.move_on_after(delay):
                     await f.wake.wait()
             f.wake = anyio.Event()
@@ -391,7 +397,7 @@ class SyncService:
 
     def _start_engine(self, f: _Folder) -> None:
         with f.lock:
-            f.engine.start(time.time())
+            f.engine.start(_now())
             f.snapshot = f.engine.status()
 
     def _work(
@@ -406,7 +412,7 @@ class SyncService:
         out: list[tuple[_Link, SyncMessage]] = []
         errors: list[tuple[_Link, RemoteProtocolError]] = []
         bad: set[_Link] = set()
-        now = time.time()
+        now = _now()
 
         def route(messages: list[Outgoing]) -> None:
             # resolved now: a message for a session that closed later in this batch must not
@@ -447,12 +453,12 @@ class SyncService:
                 route(eng.on_local_change(sorted(names), now))
             elif eng.scan_pending:
                 route(eng.continue_scan(now))
-            if now >= eng.get_timer():
+            if now.mono >= eng.get_timer():
                 route(eng.handle_timer(now))
             idle = not eng.need and not eng.jobs
-            if idle or now - f.snapshot_at >= STATUS_INTERVAL:
+            if idle or now.mono - f.snapshot_at >= STATUS_INTERVAL:
                 f.snapshot = eng.status()
-                f.snapshot_at = now
+                f.snapshot_at = now.mono
                 route(self._progress(f))
         items.clear()  # the caller's list: the messages are freed here, before the trim
         if burst or full:

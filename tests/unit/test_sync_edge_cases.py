@@ -16,6 +16,7 @@ import pytest
 from agent.sync import engine as engine_module
 from agent.sync import puller
 from agent.sync.blocks import block_size_for, hash_bytes
+from agent.sync.clock import Now
 from agent.sync.engine import RETRY_PULL_AFTER, Outgoing, SyncEngine
 from agent.sync.messages import FolderHello, IndexUpdate, Request, Response
 from agent.sync.model import FileInfo, FileType
@@ -37,7 +38,7 @@ def pair(tmp_path: Path) -> Net:
 
 def later(net: Net, dev: str, seconds: float = RETRY_PULL_AFTER + 1) -> None:
     """Let `seconds` pass for `dev` and run its timer (retries of failed names), then settle."""
-    net.now += seconds
+    net.advance(seconds)
     net._send(dev, net.engines[dev].handle_timer(net.now))
     net.settle()
 
@@ -50,7 +51,7 @@ def finfo(name: str, data: bytes | None, dev: str, seq: int, *, size: int = 0, h
                     hashes, dev)  # fmt: skip
 
 
-def hello_from(eng: SyncEngine, peer: str, now: float) -> None:
+def hello_from(eng: SyncEngine, peer: str, now: Now) -> None:
     eng.peer_connected(peer, now)
     eng.on_peer_message(peer, wire(FolderHello("default", b"M" * 16, b"", 0)), now)
 
@@ -277,7 +278,7 @@ def test_a_peer_announcing_a_file_and_its_own_child_does_not_wedge_the_folder(tm
     net.change(A_ID)
     for _ in range(5):
         net.step()
-        net.now += 1
+        net.advance(1)
         serve(victim.handle_timer(net.now))
     assert not (net.root(B_ID) / "old.txt").exists(), "the honest peer's deletion is applied"
 
@@ -492,7 +493,7 @@ def test_files_only_a_stalled_peer_has_do_not_hold_every_pull_slot(tmp_path: Pat
     net.change(A_ID)
     net.settle()
     assert not (net.root(B_ID) / "honest.txt").exists()
-    assert victim.get_timer() <= net.now + STALL_TIMEOUT
+    assert victim.get_timer() <= net.mono + STALL_TIMEOUT
     later(net, B_ID, STALL_TIMEOUT + 1)
     assert (net.root(B_ID) / "honest.txt").read_bytes() == b"from the honest peer"
     assert not victim.jobs and victim.peers[M_ID].stalled

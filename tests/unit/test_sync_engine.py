@@ -396,10 +396,10 @@ def test_a_scan_that_fails_midway_does_not_hold_pulls_back(tmp_path: Path, monke
         eb.continue_scan(net.now)
     monkeypatch.undo()
     assert not eb.scan_pending and eb.status().state == "idle"
-    assert eb.get_timer() <= net.now + engine_module.RETRY_SCAN_AFTER
+    assert eb.get_timer() <= net.mono + engine_module.RETRY_SCAN_AFTER
     write(a / "from-a", b"still fetched")
     net.change(A_ID, ["from-a"])
-    net.now = eb.get_timer()
+    net.advance(eb.get_timer() - net.mono)
     net.settle()
     assert tree(a) == tree(b)
 

@@ -7,6 +7,7 @@ import os
 import shutil
 from pathlib import Path
 
+from agent.sync.clock import Now
 from agent.sync.engine import ROOT_RECHECK, SyncEngine
 from agent.sync.index import FolderIndex
 from agent.sync.paths import MARKER
@@ -31,7 +32,7 @@ def stopped(eng: SyncEngine) -> bool:
 
 
 def tick(net: Net, dev: str, seconds: float = ROOT_RECHECK + 1) -> None:
-    net.now += seconds
+    net.advance(seconds)
     net._send(dev, net.engines[dev].handle_timer(net.now))
     net.settle()
 
@@ -39,7 +40,7 @@ def tick(net: Net, dev: str, seconds: float = ROOT_RECHECK + 1) -> None:
 def test_a_new_folder_gets_its_root_and_marker(tmp_path: Path) -> None:
     root = tmp_path / "not" / "there"
     eng = SyncEngine("default", root, FolderIndex(tmp_path / "i.db"), A_ID)
-    eng.start(1_700_000_000.0)
+    eng.start(Now(1_000.0, 1_700_000_000.0))
     assert (root / MARKER).is_dir() and eng.halted is None
     assert eng.status().state == "idle"
     eng.close()
@@ -50,7 +51,7 @@ def test_an_existing_folder_without_a_marker_is_adopted_on_first_start(tmp_path:
     root = tmp_path / "music"
     write(root / "song", b"la")
     eng = SyncEngine("default", root, FolderIndex(tmp_path / "i.db"), A_ID)
-    eng.start(1_700_000_000.0)
+    eng.start(Now(1_000.0, 1_700_000_000.0))
     assert (root / MARKER).is_dir()
     assert [f.name for f in eng.index.local_files()] == ["song"], "the marker itself is never synced"
     eng.close()
@@ -72,7 +73,7 @@ def test_a_deleted_root_stops_the_folder_instead_of_deleting_everywhere(tmp_path
     assert len(tree(net.root(B_ID))) == 4, "the peer keeps its files"
     assert not a.exists(), "a stopped folder does not recreate its root"
     # it looks again on its timer, and resumes when the folder is back
-    assert eng.get_timer() <= net.now + ROOT_RECHECK
+    assert eng.get_timer() <= net.mono + ROOT_RECHECK
     moved.rename(a)
     write(a / "d" / "new", b"made while stopped")
     tick(net, A_ID)
@@ -127,7 +128,7 @@ def test_a_root_gone_in_the_middle_of_a_chunked_scan_records_nothing(tmp_path: P
     eng.scanner.chunk_files = 1
     write(net.root(A_ID) / "e" / "g", b"1")
     write(net.root(A_ID) / "e" / "h", b"2")
-    net.now += 1
+    net.advance(1)
     eng.next_scan = 0
     eng.handle_timer(net.now)  # the first chunk
     assert not stopped(eng)
@@ -163,7 +164,7 @@ def test_a_symlinked_root_is_followed_but_nothing_inside_it(tmp_path: Path) -> N
     (tmp_path / "Sync").symlink_to(real)
     (real / "out").symlink_to(tmp_path)  # a symlink inside stays a local thing
     eng = SyncEngine("default", tmp_path / "Sync", FolderIndex(tmp_path / "i.db"), A_ID)
-    eng.start(1_700_000_000.0)
+    eng.start(Now(1_000.0, 1_700_000_000.0))
     assert not stopped(eng)
     assert [f.name for f in eng.index.local_files()] == ["a.txt"]
     eng.close()

@@ -39,8 +39,8 @@ def test_a_file_skipped_mid_write_reaches_the_peer_without_an_event(tmp_path: Pa
     net.settle()
     assert calls[0] == 1 and "download.bin" not in tree(net.root(B_ID))
     assert eng.status().state == "scanning", "a folder with a file to look at again is not idle"
-    assert eng.get_timer() <= net.now + RECHECK_FIRST
-    net.now += RECHECK_FIRST
+    assert eng.get_timer() <= net.mono + RECHECK_FIRST
+    net.advance(RECHECK_FIRST)
     net._send(A_ID, eng.handle_timer(net.now))  # the timer alone, no event
     net.settle()
     assert tree(net.root(B_ID))["download.bin"][0] == b"d" * 100_000
@@ -60,8 +60,8 @@ def test_a_file_that_keeps_changing_is_looked_at_with_backoff(tmp_path: Path, st
     delays = []
     while calls[0] <= 6:
         due = eng.get_timer()
-        delays.append(due - net.now)
-        net.now = due
+        delays.append(due - net.mono)
+        net.advance(due - net.mono)
         eng.handle_timer(net.now)
         while eng.scan_pending:
             eng.continue_scan(net.now)
