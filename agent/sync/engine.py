@@ -129,6 +129,7 @@ class FolderStatus:
     peers: dict[str, tuple[int, int] | None]
     error: str = ""  # why the folder is stopped (state 'error')
     failed_files: int = 0  # names we could not write (full disk, a directory in the way), retried every 60 s
+    blocks_requested: int = 0  # block requests we sent (`requested_blocks`)
 
 
 class SyncEngine:
@@ -558,7 +559,10 @@ class SyncEngine:
         if state == "idle" and self.recheck:
             state = "scanning"  # files being written are looked at again in a moment: not idle yet
         peers = {p: s.progress for p, s in self.peers.items()}
-        return FolderStatus(state, files, size, len(self.need), need_bytes, peers, self.halted or "", len(self.failed))
+        return FolderStatus(
+            state, files, size, len(self.need), need_bytes, peers, self.halted or "", len(self.failed),
+            self.requested_blocks,
+        )  # fmt: skip
 
     # -- index exchange ------------------------------------------------------------------------
 

@@ -35,7 +35,7 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import anyio
@@ -86,6 +86,10 @@ SERVE_BATCH_BYTES = 8 * 1024 * 1024  # blocks read from disk in one worker-threa
 STATUS_INTERVAL = 0.5  # seconds between progress reports to peers (and status refreshes)
 MAX_FOLDERS = 256  # request ids carry the folder's number in 8 bits
 SWITCH_INTERVAL = 0.0005  # seconds; see `run`
+# A test hook, read once at start-up from the agent's own environment (a peer cannot set it):
+# each folder's worker holds the folder's lock this many seconds after its start-up scan, as a
+# slow scan of a huge folder would. Used by tests/agent/test_status_responsive.py only.
+SCAN_DELAY_ENV = "TOFU_AGENT_TEST_SCAN_DELAY"
 
 SEND_BATCH_BYTES = 256 * 1024  # small messages coalesced into one TLS write
 
@@ -149,8 +153,11 @@ class _Folder:
     wake: anyio.Event = field(default_factory=anyio.Event)
     room: anyio.Event = field(default_factory=anyio.Event)
     current: dict[str, _Link] = field(default_factory=dict)  # the engine's view: peer -> link (worker only)
+    # What `status` shows: published by the worker (a frozen object, swapped whole) at the end of
+    # a batch, so the event loop reads it without the lock and without SQL.
     snapshot: FolderStatus = field(default_factory=lambda: FolderStatus("scanning", 0, 0, 0, 0, {}))
     snapshot_at: float = 0.0  # monotonic
+    stale: bool = False  # the engine moved on since the snapshot: publish again within STATUS_INTERVAL
     reported: dict[str, tuple[int, int]] = field(default_factory=dict)  # progress last sent per peer
     blocks_received: int = 0  # on the wire: responses with data, and their bytes
     bytes_received: int = 0
@@ -184,6 +191,7 @@ class SyncService:
         self._by_link: dict[PeerLink, _Link] = {}
         self._tg: anyio.abc.TaskGroup | None = None
         self._executor: ThreadPoolExecutor | None = None
+        self._scan_delay = float(os.environ.get(SCAN_DELAY_ENV) or 0)  # a test hook (see SCAN_DELAY_ENV)
 
     # -- life cycle ------------------------------------------------------------------------------
 
@@ -368,7 +376,10 @@ class SyncService:
                 await anyio.sleep(START_RETRY)
         while True:
             if not (f.inbox or f.changed or f.rescan or f.engine.flush_due or f.engine.scan_pending):
-                delay = max(0.0, f.engine.get_timer() - time.monotonic())
+                due = f.engine.get_timer()
+                if f.stale:  # status shows a snapshot that is out of date: refresh it soon
+                    due = min(due, f.snapshot_at + STATUS_INTERVAL)
+                delay = max(0.0, due - time.monotonic())
                 with anyio.move_on_after(delay):
                     await f.wake.wait()
             f.wake = anyio.Event()
@@ -397,8 +408,13 @@ class SyncService:
 
     def _start_engine(self, f: _Folder) -> None:
         with f.lock:
-            f.engine.start(_now())
-            f.snapshot = f.engine.status()
+            now = _now()
+            f.engine.start(now)
+            if self._scan_delay:
+                log.warning("folder %r: test hook %s: holding the folder for %.1f s", f.config.id,
+                            SCAN_DELAY_ENV, self._scan_delay)  # fmt: skip
+                time.sleep(self._scan_delay)
+            self._publish(f, now)
 
     def _work(
         self,
@@ -447,6 +463,8 @@ class SyncService:
                         errors.append((ls, RemoteProtocolError("internal error", ErrorCode.INTERNAL_ERROR)))
                         bad.add(ls)
             route(eng.pump(now))
+            if f.snapshot.state == "idle" and (full or names or eng.scan_pending or now.mono >= eng.next_scan):
+                f.snapshot = replace(f.snapshot, state="scanning")  # what this batch is about to do
             if full:
                 route(eng.on_local_change([""], now))
             elif names:
@@ -457,13 +475,22 @@ class SyncService:
                 route(eng.handle_timer(now))
             idle = not eng.need and not eng.jobs
             if idle or now.mono - f.snapshot_at >= STATUS_INTERVAL:
-                f.snapshot = eng.status()
-                f.snapshot_at = now.mono
-                route(self._progress(f))
+                route(self._publish(f, now))
+            else:
+                f.stale = True
         items.clear()  # the caller's list: the messages are freed here, before the trim
         if burst or full:
             trim()  # the decoded records and scan results of this batch are garbage now
         return out, errors
+
+    def _publish(self, f: _Folder, now: Now) -> list[Outgoing]:
+        """Publish the folder's status for `status` (worker thread, under the lock), and tell peers
+        what we still need if that changed."""
+        snap = f.engine.status()
+        if f.engine.state == "scanning" and snap.state != "error":
+            snap = replace(snap, state="scanning")  # a chunked scan goes on between batches
+        f.snapshot, f.snapshot_at, f.stale = snap, now.mono, False
+        return self._progress(f)
 
     def _progress(self, f: _Folder) -> list[Outgoing]:
         """Tell each peer sharing the folder what we still need, when that changed."""
@@ -604,17 +631,12 @@ class SyncService:
     # -- status ----------------------------------------------------------------------------------
 
     def status(self) -> list[dict[str, Any]]:
-        """The `folders` list of `status --json`."""
+        """The `folders` list of `status --json`, from the snapshots the workers published: on the
+        event loop, so it takes no lock and runs no SQL (a worker may hold a folder for seconds)."""
         result: list[dict[str, Any]] = []
         for f in self.folders:
-            # a worker may hold the lock through a long scan: then show the last snapshot
-            if f.lock.acquire(timeout=0.2):
-                try:
-                    f.snapshot = f.engine.status()
-                finally:
-                    f.lock.release()
-            snap = f.snapshot
-            state = "scanning" if f.engine.state == "scanning" and snap.state != "error" else snap.state
+            snap = f.snapshot  # one read: the worker swaps in a whole new object
+            state = snap.state
             peers = []
             for device_id, progress in sorted(snap.peers.items()):
                 need_files, need_bytes = progress if progress is not None else (0, 0)
@@ -646,7 +668,7 @@ class SyncService:
                     "peers": peers,
                     "blocks_received": f.blocks_received,
                     "bytes_received": f.bytes_received,
-                    "blocks_requested": f.engine.requested_blocks,
+                    "blocks_requested": snap.blocks_requested,
                 }
             )
         return result
