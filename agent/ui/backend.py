@@ -71,7 +71,8 @@ class UiBackend(Protocol):
         ...
 
     def changes(self) -> AsyncIterator[int]:
-        """A new subscription: yields a version number after each change of the snapshot (coalesced)."""
+        """A new subscription, starting at the call (not at the first `anext`): yields a version number
+        after each change of the snapshot, coalesced. `ChangeFeed.subscribe` does this."""
         ...
 
 
@@ -108,9 +109,15 @@ class ChangeFeed:
         """True once `close()` ran."""
         return self._closed
 
-    async def subscribe(self) -> AsyncIterator[int]:
-        """Yield the version after each change; ends when the feed closes."""
-        seen = self.version
+    def subscribe(self) -> AsyncIterator[int]:
+        """Yield the version after each change from now on; ends when the feed closes.
+
+        The starting point is taken here, not at the first `anext`, so no change made between
+        subscribing and iterating is missed.
+        """
+        return self._follow(self.version)
+
+    async def _follow(self, seen: int) -> AsyncIterator[int]:
         while True:
             seen = await self.wait(seen)
             if self._closed:

@@ -113,6 +113,7 @@ class Notifier:
         self._stack: AsyncExitStack | None = None
         self._ids: dict[int, str] = {}  # notification id -> device id
         self._warned = False
+        self.actions_ready = anyio.Event()  # set once clicks on "Open" are listened for (tests wait on it)
         self._tg: anyio.abc.TaskGroup | None = None
 
     async def run(self) -> None:
@@ -122,8 +123,9 @@ class Notifier:
         async with AsyncExitStack() as stack, anyio.create_task_group() as tg:
             self._stack = stack
             self._tg = tg
+            changes = self.backend.changes()  # subscribe first: nothing is missed during the first check
             await self._check()
-            async for _ in self.backend.changes():
+            async for _ in changes:
                 await self._check()
             tg.cancel_scope.cancel()
 
@@ -191,6 +193,7 @@ class Notifier:
         try:
             with router.filter(rule, bufsize=16) as queue:
                 await Proxy(message_bus, router).AddMatch(rule)
+                self.actions_ready.set()
                 while True:
                     msg = await queue.get()
                     note_id, action = msg.body
