@@ -21,9 +21,12 @@ import sys
 import time
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import anyio
 
-from agent.ui.fake import FakeBackend
+if TYPE_CHECKING:  # the "off" child must not import agent.ui at all
+    from agent.ui.fake import FakeBackend
 
 RENDER_GOAL_MS = 100.0
 EVENT_GOAL_MS = 1000.0
@@ -39,6 +42,8 @@ def rss_mb() -> float:
 
 
 def fifty_devices() -> FakeBackend:
+    from agent.ui.fake import FakeBackend
+
     backend = FakeBackend()
     for i in range(50):
         trust = ("tofu", "verified", "pending", "revoked")[i % 4]
@@ -100,6 +105,7 @@ async def child(mode: str, settle: float) -> None:
 
     async with anyio.create_task_group() as tg:
         if mode != "off":
+            from agent.ui.fake import FakeBackend
             from agent.ui.notify import Notifier
             from agent.ui.server import serve_ui
 
