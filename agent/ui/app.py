@@ -6,7 +6,8 @@ few MB that an agent nobody looks at should not pay.
 Security rules (each has a test in tests/ui/test_security.py):
 - the Host header must be 127.0.0.1:PORT, localhost:PORT or [::1]:PORT (DNS rebinding);
 - nothing changes state on GET; every POST needs the session cookie, the session's CSRF token and a
-  same-origin `Origin` (or, without one, `Sec-Fetch-Site: same-origin`);
+  same-origin `Origin` (or, when it is absent or `null`, `Sec-Fetch-Site: same-origin`; Chromium
+  sends `Origin: null` on form posts from a page with `Referrer-Policy: no-referrer`);
 - every response carries a strict CSP, nosniff, no-referrer and no-store;
 - all agent data is cleaned of control, bidi and invisible characters at this boundary
   (`format.clean_tree`) and escaped by Jinja2's autoescape; a name always stands next to a fingerprint.
@@ -352,10 +353,13 @@ class Ui:
             return Response("log in first: run tofu-agent ui\n", 401, media_type="text/plain")
         origin = request.headers.get("origin")
         host = request.headers.get("host", "")
-        if origin is not None:
-            if origin.lower() != f"http://{host.lower()}":
-                return Response("cross-origin request refused\n", 403, media_type="text/plain")
-        elif request.headers.get("sec-fetch-site") != "same-origin":
+        # `Referrer-Policy: no-referrer` makes browsers send `Origin: null` on a form POST; then the
+        # browser-set `Sec-Fetch-Site` must say same-origin (a page cannot forge either header).
+        if origin is not None and origin != "null":
+            same = origin.lower() == f"http://{host.lower()}"
+        else:
+            same = request.headers.get("sec-fetch-site") == "same-origin"
+        if not same:
             return Response("cross-origin request refused\n", 403, media_type="text/plain")
         if "application/x-www-form-urlencoded" not in request.headers.get("content-type", ""):
             return Response("expected a form\n", 415, media_type="text/plain")

@@ -178,6 +178,7 @@ async def test_csrf_token_of_another_session_is_refused(
         {"Sec-Fetch-Site": "cross-site"},
         {"Sec-Fetch-Site": "same-site"},
         {"Origin": "http://evil.example", "Sec-Fetch-Site": "same-origin"},
+        {"Origin": "null", "Sec-Fetch-Site": "cross-site"},
     ],
 )
 async def test_post_from_another_origin_is_refused(
@@ -189,11 +190,13 @@ async def test_post_from_another_origin_is_refused(
     assert backend.actions == []
 
 
-async def test_same_origin_by_fetch_metadata_alone_is_accepted(
-    logged_in: tuple[httpx.AsyncClient, str], backend: FakeBackend
+@pytest.mark.parametrize("origin", [None, "null"])  # Chromium sends null on form posts under no-referrer
+async def test_same_origin_by_fetch_metadata_is_accepted(
+    logged_in: tuple[httpx.AsyncClient, str], backend: FakeBackend, origin: str | None
 ) -> None:
     client, csrf = logged_in
-    r = await client.post("/act", data=revoke_form(csrf), headers={"Sec-Fetch-Site": "same-origin"})
+    headers = {"Sec-Fetch-Site": "same-origin"} | ({"Origin": origin} if origin else {})
+    r = await client.post("/act", data=revoke_form(csrf), headers=headers)
     assert r.status_code == 303
     assert backend.actions == [("revoke", pending_id(), {})]
 
