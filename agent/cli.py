@@ -22,7 +22,7 @@ from agent import __version__, config, control, ids, logs
 from agent.errors import ConfigError, TofuError, UnknownDeviceError, UserError
 from agent.paths import Paths, resolve_paths, write_private_file
 from agent.report import rfc3339
-from agent.trust.model import DeviceRecord, TrustEvent, TrustLevel
+from agent.trust.model import DeviceRecord, TrustEvent, TrustLevel, TrustPolicy
 from agent.trust.store import TrustStore
 
 if TYPE_CHECKING:
@@ -179,6 +179,7 @@ _TRUST_ACTIONS: dict[str, Callable[[TrustStore, str, float], DeviceRecord]] = {
     "retrust": lambda s, d, now: s.retrust(d, now),
     "accept": lambda s, d, now: s.accept(d, now),
     "forget": lambda s, d, now: s.forget(d, now),
+    "reject": lambda s, d, now: s.revoke(d, now, "request rejected by user"),
 }
 
 
@@ -437,6 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
         "retrust": "pin the new key a device offered after a key change",
         "forget": "delete the device; it is a stranger next time",
         "accept": "admit a device waiting for approval",
+        "reject": "refuse a device waiting for approval, now and whenever it asks again (revoked)",
     }
     for action, text in helps.items():
         a = tsub.add_parser(action, parents=[common], help=text)
@@ -462,7 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--name", default=None, help="display name (default: host name)")
     r.add_argument("--peer", action="append", default=[], metavar="HOST:PORT", help="static peer")
     r.add_argument("--no-mdns", action="store_true", help="do not advertise or browse over mDNS")
-    r.add_argument("--trust-policy", default=None, choices=["auto", "manual", "code"])
+    r.add_argument("--trust-policy", default=None, choices=[p.value for p in TrustPolicy])
     r.add_argument("--folder", default=None, metavar="PATH", help="sync this folder as id `default`")
     r.set_defaults(func=cmd_run)
 
@@ -479,10 +481,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_extensions(sub: argparse._SubParsersAction[_Parser], common: _Parser) -> None:
     """Commands that live in their own modules register here."""
-    from agent import cli_keys, cli_pairing
+    from agent import cli_consent, cli_keys, cli_pairing
 
     cli_keys.register(sub, common)  # anomalies, rotate-key
     cli_pairing.register(sub, common)  # verify, pair
+    cli_consent.register(sub, common)  # window, pending
 
 
 def _positive_int(text: str) -> int:

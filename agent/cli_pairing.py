@@ -235,12 +235,20 @@ def _refuser(store: TrustStore) -> Callable[[PeerAuthenticated], str | None]:
 
 
 def cmd_pair(ctx: Ctx) -> int:
+    a = ctx.args
+    if a.window is not None:
+        from agent import cli_consent
+        from agent.trust import window
+
+        if a.code:
+            raise UserError("`pair --window` opens the pairing window; it takes no code")
+        return cli_consent.window_request(ctx, "open", window.parse_duration(a.window))
+
     import anyio
 
     from agent import pairing, pairing_net
     from agent.net import transport
 
-    a = ctx.args
     if a.code is None and a.peer is not None:
         raise UserError("--peer is for the joining side: `tofu-agent pair CODE --peer HOST:PORT`")
     if a.code is not None and (a.port is not None or a.bind is not None):
@@ -347,4 +355,12 @@ def register(sub: argparse._SubParsersAction[Any], common: argparse.ArgumentPars
     p.add_argument("--port", type=port_arg, default=None, help="waiting side: TCP port to listen on (default 0 = any)")
     p.add_argument("--bind", default=None, metavar="ADDRESS", help="waiting side: address to listen on (default all)")
     p.add_argument("--no-mdns", action="store_true", help="waiting side: do not advertise the code's number")
+    p.add_argument(
+        "--window",
+        nargs="?",
+        const="10m",
+        default=None,
+        metavar="DURATION",
+        help="instead of a code: open the running agent's pairing window (default 10m, at most 1h)",
+    )
     p.set_defaults(func=cmd_pair)

@@ -13,6 +13,7 @@ from agent.trust.anomaly import AnomalyCode
 from agent.trust.model import TrustPolicy
 
 DEFAULT_PORT = 39001
+DEFAULT_UI_PORT = 39080
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,11 +42,14 @@ class Config:
     bind: str = "0.0.0.0"  # noqa: S104 - a LAN agent listens on the LAN by design
     peers: tuple[tuple[str, int], ...] = ()
     mdns: bool = True
-    trust_policy: TrustPolicy = TrustPolicy.AUTO
+    trust_policy: TrustPolicy = TrustPolicy.WINDOW
     folders: tuple[FolderConfig, ...] = ()
     anomaly: AnomalyConfig = field(default_factory=AnomalyConfig)
     keepalive_idle: float = 15.0
     keepalive_timeout: float = 10.0
+    ui_enabled: bool = True  # [ui] enabled: the Trusted Devices page on loopback
+    ui_port: int = DEFAULT_UI_PORT  # [ui] port (0 = any free port)
+    notify_enabled: bool = True  # [notify] enabled: desktop notifications over the session D-Bus
 
     def with_overrides(self, **changes: Any) -> Config:
         """A copy with the options the command line set (None means not set)."""
@@ -82,6 +86,12 @@ def _expect(data: Mapping[str, Any], key: str, kind: type | tuple[type, ...], wh
     return value
 
 
+def _only(data: Mapping[str, Any], known: set[str], where: str) -> None:
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown setting(s): {', '.join(unknown)}")
+
+
 def from_mapping(data: Mapping[str, Any], base_dir: Path, default_folder: Path) -> Config:
     """Validate a parsed config.toml; relative folder paths are taken from `base_dir`."""
     where = "config.toml"
@@ -96,6 +106,8 @@ def from_mapping(data: Mapping[str, Any], base_dir: Path, default_folder: Path) 
         "anomaly",
         "keepalive_idle",
         "keepalive_timeout",
+        "ui",
+        "notify",
     }
     unknown = sorted(set(data) - known)
     if unknown:
@@ -123,6 +135,20 @@ def from_mapping(data: Mapping[str, Any], base_dir: Path, default_folder: Path) 
             changes[key] = value
     if "anomaly" in data:
         changes["anomaly"] = _anomaly(_expect(data, "anomaly", dict, where))
+    if "ui" in data:
+        ui = _expect(data, "ui", dict, where)
+        _only(ui, {"enabled", "port"}, "config.toml [ui]")
+        if "enabled" in ui:
+            changes["ui_enabled"] = _expect(ui, "enabled", bool, "config.toml [ui]")
+        if "port" in ui:
+            changes["ui_port"] = _port(
+                _expect(ui, "port", int, "config.toml [ui]"), "config.toml [ui]", allow_zero=True
+            )
+    if "notify" in data:
+        notify = _expect(data, "notify", dict, where)
+        _only(notify, {"enabled"}, "config.toml [notify]")
+        if "enabled" in notify:
+            changes["notify_enabled"] = _expect(notify, "enabled", bool, "config.toml [notify]")
     if "folder" in data:
         changes["folders"] = _folders(_expect(data, "folder", list, where), base_dir)
     else:

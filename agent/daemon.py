@@ -36,10 +36,13 @@ from agent.net.link import PeerLink, Verdict
 from agent.paths import Paths
 from agent.report import LiveView, StatusSnapshot, build_status, rfc3339
 from agent.sync.service import SyncService
-from agent.trust import guard
+from agent.trust import guard, window
 from agent.trust.anomaly import AdvertObservation, LiveConnection, NameSighting, Observation
-from agent.trust.model import Decision, DeviceRecord, EventKind, TrustLevel
+from agent.trust.model import Decision, DeviceRecord, EventKind, TrustLevel, TrustPolicy
 from agent.trust.store import TrustStore
+from agent.ui.backend import ChangeFeed, ThisDevice
+from agent.ui.server import UiHandle, serve_ui
+from agent.ui_backend import AgentBackend
 from agent.wire.handshake import PeerAuthenticated, Role
 from agent.wire.messages import WireMessage
 
@@ -49,6 +52,10 @@ BACKOFF_BASE = 0.5
 BACKOFF_CAP = 30.0
 # A peer that refused us (key changed, revoked) waits for a person; retry, but slowly.
 REFUSED_BACKOFF = 60.0
+# A peer that has us waiting for approval may be approved any moment by a person standing at it:
+# ask again soon (a handshake every 2 s) for the first minutes, then as slowly as any refusal.
+PENDING_RETRY = 2.0
+PENDING_RETRY_FOR = 15 * 60.0
 SHUTDOWN_GRACE = 3.0
 # Adverts seen this soon after we start browsing were up before we started (probing takes at least
 # 0.75 s), so their owner runs already and cannot see us until our own advert is out: dial them at
@@ -79,6 +86,7 @@ class Target:
     attempt: int = 0
     kick: anyio.Event = field(default_factory=anyio.Event)
     refused: bool = False
+    pending_since: float | None = None  # monotonic: when the peer first said we wait for approval
     service_name: str | None = None  # the mDNS record this target came from
     # Dialled by the higher device id because the peer could not see us yet (our advert was not
     # out); dropped once it is, so the lower device id dials from then on.
@@ -96,6 +104,7 @@ class PeerView:
     advertised_fp: str | None = None
     mdns_addresses: tuple[str, ...] = ()
     disconnected: anyio.Event = field(default_factory=anyio.Event)
+    refused_us: str = ""  # why the device last refused us ("" once it accepts), e.g. waiting for approval
 
 
 class Agent:
@@ -133,11 +142,15 @@ class Agent:
         # Live observations for the anomaly rules; bounded, since mDNS input is anyone's.
         self.observations: deque[Observation] = deque(maxlen=256)
         self.rotations: tuple[bytes, ...] = tuple(identity.load_rotations(paths))
+        self.window = window.close_window()  # the pairing window (policy `window`); opened in `run`
+        self.feed = ChangeFeed()  # wakes the web page and the notifier when what `status` shows changed
+        self.ui: UiHandle | None = None
 
     # -- life cycle ------------------------------------------------------------------------------
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Serve until cancelled or told to stop; then close links and withdraw the advert."""
+        await anyio.to_thread.run_sync(self._open_window_at_start)
         try:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
@@ -158,6 +171,7 @@ class Agent:
                 if self.config.mdns:
                     await self._start_discovery(tg)
                 tg.start_soon(self._watchdog)
+                await self._start_ui(tg)
                 tg.start_soon(self._announce_ready)
                 task_status.started()
         finally:
@@ -232,6 +246,53 @@ class Agent:
                     log.warning("%s; peers can still find us by static address", exc)
         self.notifier.notify("READY=1", f"STATUS=listening on port {self.port}")
 
+    async def _start_ui(self, tg: anyio.abc.TaskGroup) -> None:
+        """The Trusted Devices page on loopback, desktop notifications, and what wakes them."""
+        backend = AgentBackend(
+            store=self.store,
+            feed=self.feed,
+            this=lambda: ThisDevice(self.identity.device_id, self.identity.name, self.identity.fingerprint),
+            status=self._status_now,
+            trust_changed=self._trust_changed,
+            set_window=self.set_window,
+            rotate_key=self.rotate_key,
+        )
+        if self.config.ui_enabled:
+            try:
+                self.ui = await tg.start(serve_ui, backend, self.config.ui_port)
+            except UserError as exc:  # the port is taken (another agent on this machine): run without it
+                log.warning("%s; the web page is off (set [ui] port in config.toml)", exc)
+        if self.config.notify_enabled:
+            from agent.ui.notify import Notifier
+
+            tg.start_soon(Notifier(backend, enabled=True, open_page=self._open_page).run)
+        tg.start_soon(self._tick_folders)
+
+    async def _status_now(self) -> dict[str, Any]:
+        return await anyio.to_thread.run_sync(self.status_from, self._snapshot())
+
+    async def _tick_folders(self) -> None:
+        """Wake the page when folder progress moved (peers and trust changes notify by themselves)."""
+        last: list[dict[str, Any]] = []
+        while True:
+            await anyio.sleep(0.5)
+            now = self.sync.status() if self.sync is not None else []
+            if now != last:
+                last = now
+                self.feed.notify()
+
+    def _open_page(self, device_id: str) -> None:
+        """A click on a notification: open the device's page in the person's browser."""
+        if self.ui is None:
+            return
+        import subprocess  # only on a click
+
+        url = self.ui.login_url(f"/device/{device_id}")
+        try:
+            subprocess.Popen(["xdg-open", url], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        except OSError as exc:
+            log.info("cannot open the web page (%s); run `tofu-agent ui`", exc)
+
     async def _watchdog(self) -> None:
         interval = self.notifier.watchdog_interval()
         if interval is None:
@@ -263,6 +324,9 @@ class Agent:
                 return
             target.attempt = 0 if ok else target.attempt + 1
             delay = REFUSED_BACKOFF if target.refused else backoff_delay(target.attempt)
+            waiting = target.pending_since is not None and time.monotonic() - target.pending_since < PENDING_RETRY_FOR
+            if target.refused and waiting:
+                delay = PENDING_RETRY
             if ok and not target.refused:
                 delay = backoff_delay(0)
             # A kick that came while we were dialling (a retrust, an address change) counts now.
@@ -292,6 +356,12 @@ class Agent:
                     if link.peer is not None:
                         target.device_id = link.peer.device_id
                     target.refused = link.peer is not None and not link.is_open and link.opened_at is None
+                    view = self.peers.get(link.peer.device_id) if link.peer is not None else None
+                    if target.refused and view is not None and view.refused_us.startswith("waiting for approval"):
+                        if target.pending_since is None:
+                            target.pending_since = time.monotonic()
+                    else:
+                        target.pending_since = None
                     return link.opened_at is not None
             except ConnectionLost as exc:
                 log.debug("dial %s:%d: %s", host, target.port, exc)
@@ -362,6 +432,38 @@ class Agent:
         else:
             log.info("mDNS: found %s (%s); it will dial us (higher device id)", event.name, event.device_id)
 
+    def _open_window_at_start(self) -> None:
+        """Drop stale pending requests; open the pairing window if this is a fresh install."""
+        self.store.expire_pending(time.time())
+        if self.config.trust_policy is not TrustPolicy.WINDOW:
+            return
+        self.window = window.at_start(self.store.all(), time.monotonic(), time.time())
+        if self.window.is_open(time.monotonic()):
+            log.warning(
+                "pairing window open for %d minutes (this agent trusts no device yet): every tofu-agent "
+                "on the network in that time is trusted on first use; close it with `%s`",
+                window.FRESH_INSTALL_SECONDS // 60,
+                self._cli("window", "close"),
+            )
+
+    def set_window(self, seconds: float | None) -> dict[str, Any]:
+        """Open the pairing window for `seconds`, or close it (None); what `window status` shows."""
+        if self.config.trust_policy is not TrustPolicy.WINDOW and seconds is not None:
+            raise UserError(
+                f"the trust policy is {self.config.trust_policy.value!r}: a pairing window only applies to "
+                f'trust_policy = "window" (the default)'
+            )
+        now = time.monotonic()
+        if seconds is None:
+            if self.window.is_open(now):
+                log.info("pairing window closed")
+            self.window = window.close_window()
+        else:
+            self.window = window.open_window(now, time.time(), seconds)
+            log.warning("pairing window opened for %.0f minutes: new devices are trusted on first use", seconds / 60)
+        self.feed.notify()
+        return self.window.view(now)
+
     # -- link hooks ------------------------------------------------------------------------------
 
     async def authenticated(self, link: PeerLink, peer: PeerAuthenticated) -> Verdict:
@@ -377,8 +479,9 @@ class Agent:
             self.observations.append(
                 AdvertObservation(peer.device_id, view.advertised_fp, peer.fingerprint, link.address, now)
             )
+        window_open = self.window.is_open(time.monotonic())
         decision, blocked, sighting = await anyio.to_thread.run_sync(
-            self._decide, peer, link.address, now, self._live(), list(self.observations)
+            self._decide, peer, link.address, now, self._live(), list(self.observations), window_open
         )
         if sighting is not None:
             self.observations.append(sighting)
@@ -390,11 +493,12 @@ class Agent:
             return Verdict(False, code, _refusal_reason(code))
         if decision.event is EventKind.FIRST_USE:
             log.info(
-                "new device %s (%s) at %s: pinned its key %s (trust on first use)",
+                "new device %s (%s) at %s: pinned its key %s (trust on first use%s)",
                 peer.name,
                 peer.device_id,
                 link.address,
                 format_fingerprint(peer.fingerprint),
+                ", inside the pairing window" if "via=window" in decision.detail else "",
             )
         existing = view.link
         if existing is not None and existing is not link:
@@ -405,6 +509,7 @@ class Agent:
         view.link = link
         view.address = link.address
         view.disconnected = anyio.Event()
+        self.feed.notify()
         return Verdict(True)
 
     def _decide(
@@ -414,6 +519,7 @@ class Agent:
         now: float,
         live: list[LiveConnection],
         observations: list[Observation],
+        window_open: bool = False,
     ) -> tuple[Decision, bool, NameSighting | None]:
         """In a worker thread: one trust decision (rotation chain, level, anomaly rules) in one transaction.
 
@@ -434,8 +540,9 @@ class Agent:
 
         review = guard.reviewer(self.config.anomaly, now, live, observations)
         outcome = self.store.handshake(
-            peer.device_id, peer.name, peer.fingerprint, now, address, follow=follow, review=review
-        )
+            peer.device_id, peer.name, peer.fingerprint, now, address, follow=follow, review=review,
+            window_open=window_open,
+        )  # fmt: skip
         guard.report(outcome)
         decision = outcome.decision
         assert decision is not None
@@ -526,6 +633,7 @@ class Agent:
             log.info("connection from %s ended before authentication: %s", link.address, reason)
             return
         view = self.peers.get(device_id)
+        self.feed.notify()
         if view is not None and view.link is link:
             view.link = None
             view.disconnected.set()
@@ -536,10 +644,21 @@ class Agent:
                 await anyio.to_thread.run_sync(self.store.count_sync, device_id, time.time())
         elif link.peer is not None and "refused" not in reason:
             log.debug("connection to %s ended: %s", device_id, reason)
+        if link.peer is not None and view is not None:
+            view.refused_us = ""
         if link.peer is not None and reason.startswith("peer closed:"):
             why = reason.removeprefix("peer closed: ")
             benign = (ErrorCode.SHUTTING_DOWN.value, ErrorCode.DUPLICATE_CONNECTION.value, ErrorCode.REKEY.value)
             refused = not why.startswith(benign)
+            if refused and view is not None and link.opened_at is None:
+                # The peer refused us after the handshake: say why in `status` (for a pending
+                # request: which machine a person must approve it on).
+                view.name = view.name or link.peer.name
+                view.refused_us = (
+                    f"waiting for approval on {link.peer.name}"
+                    if why.startswith(ErrorCode.PENDING.value)
+                    else f"refused by {link.peer.name}: {why}"
+                )
             log.log(logging.WARNING if refused else logging.INFO, "%s (%s) closed: %s", link.peer.name, device_id, why)
 
     # -- control ---------------------------------------------------------------------------------
@@ -566,9 +685,27 @@ class Agent:
                 return await anyio.to_thread.run_sync(self.anomalies, live, observations)
             case "rotate_key":
                 return await self.rotate_key()
+            case "ui":
+                if self.ui is None:
+                    raise UserError("the web page is off ([ui] enabled = false, or its port was taken: see the log)")
+                nxt = args.get("next")
+                return {"url": self.ui.login_url(nxt if isinstance(nxt, str) else None), "port": self.ui.port}
+            case "window":
+                action = args.get("action")
+                if action == "open":
+                    seconds = args.get("seconds", window.DEFAULT_SECONDS)
+                    if not isinstance(seconds, int | float) or isinstance(seconds, bool):
+                        raise UserError("window open needs seconds")
+                    return self.set_window(float(seconds))
+                if action == "close":
+                    return self.set_window(None)
+                if action == "status":
+                    return self.window.view(time.monotonic())
+                raise UserError("window needs action open, close or status")
         raise UserError(f"unknown control command {cmd!r}")
 
     def _trust_changed(self, device_id: str, record: DeviceRecord | None) -> None:
+        self.feed.notify()
         view = self.peers.get(device_id)
         if view is not None and view.link is not None and (record is None or not record.trust.may_sync):
             level = record.trust if record else TrustLevel.UNKNOWN
@@ -615,6 +752,7 @@ class Agent:
                 connected=bool(v.link and v.link.is_open),
                 address=(v.link.address if v.link else None) or v.address,
                 advertised_fp=v.advertised_fp,
+                refused_us=v.refused_us,
             )
             for d, v in self.peers.items()
         }
@@ -633,6 +771,7 @@ class Agent:
             "started_at": rfc3339(self.started_at),
             "trust_policy": self.config.trust_policy.value,
             "mdns": self.config.mdns,
+            "pairing_window": self.window.view(time.monotonic()),
         }
         return build_status(own, snap, self.store.all(), self.anomalies(snap.live, snap.observations))
 

@@ -27,6 +27,7 @@ class LiveView:
     connected: bool
     address: str | None
     advertised_fp: str | None
+    refused_us: str = ""  # why the device refused us, e.g. "waiting for approval on desktop"
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,7 +51,7 @@ def build_status(
     for a in anomalies:
         by_device.setdefault(str(a["device_id"]), []).append(a)
     known = {r.device_id: r for r in records}
-    shown = {d for d, v in snap.views.items() if v.connected or v.advertised_fp}
+    shown = {d for d, v in snap.views.items() if v.connected or v.advertised_fp or v.refused_us}
     now = time.time()
     peers = []
     for device_id in sorted(set(known) | shown):
@@ -68,6 +69,7 @@ def build_status(
                 "last_seen": rfc3339(now if v and v.connected else (r.last_seen if r else None)),
                 "sync_count": r.sync_count if r else 0,
                 "anomalies": by_device.get(device_id, []),
+                "refused_us": v.refused_us if v else "",
             }
         )
     return {"running": True, **own, "peers": peers, "folders": snap.folders}

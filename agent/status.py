@@ -59,6 +59,14 @@ def render(st: dict[str, Any]) -> str:
     if st.get("device_id"):
         lines.append(f"This device: {st.get('name') or '(name not set)'}  {st['device_id']}")
         lines.append(f"Fingerprint: {format_fingerprint(st.get('fingerprint') or '')}")
+    pw = st.get("pairing_window") if st.get("trust_policy") == "window" else None
+    if isinstance(pw, dict) and pw.get("open") and isinstance(pw.get("until"), int | float):
+        until = time.strftime("%H:%M", time.localtime(pw["until"]))
+        lines.append(
+            f"Pairing window OPEN until {until}: new devices are trusted on first use ({pw.get('reason', '')})"
+        )
+    elif isinstance(pw, dict):
+        lines.append("Pairing window closed: new devices wait for approval (`tofu-agent window open` to pair)")
     for f in st.get("folders", []):
         need = f.get("need_bytes", 0)
         lines.append(
@@ -94,7 +102,12 @@ def render(st: dict[str, Any]) -> str:
             lines.append(f"                   offered {format_fingerprint(p['pending_fingerprint'])}")
             lines.append(f"      accept the new key only if you know why: tofu-agent trust retrust {p['device_id']}")
         if p.get("trust") == "pending":
-            lines.append(f"      waits for approval: tofu-agent trust accept {p['device_id']}")
+            lines.append(
+                f"      asks to join, waiting for approval: tofu-agent trust accept {p['device_id']} "
+                f"(or reject {p['device_id']})"
+            )
+        if p.get("refused_us"):
+            lines.append(f"      {p['refused_us']}")
         for a in p.get("anomalies", []):
             lines.append(f"      ANOMALY {a.get('code')}: {a.get('summary', '')}".rstrip())
     return "\n".join(lines)

@@ -25,7 +25,8 @@ class TrustLevel(StrEnum):
 class TrustPolicy(StrEnum):
     """What happens on first sight of a device: pin it (`auto`), or wait for a person."""
 
-    AUTO = "auto"  # trust on first use
+    WINDOW = "window"  # trust on first use only while the pairing window is open, else pending
+    AUTO = "auto"  # trust on first use, always (lab networks)
     MANUAL = "manual"  # new devices wait as `pending` until `trust accept`
     CODE = "code"  # new devices are refused; only pairing, `trust add` or `accept` admit them
 

@@ -9,7 +9,8 @@ plus the event to log; the store applies both in one transaction. Nothing here r
 disk: what the log says (`restore_level`, `repeats_refusal`) is computed from events the store
 read once, in the same transaction.
 
-    first sight             -> tofu (policy auto) | pending (manual, code); old pin: none
+    first sight             -> tofu (policy auto, or window while it is open) | pending (window
+                               closed, manual, code): the key is pinned either way
     pinned key, may sync    -> same level (match)
     pinned key, pending     -> pending (refused until `accept`)
     other key, not revoked  -> key_changed, old pin kept, new key stored as pending_fingerprint
@@ -56,8 +57,12 @@ def decide(
     address: str | None = None,
     restore: TrustLevel = TrustLevel.TOFU,
     follow: ChainFollower | None = None,
+    window_open: bool = False,
 ) -> Decision:
     """Decide the trust level of a device that has just proven `fingerprint`.
+
+    `window_open` says whether this machine's pairing window is open (policy `window`): a new device
+    is then trusted on first use, and its log entry says it came in through the window.
 
     `restore` is the level a `key_changed` device had before the change; it returns to it when
     it proves its pinned key again. `follow` finds a signed rotation chain from the pin; it is
@@ -65,8 +70,10 @@ def decide(
     the one in `record` (read in the same transaction as the write).
     """
     if record is None or record.trust is TrustLevel.UNKNOWN:
-        level = TrustLevel.TOFU if policy is TrustPolicy.AUTO else TrustLevel.PENDING
-        notes = "" if level is TrustLevel.TOFU else f"new device waiting for approval ({policy.value} policy)"
+        via_window = policy is TrustPolicy.WINDOW and window_open
+        level = TrustLevel.TOFU if policy is TrustPolicy.AUTO or via_window else TrustLevel.PENDING
+        why = "the pairing window is closed" if policy is TrustPolicy.WINDOW else f"{policy.value} policy"
+        notes = "" if level is TrustLevel.TOFU else f"new device waiting for approval ({why})"
         new = DeviceRecord(
             device_id=device_id,
             name=name,
@@ -77,7 +84,9 @@ def decide(
             addresses=(address,) if address else (),
             notes=notes,
         )
-        return Decision(level, EventKind.FIRST_USE, new, record)
+        return Decision(
+            level, EventKind.FIRST_USE, new, record, detail=f"name={name}" + (" via=window" if via_window else "")
+        )
 
     seen = _seen(record, name, now, address)
     if record.trust is TrustLevel.REVOKED:

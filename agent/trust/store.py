@@ -8,6 +8,7 @@ commands can change the store at the same time without losing an update.
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
@@ -15,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from agent.errors import AmbiguousDeviceError, TrustStoreError, UnknownDeviceError
-from agent.trust import policy
+from agent.trust import policy, window
 from agent.trust.model import (
     Decision,
     DeviceRecord,
@@ -27,6 +28,8 @@ from agent.trust.model import (
     TrustLevel,
     TrustPolicy,
 )
+
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 _SCHEMA = """
@@ -277,6 +280,7 @@ class TrustStore:
         *,
         follow: policy.ChainFollower | None = None,
         review: Reviewer | None = None,
+        window_open: bool = False,
     ) -> Outcome:
         """Decide on a device that proved `fingerprint` (following a signed rotation chain from its
         pin with `follow`), then let `review` (the anomaly rules) log anomalies and block devices.
@@ -291,8 +295,12 @@ class TrustStore:
             restore = TrustLevel.TOFU
             if previous is not None and previous.trust is TrustLevel.KEY_CHANGED:
                 restore = policy.restore_level(events, device_id)
-            decision = policy.decide(previous, device_id, name, fingerprint, now, self.policy, address, restore, follow)
+            decision = policy.decide(
+                previous, device_id, name, fingerprint, now, self.policy, address, restore, follow, window_open
+            )
             self._put(db, decision.record)
+            if decision.event is EventKind.FIRST_USE and decision.level is TrustLevel.PENDING:
+                self._drop_pending(db, now, keep=device_id)
             if policy.worth_logging(decision, fingerprint, events):
                 old = previous.fingerprint if previous and previous.fingerprint != fingerprint else None
                 detail = decision.detail or (f"name={name}" if decision.event is EventKind.FIRST_USE else "")
@@ -309,6 +317,24 @@ class TrustStore:
                 )
                 events.append(entry)
             return self._review(db, decision, review, events, now)
+
+    def _drop_pending(self, db: sqlite3.Connection, now: float, keep: str | None = None) -> list[str]:
+        """Forget pending requests past 30 days or past the 64 newest, in the caller's transaction."""
+        drop = [d for d in window.pending_to_drop(self.all(), now) if d != keep]
+        for device_id in drop:
+            db.execute("DELETE FROM devices WHERE device_id = ?", (device_id,))
+            self._log(
+                db, now, device_id, EventKind.FORGOTTEN, trust_after=TrustLevel.UNKNOWN,
+                detail="pending request dropped (too old, or too many waiting)",
+            )  # fmt: skip
+        if drop:
+            log.warning("dropped %d pending device request(s): too old or too many waiting", len(drop))
+        return drop
+
+    def expire_pending(self, now: float) -> list[str]:
+        """Forget pending requests past 30 days or past the 64 newest (at start and daily)."""
+        with self._transaction() as db:
+            return self._drop_pending(db, now)
 
     def review(self, review: Reviewer, now: float) -> Outcome:
         """Run the anomaly rules alone (no handshake) in one transaction that reads the log once."""

@@ -1,0 +1,130 @@
+"""The running agent as the web page sees it: `agent.ui.backend.UiBackend` over the daemon's parts.
+
+The page decides nothing either: every action here is the same store transition the CLI applies
+(`agent/trust/policy.py` through `TrustStore`), followed by the same `trust_changed` the control
+socket sends, so the running agent acts on it at once. A decision about a key names the key the
+person saw (`fingerprint=`): if the device showed another key meanwhile, it is refused.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import anyio.to_thread
+
+from agent.errors import UserError
+from agent.report import rfc3339
+from agent.trust import policy
+from agent.trust.model import DeviceRecord, EventKind, TrustEvent, TrustLevel
+from agent.trust.store import TrustStore
+from agent.ui.backend import ChangeFeed, ThisDevice
+
+
+def event_json(e: TrustEvent) -> dict[str, Any]:
+    """A trust event as JSON (the shape `tofu-agent trust log --json` prints)."""
+    return {
+        "seq": e.seq,
+        "time": rfc3339(e.time),
+        "device_id": e.device_id,
+        "kind": e.kind.value,
+        "fingerprint": e.fingerprint,
+        "old_fingerprint": e.old_fingerprint,
+        "address": e.address,
+        "detail": e.detail,
+        "trust_after": e.trust_after.value if e.trust_after else None,
+    }
+
+
+def _same_key(seen: str | None, actual: str | None, name: str) -> None:
+    if seen and seen != actual:
+        raise UserError(f"{name}'s key changed while the page was open: look again before deciding")
+
+
+@dataclass
+class AgentBackend:
+    """`UiBackend` for the daemon; each collaborator is one of the daemon's own methods."""
+
+    store: TrustStore
+    feed: ChangeFeed
+    this: Callable[[], ThisDevice]
+    status: Callable[[], Awaitable[dict[str, Any]]]
+    trust_changed: Callable[[str, DeviceRecord | None], None]
+    set_window: Callable[[float | None], dict[str, Any]]
+    rotate_key: Callable[[], Awaitable[dict[str, Any]]]
+
+    async def snapshot(self) -> dict[str, Any]:
+        st = await self.status()
+        pw = st.get("pairing_window")
+        if isinstance(pw, dict) and st.get("trust_policy") == "window":
+            st["pairing_window"] = {**pw, "closes_at": rfc3339(pw["until"]) if pw.get("until") else None}
+        else:
+            st.pop("pairing_window", None)
+        return st
+
+    async def trust_log(self, device: str | None, limit: int) -> list[dict[str, Any]]:
+        def read() -> list[dict[str, Any]]:
+            target = self.store.resolve(device).device_id if device else None
+            return [event_json(e) for e in self.store.events(target, limit)]
+
+        return await anyio.to_thread.run_sync(read)
+
+    def this_device(self) -> ThisDevice:
+        return self.this()
+
+    def changes(self) -> AsyncIterator[int]:
+        return self.feed.subscribe()
+
+    async def act(self, action: str, device: str | None, **args: str) -> str:
+        match action:
+            case "window_open":
+                view = self.set_window(float(args.get("seconds", 600)))
+                until = time.strftime("%H:%M", time.localtime(float(view["until"])))
+                return f"the pairing window is open until {until}: new devices are trusted on first use"
+            case "window_close":
+                self.set_window(None)
+                return "the pairing window is closed"
+            case "rotate_key":
+                done = await self.rotate_key()
+                return f"this machine's key was rotated; new fingerprint {done['fingerprint'][:16]}..."
+            case "pair_start" | "pair_join":
+                raise UserError("code pairing runs in a terminal for now: `tofu-agent pair` (and `pair CODE`)")
+            case "introducer_on" | "introducer_off" | "accept_folder":
+                raise UserError("this is not available yet in this version")
+        if device is None:
+            raise UserError(f"{action} needs a device")
+        record = await anyio.to_thread.run_sync(self._apply, action, device, args.get("fingerprint"))
+        self.trust_changed(record.device_id, None if action == "forget" else record)
+        self.feed.notify()
+        level = "unknown" if action == "forget" else record.trust.value
+        return f"{action}: {record.name} ({record.device_id[:8]}) is now {level}"
+
+    def _apply(self, action: str, device: str, fingerprint: str | None) -> DeviceRecord:
+        """One store transition, in a worker thread."""
+        now = time.time()
+        current = self.store.resolve(device)
+        match action:
+            case "verify":
+                _same_key(fingerprint, current.pending_fingerprint or current.fingerprint, current.name)
+                key = fingerprint or current.fingerprint
+                return self.store.change(device, now, lambda r: policy.verify(r, key), "verified on the web page")
+            case "retrust":
+                _same_key(fingerprint, current.pending_fingerprint or current.fingerprint, current.name)
+                return self.store.retrust(device, now)
+            case "accept":
+                _same_key(fingerprint, current.fingerprint, current.name)
+                return self.store.accept(device, now)
+            case "revoke":
+                return self.store.revoke(device, now, "revoked on the web page")
+            case "reject":
+                if current.trust is not TrustLevel.PENDING:
+                    raise UserError(f"{current.name} is not waiting for approval")
+                return self.store.revoke(device, now, "request rejected on the web page")
+            case "forget":
+                return self.store.forget(device, now)
+            case "clear_anomalies":
+                self.store.record_event(current.device_id, EventKind.ANOMALY_CLEARED, now, detail="")
+                return current
+        raise UserError(f"unknown action {action!r}")

@@ -1,0 +1,70 @@
+"""Consent before data: the pairing window (the default trust policy) and pending requests.
+
+Real agents on loopback with fresh homes and the default policy (`window`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.agent.harness import AgentProc, cli, short_home, wait_for
+
+
+def _json(home: Path, *args: str) -> Any:
+    r = cli(home, *args, "--json")
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+@pytest.mark.slow
+def test_fresh_installs_pair_inside_the_window_and_a_later_stranger_waits_for_approval() -> None:
+    ha, hb, hc = short_home(), short_home(), short_home()
+    fa, fb, fc = ha / "f", hb / "f", hc / "f"
+    a, b, c = AgentProc(ha, "alpha"), AgentProc(hb, "beta"), AgentProc(hc, "guest")
+    try:
+        a.start("--folder", str(fa))
+        b.start("--folder", str(fb), peers=[a])
+        ida, idb = a.identity()["device_id"], b.identity()["device_id"]
+        # two fresh installs: both windows are open, they pair with no command
+        st = a.status()
+        assert st is not None and st["trust_policy"] == "window"
+        assert st["pairing_window"]["open"] and st["pairing_window"]["reason"] == "fresh install"
+        a.wait_peer(idb, connected=True, trust="tofu", timeout=20)
+        b.wait_peer(ida, connected=True, trust="tofu", timeout=20)
+        (first,) = [e for e in _json(ha, "trust", "log", idb) if e["kind"] == "first_use"]
+        assert "via=window" in first["detail"]
+        (fa / "secret.txt").write_text("for the household only")
+        wait_for(lambda: (fb / "secret.txt").exists(), 20, "beta to receive the file")
+
+        # the window is closed now: a new machine that turns up is pinned as pending, gets nothing
+        assert _json(ha, "window", "close")["open"] is False
+        c.start("--folder", str(fc), peers=[a])
+        idc = c.identity()["device_id"]
+        a.wait_peer(idc, trust="pending", connected=False, timeout=20)
+        (asking,) = _json(ha, "pending")
+        assert asking["device_id"] == idc and asking["fingerprint"] == c.identity()["fingerprint"]
+        c.wait_peer(ida, refused_us="waiting for approval on alpha", timeout=20)
+        human = cli(hc, "status")
+        assert "waiting for approval on alpha" in human.stdout
+        assert not (fc / "secret.txt").exists()
+
+        # a person accepts it: it connects at once and syncs
+        r = cli(ha, "trust", "accept", idc, "--json")
+        assert r.returncode == 0, r.stderr
+        a.wait_peer(idc, connected=True, trust="tofu", timeout=20)
+        wait_for(lambda: (fc / "secret.txt").exists(), 20, "the accepted machine to receive the file")
+    finally:
+        for p in (a, b, c):
+            p.kill()
+
+
+def test_window_commands_need_a_running_agent_and_check_the_duration() -> None:
+    home = short_home()
+    r = cli(home, "window", "open", "10m")
+    assert r.returncode == 1 and "no agent is running" in r.stderr
+    r = cli(home, "window", "open", "2h")
+    assert r.returncode == 1 and "1 second to 60 minutes" in r.stderr
