@@ -66,9 +66,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from agent import control  # noqa: E402
+from agent.app import control  # noqa: E402
 from agent.errors import ProtocolError, TofuError  # noqa: E402
-from agent.paths import resolve_paths  # noqa: E402
+from agent.host.paths import resolve_paths  # noqa: E402
 from tests.agent.harness import AgentProc, cli, short_home  # noqa: E402
 from tests.hostile.conftest import configure, fast_peer, snapshot  # noqa: E402
 from tests.hostile.peer import ProtocolClient, new_identity  # noqa: E402

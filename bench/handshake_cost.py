@@ -24,8 +24,8 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import cast
 
+from agent.app.daemon import Agent
 from agent.config import AnomalyConfig
-from agent.daemon import Agent
 from agent.trust.store import TrustStore
 from agent.wire.session import PeerAuthenticated
 

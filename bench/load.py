@@ -32,9 +32,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from agent import control  # noqa: E402
+from agent.app import control  # noqa: E402
 from agent.errors import TofuError  # noqa: E402
-from agent.paths import resolve_paths  # noqa: E402
+from agent.host.paths import resolve_paths  # noqa: E402
 from tests.agent.harness import free_port, short_home  # noqa: E402
 from tests.hostile.conftest import configure, rss_kib  # noqa: E402
 

@@ -19,8 +19,8 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from agent import control
-from agent.paths import resolve_paths
+from agent.app import control
+from agent.host.paths import resolve_paths
 from tests.agent.harness import AgentProc, cli, fill_trust_store, short_home
 
 GOAL = 0.300

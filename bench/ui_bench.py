@@ -100,7 +100,7 @@ async def bench_event(runs: int) -> float:
 
 
 async def child(mode: str, settle: float) -> None:
-    import agent.daemon  # noqa: F401  (what a running agent has imported anyway)
+    import agent.app.daemon  # noqa: F401  (what a running agent has imported anyway)
 
     async with anyio.create_task_group() as tg:
         if mode != "off":

@@ -34,10 +34,11 @@ import anyio.abc  # noqa: E402
 from cryptography.hazmat.primitives import serialization  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
 
-from agent import control, rotation  # noqa: E402
-from agent import identity as ident  # noqa: E402
+from agent.app import control  # noqa: E402
 from agent.errors import RemoteProtocolError  # noqa: E402
-from agent.identity import Identity  # noqa: E402
+from agent.identity import keys as ident  # noqa: E402
+from agent.identity import rotation  # noqa: E402
+from agent.identity.keys import Identity  # noqa: E402
 from agent.net.discovery import SERVICE_TYPE, PeerTable, parse_txt  # noqa: E402
 from agent.wire.frames import FrameDecoder  # noqa: E402
 from agent.wire.handshake import Connection, PeerAuthenticated, Role  # noqa: E402

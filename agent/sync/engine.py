@@ -53,7 +53,7 @@ from agent.sync.messages import (
     wire_size,
 )  # fmt: skip
 from agent.sync.model import FileInfo, FileType
-from agent.sync.paths import IGNORE_FILE, MARKER, parent_names
+from agent.sync.names import IGNORE_FILE, MARKER, parent_names
 from agent.sync.planner import Action, conflict_name, decide
 from agent.sync.scanner import Scanner, ScanResult, load_ignore
 from agent.sync.server import serve_block

@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from agent.sync.paths import MARKER, TEMP_PREFIX, split_name
+from agent.sync.names import MARKER, TEMP_PREFIX, split_name
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 DIR_CACHE_SECONDS = 0.5  # longest a walked directory fd is reused inside a batch

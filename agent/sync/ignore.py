@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from agent.sync.paths import RESERVED_PREFIX
+from agent.sync.names import RESERVED_PREFIX
 
 if TYPE_CHECKING:
     import pathspec

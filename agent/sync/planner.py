@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from agent.sync.model import FileInfo, FileType
-from agent.sync.paths import CONFLICT_MARKER, MAX_COMPONENT_BYTES, split_name
+from agent.sync.names import CONFLICT_MARKER, MAX_COMPONENT_BYTES, split_name
 from agent.sync.vectors import Ordering
 
 

@@ -28,7 +28,7 @@ from agent.sync.fs import FolderFS
 from agent.sync.ignore import Ignore
 from agent.sync.index import FolderIndex, under
 from agent.sync.model import FileInfo, FileType
-from agent.sync.paths import IGNORE_FILE, MARKER, is_temp_name, is_valid_name
+from agent.sync.names import IGNORE_FILE, MARKER, is_temp_name, is_valid_name
 from agent.sync.vectors import Vector
 
 log = logging.getLogger(__name__)

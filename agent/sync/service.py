@@ -44,10 +44,10 @@ import anyio.to_thread
 
 from agent.config import Config, FolderConfig
 from agent.errors import ErrorCode, ProtocolError, RemoteProtocolError
-from agent.identity import Identity
-from agent.memtrim import TRIM_AFTER_BYTES, trim
+from agent.host.memtrim import TRIM_AFTER_BYTES, trim
+from agent.host.paths import Paths
+from agent.identity.keys import Identity
 from agent.net.link import PeerLink
-from agent.paths import Paths
 from agent.sync.clock import Now
 from agent.sync.engine import FolderStatus, Outgoing, SyncEngine
 from agent.sync.index import FolderIndex
@@ -61,7 +61,7 @@ from agent.sync.messages import (
     SyncMessage,
     wire_size,
 )  # fmt: skip
-from agent.sync.paths import TEMP_PREFIX, is_valid_name
+from agent.sync.names import TEMP_PREFIX, is_valid_name
 from agent.sync.server import BlockServer
 from agent.wire.messages import WireMessage, clean_reason
 

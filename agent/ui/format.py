@@ -19,8 +19,8 @@ import hashlib
 import re
 from typing import Any
 
-from agent import ids as _ids
-from agent import verification as _verification
+from agent.identity import ids as _ids
+from agent.pairing import safety as _verification
 
 # C0 and DEL, C1, bidi embeddings/overrides/isolates and marks (incl. the Arabic letter mark), zero-width
 # characters and the BOM: a peer's name must not reorder or hide what stands next to it.

@@ -15,8 +15,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from agent.ids import new_device_id
-from agent.paths import resolve_paths
+from agent.host.paths import resolve_paths
+from agent.identity.ids import new_device_id
 from agent.trust.store import TrustStore
 
 T = TypeVar("T")

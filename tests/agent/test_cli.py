@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 
-from agent.cli import main
-from agent.paths import resolve_paths
+from agent.cli.main import main
+from agent.host.paths import resolve_paths
 from agent.trust.model import DeviceRecord, TrustEvent, TrustPolicy
 from agent.trust.store import TrustStore
 from tests.conftest import Cli, CliResult, make_home, run_cli

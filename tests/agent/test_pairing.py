@@ -15,7 +15,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from agent import identity
+from agent.identity import keys as identity
 from tests.agent.harness import AgentProc, cli, free_port, short_home, wait_for
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from agent import service
+from agent.host import unit as service
 from tests.agent.harness import AgentProc, cli, fill_trust_store, wait_for
 
 UNIT = Path(__file__).resolve().parents[2] / "agent" / "data" / service.UNIT_NAME

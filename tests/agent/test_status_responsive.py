@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from agent import control
-from agent.paths import resolve_paths
+from agent.app import control
+from agent.host.paths import resolve_paths
 from agent.sync.service import SCAN_DELAY_ENV
 from tests.agent.harness import AgentProc, short_home, wait_for
 

@@ -25,10 +25,10 @@ from typing import Any
 
 import pytest
 
-from agent import identity
 from agent.errors import ProtocolError
+from agent.host.paths import resolve_paths
+from agent.identity import keys as identity
 from agent.net import transport
-from agent.paths import resolve_paths
 from agent.sync.blocks import block_size_for, hash_bytes
 from agent.sync.messages import FolderHello, Index, Request, Response, SyncMessage
 from agent.sync.model import FileInfo, FileType

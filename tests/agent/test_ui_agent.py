@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from agent.paths import resolve_paths
+from agent.host.paths import resolve_paths
 from tests.agent.harness import AgentProc, cli, short_home
 
 

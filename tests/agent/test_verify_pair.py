@@ -27,11 +27,11 @@ from anyio.from_thread import start_blocking_portal
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from agent import identity
 from agent.errors import ErrorCode
-from agent.identity import Identity, new_device_id
+from agent.identity import keys as identity
+from agent.identity.keys import Identity, new_device_id
 from agent.net import transport
-from agent.pairing_net import ClosedByPeer, PairLink
+from agent.net.pairing_net import ClosedByPeer, PairLink
 from agent.wire.handshake import Role
 from tests.agent.harness import ROOT, AgentProc, cli, short_home
 from tests.agent.test_pairing import Relay

@@ -21,10 +21,10 @@ from typing import Any
 
 import pytest
 
-from agent import control
+from agent.app import control
 from agent.errors import TofuError
-from agent.identity import Identity
-from agent.paths import resolve_paths
+from agent.host.paths import resolve_paths
+from agent.identity.keys import Identity
 from tests.agent.harness import AgentProc, cli, short_home, wait_for
 from tests.hostile.peer import HostileServer, ProtocolClient, SyncPeer, new_identity
 

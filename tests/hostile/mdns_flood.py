@@ -21,7 +21,7 @@ import time
 from zeroconf import ServiceInfo, const
 from zeroconf._protocol.outgoing import DNSOutgoing
 
-from agent.identity import new_device_id
+from agent.identity.keys import new_device_id
 from agent.net.discovery import SERVICE_TYPE, encode_txt
 
 MDNS = ("224.0.0.251", 5353)

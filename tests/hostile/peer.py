@@ -33,9 +33,9 @@ import msgpack
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from agent import identity as ident
 from agent.errors import ErrorCode, ProtocolError
-from agent.identity import Identity
+from agent.identity import keys as ident
+from agent.identity.keys import Identity
 from agent.sync.blocks import block_size_for, hash_bytes
 from agent.sync.messages import Request  # also registers the sync messages, so they decode
 from agent.wire.frames import MAX_FRAME, FrameDecoder

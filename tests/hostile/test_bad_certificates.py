@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from agent import control
+from agent.app import control
 from agent.errors import ErrorCode
-from agent.identity import Identity
-from agent.paths import resolve_paths
+from agent.host.paths import resolve_paths
+from agent.identity.keys import Identity
 from agent.wire.messages import Hello
 from tests.agent.harness import AgentProc, short_home, wait_for
 from tests.hostile.conftest import configure

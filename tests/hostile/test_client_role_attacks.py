@@ -7,7 +7,7 @@ import ssl
 from collections.abc import Callable
 
 from agent.errors import ErrorCode
-from agent.identity import Identity
+from agent.identity.keys import Identity
 from agent.wire.frames import PRE_AUTH_MAX_FRAME
 from agent.wire.handshake import HANDSHAKE_TIMEOUT
 from agent.wire.messages import Auth, Hello, Ping, Ready, WireMessage

@@ -6,8 +6,8 @@ import shutil
 import socket
 import struct
 
-from agent import control
-from agent.paths import resolve_paths
+from agent.app import control
+from agent.host.paths import resolve_paths
 from tests.agent.harness import AgentProc, short_home, wait_for
 from tests.hostile.conftest import configure
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from agent.errors import ErrorCode
-from agent.identity import Identity
+from agent.identity.keys import Identity
 from tests.agent.harness import AgentProc
 from tests.hostile.conftest import Victim, fast_peer, rss_kib, snapshot, wait_connected
 from tests.hostile.peer import HostileClient, ProtocolClient, new_identity

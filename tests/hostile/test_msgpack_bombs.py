@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from agent import control
+from agent.app import control
 from agent.errors import ErrorCode
-from agent.paths import resolve_paths
+from agent.host.paths import resolve_paths
 from agent.wire.frames import MAX_FRAME, PRE_AUTH_MAX_FRAME
 from tests.hostile.conftest import Victim
 from tests.hostile.peer import HostileClient, ProtocolClient, frame, source_address

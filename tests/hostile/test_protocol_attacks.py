@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from agent.errors import ErrorCode
-from agent.identity import Identity
+from agent.identity.keys import Identity
 from agent.wire.frames import MAX_FRAME, PRE_AUTH_MAX_FRAME
 from agent.wire.messages import Auth, Hello, Ping, Pong, Ready
 from tests.hostile.conftest import Victim

@@ -29,9 +29,9 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-from agent import control
+from agent.app import control
 from agent.errors import TofuError
-from agent.paths import resolve_paths
+from agent.host.paths import resolve_paths
 from tests.agent.harness import kill_process, stop_process
 from tests.netns import Lan
 

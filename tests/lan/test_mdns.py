@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from agent.identity import new_device_id
+from agent.identity.keys import new_device_id
 from tests.netns import Lan
 
 pytestmark = pytest.mark.lan

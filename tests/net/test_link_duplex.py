@@ -21,10 +21,10 @@ import anyio.abc
 import pytest
 from anyio.streams.tls import TLSStream
 
-from agent import identity
+from agent.host.paths import resolve_paths
+from agent.identity import keys as identity
 from agent.net import transport
 from agent.net.link import PeerLink, Verdict
-from agent.paths import resolve_paths
 from agent.sync.messages import Request, Response
 from agent.wire.frames import encode_frame
 from agent.wire.handshake import Connection, PeerAuthenticated, Role, State

@@ -30,9 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent import control
+from agent.app import control
 from agent.errors import TofuError
-from agent.paths import resolve_paths
+from agent.host.paths import resolve_paths
 from tests.soak.checker import EndState, MachineEnd, Report, check
 from tests.soak.history import (
     DIR,

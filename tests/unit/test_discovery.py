@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from zeroconf import BadTypeInNameException
 from zeroconf._utils.name import service_type_name
 
-from agent.identity import new_device_id
+from agent.identity.keys import new_device_id
 from agent.net.discovery import (
     MAX_INSTANCE_BYTES,
     MAX_TXT_BYTES,

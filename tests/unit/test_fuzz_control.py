@@ -20,7 +20,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent import control
+from agent.app import control
 from agent.errors import TofuError, UserError
 
 

@@ -12,7 +12,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from agent.identity import new_device_id
+from agent.identity.keys import new_device_id
 from agent.net.discovery import SERVICE_TYPE, PeerGone, PeerSeen, PeerTable, encode_txt
 
 OWN = new_device_id()

@@ -24,9 +24,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from agent import identity as ident
 from agent.errors import RemoteProtocolError
-from agent.identity import Identity
+from agent.identity import keys as ident
+from agent.identity.keys import Identity
 from agent.wire.frames import FrameDecoder
 from agent.wire.handshake import (
     Connection,

@@ -11,9 +11,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from agent import identity as ident
 from agent.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
-from agent.identity import Identity
+from agent.identity import keys as ident
+from agent.identity.keys import Identity
 from agent.wire.frames import MAX_FRAME, PRE_AUTH_MAX_FRAME, FrameDecoder, encode_frame
 from agent.wire.handshake import (
     TRANSITIONS,

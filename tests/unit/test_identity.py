@@ -16,9 +16,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from agent import identity
 from agent.errors import IdentityError, InsecureKeyError, UserError
-from agent.paths import Paths, resolve_paths
+from agent.host.paths import Paths, resolve_paths
+from agent.identity import keys as identity
 
 NOW = dt.datetime(2025, 6, 1, 12, 0, tzinfo=dt.UTC)
 
@@ -182,12 +182,12 @@ def test_deleted_key_keeps_the_device_id_with_a_new_fingerprint_and_a_warning(
     first = identity.load_or_create(paths, None, NOW)
     paths.key_file.unlink()
     paths.cert_file.unlink()
-    with caplog.at_level(logging.WARNING, logger="agent.identity"):
+    with caplog.at_level(logging.WARNING, logger="agent.identity.keys"):
         second = identity.load_or_create(paths, None, NOW)
     assert second.device_id == first.device_id
     assert second.fingerprint != first.fingerprint
     assert identity.fingerprint_of_cert(second.cert_der) == second.fingerprint
-    warnings = [r for r in caplog.records if r.levelno == logging.WARNING and r.name == "agent.identity"]
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING and r.name == "agent.identity.keys"]
     assert len(warnings) == 1
     message = warnings[0].getMessage()
     assert "key change" in message
@@ -199,7 +199,7 @@ def test_first_use_does_not_warn(
     paths: Paths, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(logging.getLogger("agent"), "propagate", True)
-    with caplog.at_level(logging.INFO, logger="agent.identity"):
+    with caplog.at_level(logging.INFO, logger="agent.identity.keys"):
         identity.load_or_create(paths, None, NOW)
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 

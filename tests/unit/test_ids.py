@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from agent import ids
-from agent.cli import parse_export
+from agent.cli.main import parse_export
 from agent.errors import UserError
-from agent.pairing import parse_code
-from agent.verification import identity_uri, parse_identity_uri
+from agent.identity import ids
+from agent.pairing.code import parse_code
+from agent.pairing.safety import identity_uri, parse_identity_uri
 
 DEV = "A" * 32
 FP = "0123456789abcdef" * 4

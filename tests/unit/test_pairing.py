@@ -11,8 +11,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.errors import ErrorCode, RemoteProtocolError, TofuError, UserError
-from agent.identity import new_device_id
-from agent.pairing import (
+from agent.identity.keys import new_device_id
+from agent.net.pairing_net import (
+    NotThisPairing,
+    PairConfirm,
+    PairedPeer,
+    PairingExchange,
+    PairPake,
+    encode_pair_txt,
+    parse_pair_txt,
+)
+from agent.pairing.code import (
     CODE_SECRET_BITS,
     CONFIRM_LEN,
     DEFAULT_TTL,
@@ -30,18 +39,9 @@ from agent.pairing import (
     new_code,
     parse_code,
 )
-from agent.pairing_net import (
-    NotThisPairing,
-    PairConfirm,
-    PairedPeer,
-    PairingExchange,
-    PairPake,
-    encode_pair_txt,
-    parse_pair_txt,
-)
+from agent.pairing.words import WORDS
 from agent.wire.handshake import PeerAuthenticated
 from agent.wire.messages import WireMessage, decode_message, encode_message
-from agent.wordlist import WORDS
 
 T0 = 1_000_000.0
 CODE = "7-guitar-orbit"

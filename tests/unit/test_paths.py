@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from agent import paths as paths_mod
 from agent.errors import ConfigError
-from agent.paths import HOME_ENV, Paths, resolve_paths
+from agent.host import paths as paths_mod
+from agent.host.paths import HOME_ENV, Paths, resolve_paths
 
 
 @pytest.fixture(autouse=True)

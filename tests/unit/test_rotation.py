@@ -13,10 +13,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent import rotation
 from agent.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
-from agent.identity import fingerprint_of_public_key, new_device_id, sign
-from agent.rotation import MAX_STATEMENTS, RotationStatement, decode, encode, follow_chain, make_statement
+from agent.identity import rotation
+from agent.identity.keys import fingerprint_of_public_key, new_device_id, sign
+from agent.identity.rotation import MAX_STATEMENTS, RotationStatement, decode, encode, follow_chain, make_statement
 
 DEV = "AAAABBBBCCCCDDDDEEEEFFFFGGGGHHHH"
 OTHER = "ZZZZYYYYXXXXWWWWVVVVUUUUTTTTSSSS"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from agent.status import _size, render
+from agent.cli.status import _size, render
 
 
 def folder(**over: Any) -> dict[str, Any]:

@@ -19,9 +19,9 @@ from typing import cast
 import pytest
 
 from agent.config import Config, FolderConfig
-from agent.identity import Identity
+from agent.host.paths import Paths
+from agent.identity.keys import Identity
 from agent.net.link import PeerLink
-from agent.paths import Paths
 from agent.sync import service as service_module
 from agent.sync.engine import STALL_TIMEOUT
 from agent.sync.messages import Index, Response, SyncMessage

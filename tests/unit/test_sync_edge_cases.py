@@ -20,7 +20,7 @@ from agent.sync.clock import Now
 from agent.sync.engine import RETRY_PULL_AFTER, Outgoing, SyncEngine
 from agent.sync.messages import FolderHello, IndexUpdate, Request, Response
 from agent.sync.model import FileInfo, FileType
-from agent.sync.paths import MAX_COMPONENT_BYTES
+from agent.sync.names import MAX_COMPONENT_BYTES
 from agent.sync.planner import conflict_name
 from agent.sync.server import BlockServer
 from agent.sync.vectors import Vector

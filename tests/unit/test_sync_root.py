@@ -10,7 +10,7 @@ from pathlib import Path
 from agent.sync.clock import Now
 from agent.sync.engine import ROOT_RECHECK, SyncEngine
 from agent.sync.index import FolderIndex
-from agent.sync.paths import MARKER
+from agent.sync.names import MARKER
 from agent.sync.server import BlockServer
 from tests.sync_helpers import A_ID, B_ID, Net, tree, write
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from agent.sync.paths import TEMP_PREFIX
+from agent.sync.names import TEMP_PREFIX
 from tests.sync_helpers import A_ID, B_ID, Net, tree, write
 
 

@@ -22,7 +22,7 @@ from agent.sync.messages import (
     file_to_wire,
 )  # fmt: skip
 from agent.sync.model import FileInfo, FileType
-from agent.sync.paths import BadPath, validate_name
+from agent.sync.names import BadPath, validate_name
 from agent.sync.planner import Action, conflict_name, decide
 from agent.sync.vectors import Ordering, Vector
 

@@ -11,10 +11,10 @@ from typing import Any, cast
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from agent import rotation
+from agent.app.daemon import Agent
 from agent.config import AnomalyConfig
-from agent.daemon import Agent
-from agent.identity import fingerprint_of_public_key
+from agent.identity import rotation
+from agent.identity.keys import fingerprint_of_public_key
 from agent.trust import policy
 from agent.trust.model import Decision, DeviceRecord, EventKind, TrustEvent, TrustLevel
 from agent.trust.store import TrustStore

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.cli_pairing import (
+from agent.cli.pair import (
     accept_prompt_text,
     comparison_for,
     comparison_text,
@@ -20,9 +20,8 @@ from agent.cli_pairing import (
     verify_compared,
 )
 from agent.errors import UserError
-from agent.identity import clean_name, new_device_id
-from agent.trust.model import DeviceRecord, EventKind, TrustLevel
-from agent.verification import (
+from agent.identity.keys import clean_name, new_device_id
+from agent.pairing.safety import (
     SAFETY_DIGITS,
     ParsedIdentity,
     _half_hash,
@@ -34,7 +33,8 @@ from agent.verification import (
     safety_number,
     safety_words,
 )
-from agent.wordlist import WORDLIST_SHA256, WORDS, int_to_words, word_index, wordlist_digest, words_to_int
+from agent.pairing.words import WORDLIST_SHA256, WORDS, int_to_words, word_index, wordlist_digest, words_to_int
+from agent.trust.model import DeviceRecord, EventKind, TrustLevel
 
 DEV_A = "A" * 32
 DEV_B = "B" * 32

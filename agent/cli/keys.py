@@ -7,12 +7,12 @@ import datetime as dt
 import time
 from typing import TYPE_CHECKING, Any
 
-from agent import control
-from agent.ids import format_fingerprint
+from agent.app import control
+from agent.identity.ids import format_fingerprint
 from agent.trust.model import EventKind
 
 if TYPE_CHECKING:
-    from agent.cli import Ctx
+    from agent.cli.main import Ctx
 
 EXIT_OK = 0
 
@@ -70,7 +70,7 @@ def cmd_anomalies(ctx: Ctx) -> int:
 
 def cmd_rotate_key(ctx: Ctx) -> int:
     """Rotate this device's key: through the running agent if there is one, else on disk."""
-    from agent import identity
+    from agent.identity import keys as identity
 
     try:
         result: dict[str, Any] = control.request(ctx.paths.control_socket, "rotate_key", timeout=30.0)

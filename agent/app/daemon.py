@@ -26,15 +26,19 @@ import anyio
 import anyio.abc
 from anyio.streams.tls import TLSStream
 
-from agent import control, identity, rotation, sdnotify
+from agent.app import control
+from agent.app.report import LiveView, StatusSnapshot, build_status, rfc3339
+from agent.app.ui_backend import AgentBackend
 from agent.config import Config
 from agent.errors import ConnectionLost, ErrorCode, RemoteProtocolError, TofuError, UserError
-from agent.identity import Identity, format_fingerprint
+from agent.host import sdnotify
+from agent.host.paths import Paths
+from agent.identity import keys as identity
+from agent.identity import rotation
+from agent.identity.keys import Identity, format_fingerprint
 from agent.net import transport
 from agent.net.discovery import Discovery, DiscoveryError, PeerGone, PeerSeen
 from agent.net.link import PeerLink, Verdict
-from agent.paths import Paths
-from agent.report import LiveView, StatusSnapshot, build_status, rfc3339
 from agent.sync.service import SyncService
 from agent.trust import guard, window
 from agent.trust.anomaly import AdvertObservation, LiveConnection, NameSighting, Observation
@@ -42,7 +46,6 @@ from agent.trust.model import Decision, DeviceRecord, EventKind, TrustLevel, Tru
 from agent.trust.store import TrustStore
 from agent.ui.backend import ChangeFeed, ThisDevice
 from agent.ui.server import UiHandle, serve_ui
-from agent.ui_backend import AgentBackend
 from agent.wire.handshake import PeerAuthenticated, Role
 from agent.wire.messages import WireMessage
 

@@ -15,8 +15,8 @@ from typing import Any
 
 import anyio.to_thread
 
+from agent.app.report import rfc3339
 from agent.errors import UserError
-from agent.report import rfc3339
 from agent.trust import policy
 from agent.trust.model import DeviceRecord, EventKind, TrustEvent, TrustLevel
 from agent.trust.store import TrustStore

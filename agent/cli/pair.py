@@ -25,14 +25,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-from agent import config, control, ids
-from agent.cli import EXIT_OK, Ctx, port_arg, record_json
+from agent import config
+from agent.app import control
+from agent.cli.main import EXIT_OK, Ctx, port_arg, record_json
 from agent.errors import UserError
+from agent.identity import ids
 from agent.trust import policy
 from agent.trust.model import DeviceRecord, EventKind, TrustLevel
 
 if TYPE_CHECKING:
-    from agent.pairing_net import PairedPeer
+    from agent.net.pairing_net import PairedPeer
     from agent.trust.store import TrustStore
     from agent.wire.handshake import PeerAuthenticated
 
@@ -79,7 +81,7 @@ def comparison_for(record: DeviceRecord, own: OwnIdentity) -> Comparison:
     else:
         key, fingerprint = "pinned", record.fingerprint
     # Imported here: every command builds this module's parsers, and the word list is only for verifying.
-    from agent.verification import safety_number, safety_words
+    from agent.pairing.safety import safety_number, safety_words
 
     args = (own.device_id, own.fingerprint, record.device_id, fingerprint)
     return Comparison(record, key, fingerprint, safety_number(*args), safety_words(*args))
@@ -87,7 +89,7 @@ def comparison_for(record: DeviceRecord, own: OwnIdentity) -> Comparison:
 
 def comparison_text(c: Comparison, own: OwnIdentity) -> str:
     """The safety number as people read it, with what to compare it against."""
-    from agent.verification import format_groups, format_words
+    from agent.pairing.safety import format_groups, format_words
 
     r = c.record
     lines = [f"Safety number for this device ({own.name}) and {r.name} ({r.device_id}):", ""]
@@ -237,7 +239,7 @@ def _refuser(store: TrustStore) -> Callable[[PeerAuthenticated], str | None]:
 def cmd_pair(ctx: Ctx) -> int:
     a = ctx.args
     if a.window is not None:
-        from agent import cli_consent
+        from agent.cli import consent as cli_consent
         from agent.trust import window
 
         if a.code:
@@ -246,8 +248,8 @@ def cmd_pair(ctx: Ctx) -> int:
 
     import anyio
 
-    from agent import pairing, pairing_net
-    from agent.net import transport
+    from agent.net import pairing_net, transport
+    from agent.pairing import code as pairing
 
     if a.code is None and a.peer is not None:
         raise UserError("--peer is for the joining side: `tofu-agent pair CODE --peer HOST:PORT`")

@@ -51,10 +51,10 @@ from agent.errors import (
     TofuError,
     UserError,
 )
-from agent.identity import fingerprint_of_cert
+from agent.identity.keys import fingerprint_of_cert
 from agent.net import transport
 from agent.net.discovery import local_ipv4_addresses, normalise_addresses
-from agent.pairing import (
+from agent.pairing.code import (
     CONFIRM_LEN,
     NAMEPLATE_MAX,
     PAKE_MESSAGE_LEN,

@@ -24,7 +24,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from agent.errors import IdentityError, InsecureKeyError
-from agent.ids import (
+from agent.host.paths import Paths, write_private_file
+from agent.identity.ids import (
     DEVICE_ID_BYTES,
     MAX_NAME_LEN,
     clean_name,
@@ -34,7 +35,6 @@ from agent.ids import (
     new_device_id,
     parse_fingerprint,
 )
-from agent.paths import Paths, write_private_file
 
 log = logging.getLogger(__name__)
 
@@ -327,7 +327,7 @@ def rotate(paths: Paths, current: Identity, now: dt.datetime) -> Identity:
     The statement is stored before the key is replaced: a crash in between leaves a statement
     naming a key nobody will ever prove, which peers ignore, and the old key still in place.
     """
-    from agent import rotation
+    from agent.identity import rotation
 
     new_key = ec.generate_private_key(ec.SECP256R1())
     statement = rotation.make_statement(current.key, new_key.public_key(), current.device_id, int(now.timestamp()))

@@ -8,10 +8,10 @@ import sys
 import time
 from typing import Any
 
-from agent import control
+from agent.app import control
 from agent.errors import TofuError
-from agent.ids import format_fingerprint
-from agent.paths import Paths
+from agent.host.paths import Paths
+from agent.identity.ids import format_fingerprint
 
 EXIT_RUNNING = 0
 EXIT_NOT_RUNNING = 3
@@ -115,8 +115,8 @@ def render(st: dict[str, Any]) -> str:
 
 def offline_status(paths: Paths) -> dict[str, Any]:
     """What `status --json` says with no agent: running false, plus the trust store's devices."""
-    from agent.cli import record_json
-    from agent.ids import is_device_id
+    from agent.cli.main import record_json
+    from agent.identity.ids import is_device_id
     from agent.trust.store import TrustStore
 
     result: dict[str, Any] = {"running": False, "peers": []}
@@ -130,7 +130,7 @@ def offline_status(paths: Paths) -> dict[str, Any]:
         if paths.cert_file.exists():
             from cryptography import x509
 
-            from agent.identity import fingerprint_of_public_key
+            from agent.identity.keys import fingerprint_of_public_key
 
             key = x509.load_pem_x509_certificate(paths.cert_file.read_bytes()).public_key()
             result["fingerprint"] = fingerprint_of_public_key(key)  # type: ignore[arg-type]

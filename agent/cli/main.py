@@ -18,15 +18,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from agent import __version__, config, control, ids, logs
+from agent import __version__, config
+from agent.app import control
+from agent.app.report import rfc3339
 from agent.errors import ConfigError, TofuError, UnknownDeviceError, UserError
-from agent.paths import Paths, resolve_paths, write_private_file
-from agent.report import rfc3339
+from agent.host import logs
+from agent.host.paths import Paths, resolve_paths, write_private_file
+from agent.identity import ids
 from agent.trust.model import DeviceRecord, TrustEvent, TrustLevel, TrustPolicy
 from agent.trust.store import TrustStore
 
 if TYPE_CHECKING:
-    from agent.identity import Identity
+    from agent.identity.keys import Identity
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +61,7 @@ class Ctx:
         return TrustStore(self.paths.trust_db, self.config().trust_policy)
 
     def identity(self) -> Identity:
-        from agent import identity
+        from agent.identity import keys as identity
 
         return identity.load_or_create(self.paths, self.config().name or _stored_name(self.paths), _utcnow())
 
@@ -135,7 +138,7 @@ def cmd_id(ctx: Ctx) -> int:
     ident = ctx.identity()
     data = {"device_id": ident.device_id, "name": ident.name, "fingerprint": ident.fingerprint}
     if getattr(ctx.args, "uri", False) or getattr(ctx.args, "qr", False):
-        from agent import verification
+        from agent.pairing import safety as verification
 
         uri = verification.identity_uri(ident.device_id, ident.name, ident.fingerprint)
         data["uri"] = uri
@@ -187,7 +190,7 @@ def cmd_trust_change(ctx: Ctx) -> int:
     action: str = ctx.args.trust_command
     if action == "accept" and not ctx.json:
         # Admitting a device is the moment to compare keys: show who it is and the safety number.
-        from agent.cli_pairing import accept_prompt_text
+        from agent.cli.pair import accept_prompt_text
 
         with ctx.store() as store:
             waiting = store.resolve(ctx.args.device)
@@ -337,7 +340,7 @@ def cmd_trust_import(ctx: Ctx) -> int:
 
 
 def cmd_trust_add(ctx: Ctx) -> int:
-    from agent import verification
+    from agent.pairing import safety as verification
 
     parsed = verification.parse_identity_uri(ctx.args.uri)
     own = ctx.identity()
@@ -374,7 +377,7 @@ def _check_folders(folders: tuple[config.FolderConfig, ...], data_dir: Path) -> 
 
 
 def cmd_run(ctx: Ctx) -> int:
-    from agent import daemon
+    from agent.app import daemon
 
     a = ctx.args
     cfg = ctx.config().with_overrides(
@@ -393,13 +396,13 @@ def cmd_run(ctx: Ctx) -> int:
 
 
 def cmd_status(ctx: Ctx) -> int:
-    from agent import status
+    from agent.cli import status
 
     return status.show(ctx.paths, ctx.json, watch=ctx.args.watch)
 
 
 def cmd_service(ctx: Ctx) -> int:
-    from agent import service
+    from agent.host import unit as service
 
     message = service.install(ctx.paths) if ctx.args.action == "install" else service.uninstall()
     ctx.out({"ok": True, "message": message}, message)
@@ -481,7 +484,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_extensions(sub: argparse._SubParsersAction[_Parser], common: _Parser) -> None:
     """Commands that live in their own modules register here."""
-    from agent import cli_consent, cli_keys, cli_pairing
+    from agent.cli import consent as cli_consent
+    from agent.cli import keys as cli_keys
+    from agent.cli import pair as cli_pairing
 
     cli_keys.register(sub, common)  # anomalies, rotate-key
     cli_pairing.register(sub, common)  # verify, pair

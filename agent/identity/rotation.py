@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
-from agent.identity import is_device_id, is_fingerprint, sign, verify_signature
+from agent.identity.keys import is_device_id, is_fingerprint, sign, verify_signature
 
 LABEL = b"tofu-agent/v1/rotate"
 FORMAT_VERSION = 1

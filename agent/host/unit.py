@@ -9,7 +9,7 @@ from importlib import resources
 from pathlib import Path
 
 from agent.errors import UserError
-from agent.paths import Paths
+from agent.host.paths import Paths
 
 UNIT_NAME = "tofu-agent.service"
 

@@ -6,14 +6,14 @@ import argparse
 import time
 from typing import TYPE_CHECKING, Any
 
-from agent import control
+from agent.app import control
 from agent.errors import UserError
-from agent.ids import format_fingerprint
+from agent.identity.ids import format_fingerprint
 from agent.trust import window
 from agent.trust.model import TrustLevel
 
 if TYPE_CHECKING:
-    from agent.cli import Ctx
+    from agent.cli.main import Ctx
 
 EXIT_OK = 0
 
@@ -58,7 +58,7 @@ def cmd_window(ctx: Ctx) -> int:
 
 def cmd_pending(ctx: Ctx) -> int:
     """Every device that asked to connect and waits for a person's answer."""
-    from agent.cli import record_json
+    from agent.cli.main import record_json
 
     with ctx.store() as store:
         waiting = [r for r in store.all() if r.trust is TrustLevel.PENDING]

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from urllib.parse import parse_qsl, quote, urlsplit
 
 from agent.errors import UserError
-from agent.ids import clean_name, is_device_id, is_fingerprint
-from agent.wordlist import BITS_PER_WORD, int_to_words
+from agent.identity.ids import clean_name, is_device_id, is_fingerprint
+from agent.pairing.words import BITS_PER_WORD, int_to_words
 
 SAFETY_LABEL = b"tofu-agent/v1/safety-number"
 # scrypt cost: N=2^14, r=8 is 16 MiB and about 50 ms per half on a laptop core, 100 ms in all; it is

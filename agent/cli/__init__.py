@@ -1,0 +1,1 @@
+"""The `tofu-agent` command: one module per command group."""

@@ -1,0 +1,1 @@
+"""This device's identity: ids and fingerprints, keys and certificate on disk, key rotation."""

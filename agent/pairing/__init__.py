@@ -1,0 +1,1 @@
+"""Pairing by code (SPAKE2), safety numbers and their word list: pure, no I/O."""
