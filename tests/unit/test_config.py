@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from agent import cli, config
+from agent import config
+from agent.cli import main as cli
 from agent.config import AnomalyConfig, Config, FolderConfig
 from agent.errors import ConfigError, UserError
 from agent.trust.model import TrustPolicy
@@ -29,7 +30,7 @@ def test_missing_file_means_defaults(home: Path) -> None:
     assert cfg.bind == "0.0.0.0"
     assert cfg.peers == ()
     assert cfg.mdns is True
-    assert cfg.trust_policy is TrustPolicy.AUTO
+    assert cfg.trust_policy is TrustPolicy.WINDOW  # consent before data: the pairing window
     assert cfg.anomaly == AnomalyConfig()
     assert (cfg.keepalive_idle, cfg.keepalive_timeout) == (15.0, 10.0)
 
@@ -137,7 +138,7 @@ def test_with_overrides_ignores_unset_options() -> None:
         ("peers = ['host:port']", r"port must be a number, got 'port'"),
         ("peers = ['host:0']", r"port 0 is out of range"),
         ("peers = ['host:70000']", r"port 70000 is out of range"),
-        ("trust_policy = 'paranoid'", r"trust_policy must be one of auto, manual, code; got 'paranoid'"),
+        ("trust_policy = 'paranoid'", r"trust_policy must be one of window, auto, manual, code; got 'paranoid'"),
         ("keepalive_idle = 0.1", r"`keepalive_idle` must be between 0.5 and 3600"),
         ("keepalive_timeout = 7200", r"`keepalive_timeout` must be between 0.5 and 3600"),
         ("keepalive_idle = nan", r"`keepalive_idle` must be between"),
