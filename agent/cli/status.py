@@ -130,7 +130,7 @@ def offline_status(paths: Paths) -> dict[str, Any]:
         if paths.cert_file.exists():
             from cryptography import x509
 
-            from agent.identity.keys import fingerprint_of_public_key
+            from agent.identity.crypto import fingerprint_of_public_key
 
             key = x509.load_pem_x509_certificate(paths.cert_file.read_bytes()).public_key()
             result["fingerprint"] = fingerprint_of_public_key(key)  # type: ignore[arg-type]

@@ -20,7 +20,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
-from agent.identity.keys import is_device_id, is_fingerprint, sign, verify_signature
+from agent.identity.crypto import sign, verify_signature
+from agent.identity.ids import is_device_id, is_fingerprint
 
 LABEL = b"tofu-agent/v1/rotate"
 FORMAT_VERSION = 1

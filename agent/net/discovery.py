@@ -28,7 +28,7 @@ import anyio
 import anyio.lowlevel
 
 from agent.errors import TofuError
-from agent.identity.keys import clean_name, is_device_id, is_fingerprint
+from agent.identity.ids import clean_name, is_device_id, is_fingerprint
 
 log = logging.getLogger(__name__)
 

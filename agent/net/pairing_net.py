@@ -51,7 +51,7 @@ from agent.errors import (
     TofuError,
     UserError,
 )
-from agent.identity.keys import fingerprint_of_cert
+from agent.identity.crypto import fingerprint_of_cert
 from agent.net import transport
 from agent.net.discovery import local_ipv4_addresses, normalise_addresses
 from agent.pairing.code import (

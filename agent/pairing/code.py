@@ -37,7 +37,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from agent.errors import ErrorCode, UserError
-from agent.identity.keys import is_device_id, is_fingerprint
+from agent.identity.ids import is_device_id, is_fingerprint
 from agent.pairing.words import BITS_PER_WORD, WORDS, word_index
 
 Role = Literal["waiting", "joining"]

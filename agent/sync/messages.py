@@ -18,7 +18,7 @@ from enum import StrEnum
 from typing import ClassVar, Self, TypeVar
 
 from agent.errors import ErrorCode, RemoteProtocolError
-from agent.identity.keys import is_device_id
+from agent.identity.ids import is_device_id
 from agent.sync.blocks import HASH_LEN, MAX_BLOCK_SIZE, MAX_FILE_SIZE, block_count, is_valid_block_size
 from agent.sync.model import FileInfo, FileType
 from agent.sync.names import validate_name

@@ -46,7 +46,7 @@ from agent.config import Config, FolderConfig
 from agent.errors import ErrorCode, ProtocolError, RemoteProtocolError
 from agent.host.memtrim import TRIM_AFTER_BYTES, trim
 from agent.host.paths import Paths
-from agent.identity.keys import Identity
+from agent.identity.crypto import Identity
 from agent.net.link import PeerLink
 from agent.sync.clock import Now
 from agent.sync.engine import FolderStatus, Outgoing, SyncEngine

@@ -36,7 +36,8 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent.errors import ErrorCode, IdentityError, LocalProtocolError, ProtocolError, RemoteProtocolError
-from agent.identity.keys import fingerprint_of_public_key, is_fingerprint, public_key_of_cert, verify_signature
+from agent.identity.crypto import fingerprint_of_public_key, public_key_of_cert, verify_signature
+from agent.identity.ids import is_fingerprint
 from agent.wire.frames import MAX_FRAME, PRE_AUTH_MAX_FRAME, FrameDecoder, frame_header
 from agent.wire.messages import (
     CONTROL_TYPES,

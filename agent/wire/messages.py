@@ -52,7 +52,7 @@ from typing import Any, ClassVar, Final, NoReturn, Self, TypeVar
 import msgpack
 
 from agent.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
-from agent.identity.keys import DEVICE_ID_BYTES, MAX_NAME_LEN, is_device_id
+from agent.identity.ids import DEVICE_ID_BYTES, MAX_NAME_LEN, is_device_id
 from agent.wire.frames import MAX_FRAME
 
 SUPPORTED_VERSIONS: Final = (1,)
