@@ -13,7 +13,7 @@ from agent.trust import window
 from agent.trust.model import TrustLevel
 
 if TYPE_CHECKING:
-    from agent.cli.main import Ctx
+    from agent.cli.context import Ctx
 
 EXIT_OK = 0
 
@@ -58,7 +58,7 @@ def cmd_window(ctx: Ctx) -> int:
 
 def cmd_pending(ctx: Ctx) -> int:
     """Every device that asked to connect and waits for a person's answer."""
-    from agent.cli.main import record_json
+    from agent.cli.context import record_json
 
     with ctx.store() as store:
         waiting = [r for r in store.all() if r.trust is TrustLevel.PENDING]

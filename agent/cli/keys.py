@@ -12,7 +12,7 @@ from agent.identity.ids import format_fingerprint
 from agent.trust.model import EventKind
 
 if TYPE_CHECKING:
-    from agent.cli.main import Ctx
+    from agent.cli.context import Ctx
 
 EXIT_OK = 0
 

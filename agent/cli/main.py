@@ -14,28 +14,30 @@ import logging
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from agent import __version__, config
 from agent.app import control
 from agent.app.report import rfc3339
+from agent.cli.context import (
+    EXIT_OK,
+    EXIT_USER_ERROR,
+    Ctx,
+    port_arg,
+    record_json,
+)
 from agent.errors import ConfigError, TofuError, UnknownDeviceError, UserError
 from agent.host import logs
-from agent.host.paths import Paths, resolve_paths, write_private_file
+from agent.host.paths import resolve_paths, write_private_file
 from agent.identity import ids
 from agent.trust.model import DeviceRecord, TrustEvent, TrustLevel, TrustPolicy
 from agent.trust.store import TrustStore
 
 if TYPE_CHECKING:
-    from agent.identity.keys import Identity
+    pass
 
 log = logging.getLogger(__name__)
-
-EXIT_OK = 0
-EXIT_USER_ERROR = 1
-EXIT_NOT_RUNNING = 3
 
 
 class _Parser(argparse.ArgumentParser):
@@ -43,41 +45,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         raise UserError(f"{message} (see `{self.prog} --help`)")
-
-
-@dataclass(frozen=True, slots=True)
-class Ctx:
-    """What every command needs: where things live, the config, and how to print."""
-
-    paths: Paths
-    json: bool
-    args: argparse.Namespace
-
-    def config(self) -> config.Config:
-        return config.load(self.paths.config_file, self.paths.default_folder)
-
-    def store(self) -> TrustStore:
-        self.paths.ensure()
-        return TrustStore(self.paths.trust_db, self.config().trust_policy)
-
-    def identity(self) -> Identity:
-        from agent.identity import keys as identity
-
-        return identity.load_or_create(self.paths, self.config().name or _stored_name(self.paths), _utcnow())
-
-    def out(self, data: Any, text: str) -> None:
-        print(json.dumps(data, indent=2, sort_keys=True) if self.json else text)
-
-
-def _utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
-
-
-def _stored_name(paths: Paths) -> str | None:
-    try:
-        return (paths.data_dir / "name").read_text("utf-8").strip() or None
-    except OSError:
-        return None
 
 
 def parse_rfc3339(text: object, what: str) -> float:
@@ -98,22 +65,6 @@ def local_time(ts: float | None) -> str:
     if not ts:
         return "never"
     return dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M")
-
-
-def record_json(r: DeviceRecord) -> dict[str, Any]:
-    """A device record as the JSON object every command prints."""
-    return {
-        "device_id": r.device_id,
-        "name": r.name,
-        "trust": r.trust.value,
-        "fingerprint": r.fingerprint,
-        "pending_fingerprint": r.pending_fingerprint,
-        "first_seen": rfc3339(r.first_seen),
-        "last_seen": rfc3339(r.last_seen),
-        "sync_count": r.sync_count,
-        "addresses": list(r.addresses),
-        "notes": r.notes,
-    }
 
 
 def event_json(e: TrustEvent) -> dict[str, Any]:
@@ -500,17 +451,6 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError("must be at least 1")
-    return value
-
-
-def port_arg(text: str) -> int:
-    """argparse type for a TCP port (0 = any free port)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"port {value} is out of range")
     return value
 
 

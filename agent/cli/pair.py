@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from agent import config
 from agent.app import control
-from agent.cli.main import EXIT_OK, Ctx, port_arg, record_json
+from agent.cli.context import EXIT_OK, Ctx, port_arg, record_json
 from agent.errors import UserError
 from agent.identity import ids
 from agent.trust import policy

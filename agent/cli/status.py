@@ -115,7 +115,7 @@ def render(st: dict[str, Any]) -> str:
 
 def offline_status(paths: Paths) -> dict[str, Any]:
     """What `status --json` says with no agent: running false, plus the trust store's devices."""
-    from agent.cli.main import record_json
+    from agent.cli.context import record_json
     from agent.identity.ids import is_device_id
     from agent.trust.store import TrustStore
 
