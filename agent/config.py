@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import ConfigError
-from agent.trust.anomaly import AnomalyCode
+from agent.trust.anomaly import AnomalyCode, AnomalyConfig
 from agent.trust.model import TrustPolicy
 
 DEFAULT_PORT = 39001
@@ -22,15 +22,6 @@ class FolderConfig:
 
     id: str
     path: Path
-
-
-@dataclass(frozen=True, slots=True)
-class AnomalyConfig:
-    """Thresholds for the anomaly rules and which anomalies block a device."""
-
-    repeated_key_change_threshold: int = 3
-    window_seconds: float = 24 * 3600.0
-    block_on: frozenset[str] = frozenset({"repeated_key_change", "cloned_key"})
 
 
 @dataclass(frozen=True, slots=True)

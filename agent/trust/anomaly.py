@@ -25,7 +25,6 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Protocol
 
 from agent.errors import ConfigError
 from agent.trust.model import DeviceRecord, EventKind, TrustEvent
@@ -71,17 +70,6 @@ _NEVER = float("-inf")  # the time of an event that never happened
 DEFAULT_BLOCK_ON = frozenset({AnomalyCode.REPEATED_KEY_CHANGE, AnomalyCode.CLONED_KEY})
 
 EvidenceValue = str | int | float | tuple[str, ...]
-
-
-class AnomalySettings(Protocol):
-    """What the rules read from configuration (`AnomalyConfig` or `agent.config.AnomalyConfig`)."""
-
-    @property
-    def repeated_key_change_threshold(self) -> int: ...
-    @property
-    def window_seconds(self) -> float: ...
-    @property
-    def block_on(self) -> frozenset[str]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,7 +169,7 @@ def evaluate(
     records: Sequence[DeviceRecord],
     live: Sequence[LiveConnection],
     observations: Sequence[Observation],
-    config: AnomalySettings,
+    config: AnomalyConfig,
     now: float,
 ) -> list[Anomaly]:
     """Every anomaly not acknowledged, one per (code, device), sorted by device id then code."""
@@ -196,12 +184,12 @@ def evaluate(
     return acknowledged(_dedupe(found), events)
 
 
-def should_block(anomaly: Anomaly, config: AnomalySettings) -> bool:
+def should_block(anomaly: Anomaly, config: AnomalyConfig) -> bool:
     """True if policy says this anomaly's device must be revoked."""
     return anomaly.code in config.block_on
 
 
-def to_block(anomalies: Iterable[Anomaly], events: Sequence[TrustEvent], config: AnomalySettings) -> list[str]:
+def to_block(anomalies: Iterable[Anomaly], events: Sequence[TrustEvent], config: AnomalyConfig) -> list[str]:
     """Device ids to revoke now: blocking anomalies with evidence newer than the last decision on them.
 
     A decision is a revoke (already blocked), or a person's retrust, verify, accept or clear; without
@@ -322,7 +310,7 @@ def _dedupe(found: Iterable[Anomaly]) -> list[Anomaly]:
 
 
 def repeated_key_change(
-    events: Sequence[TrustEvent], config: AnomalySettings, now: float, names: Mapping[str, str] | None = None
+    events: Sequence[TrustEvent], config: AnomalyConfig, now: float, names: Mapping[str, str] | None = None
 ) -> list[Anomaly]:
     """Devices that offered >= threshold distinct keys in KEY_CHANGED events at or after `now - window`."""
     # Events after `now` still count: a clock stepping back must not hide evidence.

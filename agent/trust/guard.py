@@ -11,9 +11,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-from agent.config import AnomalyConfig
 from agent.trust import anomaly
-from agent.trust.anomaly import Anomaly, AnomalyCode, LiveConnection, Observation
+from agent.trust.anomaly import Anomaly, AnomalyCode, AnomalyConfig, LiveConnection, Observation
 from agent.trust.model import AnomalyEntry, DeviceRecord, EventKind, Outcome, Review, Reviewer, TrustEvent
 from agent.trust.store import TrustStore
 

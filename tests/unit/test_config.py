@@ -9,8 +9,9 @@ import pytest
 
 from agent import config
 from agent.cli import main as cli
-from agent.config import AnomalyConfig, Config, FolderConfig
+from agent.config import Config, FolderConfig
 from agent.errors import ConfigError, UserError
+from agent.trust.anomaly import AnomalyConfig
 from agent.trust.model import TrustPolicy
 
 DEFAULT_FOLDER = Path("/nonexistent/default-folder")
