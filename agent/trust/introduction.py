@@ -18,7 +18,8 @@ from typing import Protocol, Self
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from agent.identity.keys import MAX_NAME_LEN, is_device_id, is_fingerprint, verify_signature
+from agent.identity.crypto import verify_signature
+from agent.identity.ids import MAX_NAME_LEN, is_device_id, is_fingerprint
 from agent.trust.model import DeviceRecord, EventKind, TrustLevel
 from agent.wire.messages import WireMessage, check, field_bytes, field_int, field_str, register
 
