@@ -25,7 +25,7 @@ from types import SimpleNamespace
 from typing import cast
 
 from agent.app.daemon import Agent
-from agent.config import AnomalyConfig
+from agent.trust.anomaly import AnomalyConfig
 from agent.trust.store import TrustStore
 from agent.wire.session import PeerAuthenticated
 

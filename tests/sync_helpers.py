@@ -1,16 +1,17 @@
-"""Engines over temp folders joined by an in-memory link that round-trips every message through msgpack."""
+"""Engines over temp folders joined by an in-memory link that round-trips every message through the
+real wire codec (frame size limit, type registry, field checks), as a TLS link would."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-import msgpack
-
 from agent.sync.clock import Now
 from agent.sync.engine import Outgoing, SyncEngine
 from agent.sync.index import FolderIndex
-from agent.sync.messages import PARSERS, Index, Request, SyncMessage
+from agent.sync.messages import Index, Request, SyncMessage
+from agent.wire.frames import MAX_FRAME
+from agent.wire.messages import decode_message, encode_message
 
 A_ID = "A" * 32
 B_ID = "B" * 32
@@ -18,10 +19,12 @@ C_ID = "C" * 32
 
 
 def wire(msg: SyncMessage) -> SyncMessage:
-    """Encode and decode `msg` as the wire layer would."""
-    data = msgpack.packb(msg.to_fields())
-    assert len(data) < 4 * 1024 * 1024
-    return PARSERS[msg.KIND](msgpack.unpackb(data))
+    """Encode and decode `msg` as the wire layer does: what the codec refuses fails here too."""
+    body = encode_message(msg)
+    assert len(body) <= MAX_FRAME
+    decoded = decode_message(body)
+    assert isinstance(decoded, type(msg))
+    return decoded
 
 
 class Net:

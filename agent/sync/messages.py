@@ -12,7 +12,7 @@ senders batch index messages to at most `INDEX_BATCH_BYTES`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import ClassVar, Self, TypeVar
@@ -287,7 +287,6 @@ class Progress(WireMessage):
 
 SyncMessage = FolderHello | Index | IndexUpdate | Request | Response | Progress
 MESSAGE_TYPES: tuple[type[SyncMessage], ...] = (FolderHello, Index, IndexUpdate, Request, Response, Progress)
-PARSERS: dict[str, Callable[[dict[str, object]], SyncMessage]] = {t.KIND: t.from_fields for t in MESSAGE_TYPES}
 
 
 def next_batch(

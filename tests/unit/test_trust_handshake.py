@@ -12,10 +12,10 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent.app.daemon import Agent
-from agent.config import AnomalyConfig
 from agent.identity import rotation
 from agent.identity.keys import fingerprint_of_public_key
 from agent.trust import policy
+from agent.trust.anomaly import AnomalyConfig
 from agent.trust.model import Decision, DeviceRecord, EventKind, TrustEvent, TrustLevel
 from agent.trust.store import TrustStore
 from agent.wire.session import PeerAuthenticated
