@@ -87,6 +87,17 @@ class SoakConfig:
         return cmd
 
 
+@dataclass(frozen=True, slots=True)
+class Planned:
+    """One fault of the schedule: at `at` s after the start, on machine `machine`, held `hold` s."""
+
+    at: float
+    kind: str
+    machine: int
+    hold: float
+    burst: bool  # a restart (or join) with a burst of writes while the agent starts
+
+
 @dataclass
 class RunResult:
     config: SoakConfig
@@ -329,7 +340,7 @@ class Soak:
     def __init__(self, cfg: SoakConfig, out: Callable[[str], None] = print) -> None:
         self.cfg = cfg
         self.out = out
-        self.rng = random.Random(f"{cfg.seed}:faults")
+        self.duration = cfg.minutes * 60
         self.run_dir = Path(tempfile.mkdtemp(prefix=f"soak-{cfg.seed}-", dir="/tmp"))
         self.history = History()
         self.machines: list[Machine] = []
@@ -544,23 +555,23 @@ class Soak:
 
     # -- faults ------------------------------------------------------------------------------------
 
-    def initial_data(self, m: Machine, note: str) -> None:
+    def initial_data(self, m: Machine, rng: random.Random, note: str) -> None:
         """Several MB of files m has before its agent first starts (the other machines lack them)."""
-        n = self.rng.randint(0, 20)
+        n = rng.randint(0, 20)
         for _ in range(n):
-            size = int(self.rng.uniform(0.5, 1.0) * self.cfg.initial_mb * MiB)
-            self.own_write(m, self.rng, min(size, int(self.cfg.max_mb * MiB)), note=note)
+            size = int(rng.uniform(0.5, 1.0) * self.cfg.initial_mb * MiB)
+            self.own_write(m, rng, min(size, int(self.cfg.max_mb * MiB)), note=note)
 
-    def start(self, m: Machine, *, burst: bool) -> None:
+    def start(self, m: Machine, rng: random.Random, *, burst: bool) -> None:
         """Spawn m's agent; with `burst`, write files into its folder while it starts."""
         peers = [p for p in self.machines if p is not m]
         m.spawn(peers)
         self.history.fault(m.name, "start")
         if burst:
-            n = self.rng.randint(3, 12)
+            n = rng.randint(3, 12)
             for _ in range(n):
-                size = int(self.rng.uniform(0.5, min(8.0, self.cfg.max_mb)) * MiB)
-                self.own_write(m, self.rng, size, note=f"burst while {m.name} starts")
+                size = int(rng.uniform(0.5, min(8.0, self.cfg.max_mb)) * MiB)
+                self.own_write(m, rng, size, note=f"burst while {m.name} starts")
             self.log(f"{m.name}: started with a burst of {n} files")
         if not m.wait_up(60):
             self.problems.append(f"{m.name} did not answer `status` within 60 s of its start:\n{m.log()[-3000:]}")
@@ -580,58 +591,71 @@ class Soak:
                 msg = f"{m.name} exited by itself with code {m.proc.returncode}"
                 m.unexpected_exits.append(msg)
                 self.problems.append(msg)
-                self.start(m, burst=False)
+                self.start(m, random.Random(0), burst=False)
 
-    def faults(self, t_end: float, joiner: Machine | None, t_join: float) -> None:
-        """The fault schedule: one fault at a time, until `t_end`."""
-        weights = {
-            "sigterm": 3.0,
-            "sigkill": 3.0,
-            "pause": 2.0,
-            "rotate": 1.5,
-            "power": 1.0,
-            "cut": 2.0 if self.lan else 0.0,
-        }
+    def plan(self, duration: float, joiner: Machine | None) -> list[Planned]:
+        """The whole fault schedule, drawn from the seed before anything runs, so a replay injects the
+        same faults in the same order at the same offsets (later only if an earlier one overran)."""
+        rng = random.Random(f"{self.cfg.seed}:plan")
+        weights = {"sigterm": 3.0, "sigkill": 3.0, "pause": 2.0, "rotate": 1.5, "power": 1.0}
+        if self.lan is not None:
+            weights["cut"] = 2.0
+        t_join = rng.uniform(0.15, 0.5) * duration if joiner is not None else duration + 1
+        out: list[Planned] = []
+        t = 0.0
         while True:
-            self.stop_writers.wait(self.rng.uniform(0.5, 2 * self.cfg.fault_gap))
-            now = time.monotonic()
-            if now >= t_end:
+            t += rng.uniform(0.5, 2 * self.cfg.fault_gap)
+            if t >= duration:
                 break
-            self.check_alive()
-            if joiner is not None and not joiner.joined and now >= t_join:
-                self.initial_data(joiner, note=f"{joiner.name}'s data before it joins")
-                self.history.fault(joiner.name, "join")
-                self.log(f"{joiner.name}: joins")
-                self.start(joiner, burst=self.rng.random() < 0.5)
+            if joiner is not None and t >= t_join and not any(p.kind == "join" for p in out):
+                out.append(Planned(t, "join", joiner.index, 0.0, rng.random() < 0.5))
                 continue
-            kind = self.rng.choices(list(weights), list(weights.values()))[0]
-            m = self.rng.choice([x for x in self.machines if x.joined])
-            if kind in ("sigterm", "sigkill"):
-                self.stop(m, signal.SIGKILL if kind == "sigkill" else signal.SIGTERM)
-                self.stop_writers.wait(self.rng.uniform(0.5, 5.0))  # down: its writer goes on
-                self.start(m, burst=self.rng.random() < 0.6)
-            elif kind == "power":  # a power cut: every agent dies, each machine gets new data, all boot together
+            kind = rng.choices(list(weights), list(weights.values()))[0]
+            eligible = [m.index for m in self.machines if m is not joiner or any(p.kind == "join" for p in out)]
+            hold = {"sigterm": (0.5, 5.0), "sigkill": (0.5, 5.0), "pause": (1.0, 8.0), "power": (0.5, 3.0)}
+            lo, hi = hold.get(kind, (2.0, 10.0) if kind == "cut" else (0.0, 0.0))
+            out.append(Planned(t, kind, rng.choice(eligible), rng.uniform(lo, hi), rng.random() < 0.6))
+            t += out[-1].hold
+        return out
+
+    def faults(self, plan: list[Planned]) -> None:
+        """Inject the planned faults, one at a time."""
+        for i, ev in enumerate(plan):
+            self.stop_writers.wait(max(0.0, self.history.t0 + ev.at - time.monotonic()))
+            self.check_alive()
+            rng = random.Random(f"{self.cfg.seed}:event:{i}")  # sizes and counts of this event's writes
+            m = self.machines[ev.machine]
+            if ev.kind == "join":
+                self.initial_data(m, rng, note=f"{m.name}'s data before it joins")
+                self.history.fault(m.name, "join")
+                self.log(f"{m.name}: joins")
+                self.start(m, rng, burst=ev.burst)
+            elif ev.kind in ("sigterm", "sigkill"):
+                self.stop(m, signal.SIGKILL if ev.kind == "sigkill" else signal.SIGTERM)
+                self.stop_writers.wait(ev.hold)  # down: its writer goes on
+                self.start(m, rng, burst=ev.burst)
+            elif ev.kind == "power":  # a power cut: every agent dies, each machine gets new data, all boot together
                 up = [x for x in self.machines if x.joined]
                 self.history.fault("all", "power")
                 self.log("power cut: every agent SIGKILLed")
                 for x in up:
                     self.stop(x, signal.SIGKILL)
                 for x in up:
-                    self.initial_data(x, note=f"{x.name}'s data while the power is off")
-                self.stop_writers.wait(self.rng.uniform(0.5, 3.0))
+                    self.initial_data(x, rng, note=f"{x.name}'s data while the power is off")
+                self.stop_writers.wait(ev.hold)
                 for x in up:
                     x.spawn([p for p in self.machines if p is not x])
                     self.history.fault(x.name, "start")
                 for x in up:
                     if not x.wait_up(60):
                         self.problems.append(f"{x.name} did not answer `status` within 60 s of its start")
-            elif kind == "pause":
+            elif ev.kind == "pause":
                 self.history.fault(m.name, "pause")
                 m.pause()
-                self.stop_writers.wait(self.rng.uniform(1.0, 8.0))
+                self.stop_writers.wait(ev.hold)
                 m.resume()
                 self.history.fault(m.name, "resume")
-            elif kind == "rotate":
+            elif ev.kind == "rotate":
                 self.history.fault(m.name, "rotate")
                 r = m.cli("rotate-key", "--json", timeout=60)
                 if r.returncode != 0:
@@ -640,12 +664,13 @@ class Soak:
                     m.fingerprint = json.loads(r.stdout)["fingerprint"]
                     m.fingerprints.append(m.fingerprint)
                     self.log(f"{m.name}: rotated to {m.fingerprint[:16]}")
-            elif kind == "cut" and self.lan is not None:
+            elif ev.kind == "cut" and self.lan is not None:
                 self.history.fault(m.name, "cut")
                 self.lan.disconnect(m.index)
-                self.stop_writers.wait(self.rng.uniform(2.0, 10.0))
+                self.stop_writers.wait(ev.hold)
                 self.lan.reconnect(m.index)
                 self.history.fault(m.name, "heal")
+        self.stop_writers.wait(max(0.0, self.history.t0 + self.duration - time.monotonic()))
 
     # -- the run -----------------------------------------------------------------------------------
 
@@ -660,11 +685,13 @@ class Soak:
             stack.callback(self._kill_all)
             self.machines = [Machine(cfg, self.run_dir, i, self.lan) for i in range(cfg.agents)]
             joiner = self.machines[-1] if cfg.agents >= 3 else None
-            duration = cfg.minutes * 60
-            t_join = time.monotonic() + self.rng.uniform(0.15, 0.5) * duration
+            self.duration = cfg.minutes * 60
+            plan = self.plan(self.duration, joiner)
             first = [m for m in self.machines if m is not joiner]
             for m in first:
-                self.initial_data(m, note=f"{m.name}'s data before the first start")
+                self.initial_data(
+                    m, random.Random(f"{cfg.seed}:initial:{m.name}"), f"{m.name}'s data before the first start"
+                )
             for m in first:  # all at once, as machines that boot together
                 m.spawn([p for p in self.machines if p is not m])
                 self.history.fault(m.name, "start")
@@ -672,8 +699,7 @@ class Soak:
                 if not m.wait_up(60):
                     self.problems.append(f"{m.name} did not answer `status` within 60 s:\n{m.log()[-3000:]}")
             self.history.t0 = time.monotonic()
-            t_end = self.history.t0 + duration
-            self.log(f"{len(first)} agents up in {self.run_dir}; schedule of {duration:g} s")
+            self.log(f"{len(first)} agents up in {self.run_dir}; schedule of {self.duration:g} s, {len(plan)} faults")
             sampler_stop = threading.Event()
             sampler = threading.Thread(target=self._sample_rss, args=(sampler_stop,), daemon=True)
             sampler.start()
@@ -681,16 +707,18 @@ class Soak:
             for w in writers:
                 w.start()
             try:
-                self.faults(t_end, joiner, t_join)
+                self.faults(plan)
             finally:
                 self.stop_writers.set()
                 for w in writers:
                     w.join()
             # heal: every machine joined, running, not paused, linked
             if joiner is not None and not joiner.joined:
-                self.initial_data(joiner, note=f"{joiner.name}'s data before it joins")
+                self.initial_data(
+                    joiner, random.Random(f"{cfg.seed}:late-join"), f"{joiner.name}'s data before it joins"
+                )
                 self.history.fault(joiner.name, "join")
-                self.start(joiner, burst=False)
+                self.start(joiner, random.Random(0), burst=False)
             for m in self.machines:
                 if m.paused:
                     m.resume()
