@@ -66,6 +66,7 @@ def build_status(
                 "address": (v.address if v else None) or (r.addresses[0] if r and r.addresses else None),
                 "fingerprint": r.fingerprint if r else (v.advertised_fp if v else None),
                 "pending_fingerprint": r.pending_fingerprint if r else None,
+                "introducer": r.introducer if r else False,
                 "last_seen": rfc3339(now if v and v.connected else (r.last_seen if r else None)),
                 "sync_count": r.sync_count if r else 0,
                 "anomalies": by_device.get(device_id, []),

@@ -70,6 +70,7 @@ def record_json(r: DeviceRecord) -> dict[str, Any]:
         "sync_count": r.sync_count,
         "addresses": list(r.addresses),
         "notes": r.notes,
+        "introducer": r.introducer,
     }
 
 

@@ -159,6 +159,20 @@ def cmd_trust_change(ctx: Ctx) -> int:
     return EXIT_OK
 
 
+def cmd_trust_introducer(ctx: Ctx) -> int:
+    on = ctx.args.state == "on"
+    with ctx.store() as store:
+        record = store.set_introducer(ctx.args.device, on, time.time())
+    control.notify_trust_changed(ctx.paths.control_socket, record.device_id)
+    what = (
+        "introducer: devices it introduces are trusted here"
+        if on
+        else "not an introducer (devices it introduced stay as they are)"
+    )
+    ctx.out({**record_json(record), "action": "introducer"}, f"{record.name} ({record.device_id}) is {what}")
+    return EXIT_OK
+
+
 def _log_device(store: TrustStore, text: str) -> str:
     """A known device by id or prefix, or the exact id of a forgotten one (the log keeps its history)."""
     try:
@@ -398,6 +412,12 @@ def build_parser() -> argparse.ArgumentParser:
         a = tsub.add_parser(action, parents=[common], help=text)
         a.add_argument("device", metavar="DEVICE", help="device id or a unique prefix of one")
         a.set_defaults(func=cmd_trust_change)
+    it = tsub.add_parser(
+        "introducer", parents=[common], help="apply (on) or ignore (off) the devices this device introduces"
+    )
+    it.add_argument("device", metavar="DEVICE", help="device id or a unique prefix of one")
+    it.add_argument("state", choices=["on", "off"])
+    it.set_defaults(func=cmd_trust_introducer)
     lg = tsub.add_parser("log", parents=[common], help="the trust event log, newest first")
     lg.add_argument("device", nargs="?", metavar="DEVICE")
     lg.add_argument("--limit", type=_positive_int, default=None)

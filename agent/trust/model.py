@@ -47,6 +47,8 @@ class EventKind(StrEnum):
     ROTATED = "rotated"  # the pin moved along a valid signed rotation chain
     ANOMALY = "anomaly"  # an anomaly rule fired (detail holds the code)
     ANOMALY_CLEARED = "anomaly_cleared"  # a person acknowledged the anomalies
+    INTRODUCER_ON = "introducer_on"  # a person marked the device as an introducer
+    INTRODUCER_OFF = "introducer_off"  # a person unmarked it (whom it introduced stays)
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +65,8 @@ class DeviceRecord:
     addresses: tuple[str, ...] = ()
     notes: str = ""
     pending_fingerprint: str | None = None
+    # Its signed introductions of other devices are applied here (household introductions).
+    introducer: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,11 +1,13 @@
 """The one trust decision, and the transitions people ask for, as pure functions over records.
 
 Theory of operation: `decide` is what happens when a device *proves* a key in a handshake; it is
-the only transition driven by the network, and it only runs after authentication (following a
-signed rotation chain is part of it). Everything else (`verify`, `revoke`, `retrust`, `accept`,
-`add`, `forget`, `import_record`, a pairing's `verify`, an anomaly's `revoke`) is a person's or
-the anomaly policy's decision. Each function takes the current record and returns the new record
-plus the event to log; the store applies both in one transaction. Nothing here reads a clock or a
+one of two transitions driven by the network, and it only runs after authentication (following a
+signed rotation chain is part of it); the other is a signed introduction from a device a person
+marked as an introducer (`agent.trust.introduction`). Everything else (`verify`, `revoke`,
+`retrust`, `accept`, `add`, `forget`, `import_record`, `set_introducer`, a pairing's `verify`, an
+anomaly's `revoke`) is a person's or the anomaly policy's decision. Each function takes the
+current record and returns the new record plus the event to log; the store applies both in one
+transaction. Nothing here reads a clock or a
 disk: what the log says (`restore_level`, `repeats_refusal`) is computed from events the store
 read once, in the same transaction.
 
@@ -30,6 +32,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 
 from agent.errors import UserError
+from agent.trust import window
 from agent.trust.model import Decision, DeviceRecord, EventKind, TrustEvent, TrustLevel, TrustPolicy
 
 # Given the pinned fingerprint, the path of verified rotation links from it to the proven key
@@ -58,11 +61,14 @@ def decide(
     restore: TrustLevel = TrustLevel.TOFU,
     follow: ChainFollower | None = None,
     window_open: bool = False,
+    window_reason: str = "",
 ) -> Decision:
     """Decide the trust level of a device that has just proven `fingerprint`.
 
     `window_open` says whether this machine's pairing window is open (policy `window`): a new device
-    is then trusted on first use, and its log entry says it came in through the window.
+    is then trusted on first use, and its log entry says it came in through the window. Inside a
+    fresh install's window (`window_reason` is `window.FRESH_INSTALL`) it is also marked as an
+    introducer: the household's first machines vouch for each other's later admissions.
 
     `restore` is the level a `key_changed` device had before the change; it returns to it when
     it proves its pinned key again. `follow` finds a signed rotation chain from the pin; it is
@@ -74,6 +80,7 @@ def decide(
         level = TrustLevel.TOFU if policy is TrustPolicy.AUTO or via_window else TrustLevel.PENDING
         why = "the pairing window is closed" if policy is TrustPolicy.WINDOW else f"{policy.value} policy"
         notes = "" if level is TrustLevel.TOFU else f"new device waiting for approval ({why})"
+        introducer = via_window and window_reason == window.FRESH_INSTALL
         new = DeviceRecord(
             device_id=device_id,
             name=name,
@@ -83,10 +90,10 @@ def decide(
             last_seen=now,
             addresses=(address,) if address else (),
             notes=notes,
+            introducer=introducer,
         )
-        return Decision(
-            level, EventKind.FIRST_USE, new, record, detail=f"name={name}" + (" via=window" if via_window else "")
-        )
+        detail = f"name={name}" + (" via=window" if via_window else "") + (" introducer=on" if introducer else "")
+        return Decision(level, EventKind.FIRST_USE, new, record, detail=detail)
 
     seen = _seen(record, name, now, address)
     if record.trust is TrustLevel.REVOKED:
@@ -210,8 +217,18 @@ def pair(
     if reason is not None:
         raise UserError(reason)
     if existing is None or existing.trust is TrustLevel.UNKNOWN:
-        return add(None, device_id, name, fingerprint, now)
-    return verify(existing)
+        record, kind = add(None, device_id, name, fingerprint, now)
+    else:
+        record, kind = verify(existing)
+    return replace(record, introducer=True), kind  # a code pairing makes an introducer (both sides)
+
+
+def set_introducer(record: DeviceRecord, on: bool) -> tuple[DeviceRecord, EventKind]:
+    """A person marks (or unmarks) the device as an introducer; its level is untouched.
+
+    Unmarking it does not touch the devices it introduced: `trust log` shows who introduced whom.
+    """
+    return replace(record, introducer=on), EventKind.INTRODUCER_ON if on else EventKind.INTRODUCER_OFF
 
 
 def forget(record: DeviceRecord) -> tuple[None, EventKind]:

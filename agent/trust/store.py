@@ -16,7 +16,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from agent.errors import AmbiguousDeviceError, TrustStoreError, UnknownDeviceError
-from agent.trust import policy, window
+from agent.trust import introduction, policy, window
+from agent.trust.introduction import Introduce, Introduced
 from agent.trust.model import (
     Decision,
     DeviceRecord,
@@ -31,7 +32,9 @@ from agent.trust.model import (
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+# 1: the first schema. 2: devices.introducer (household introductions), added to a version-1
+# table by `_migrate`.
+SCHEMA_VERSION = 2
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS devices (
     device_id TEXT PRIMARY KEY,
@@ -43,7 +46,8 @@ CREATE TABLE IF NOT EXISTS devices (
     sync_count INTEGER NOT NULL DEFAULT 0,
     addresses TEXT NOT NULL DEFAULT '[]',
     notes TEXT NOT NULL DEFAULT '',
-    pending_fingerprint TEXT
+    pending_fingerprint TEXT,
+    introducer INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS events (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -63,7 +67,8 @@ CREATE TRIGGER IF NOT EXISTS events_append_only_delete BEFORE DELETE ON events
 BEGIN SELECT RAISE(ABORT, 'the trust event log is append-only'); END;
 """
 _COLUMNS = (
-    "device_id, name, fingerprint, trust, first_seen, last_seen, sync_count, addresses, notes, pending_fingerprint"
+    "device_id, name, fingerprint, trust, first_seen, last_seen, sync_count, addresses, notes, pending_fingerprint,"
+    " introducer"
 )
 
 
@@ -79,6 +84,7 @@ def _row_to_record(row: sqlite3.Row) -> DeviceRecord:
         addresses=tuple(json.loads(row["addresses"])),
         notes=row["notes"],
         pending_fingerprint=row["pending_fingerprint"],
+        introducer=bool(row["introducer"]),
     )
 
 
@@ -117,9 +123,24 @@ class TrustStore:
                 for statement in _SCHEMA.split(";\n"):
                     if statement.strip():
                         self._db.execute(statement)
-                self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+                self._migrate(self._db)
         except sqlite3.Error as exc:
             raise TrustStoreError(f"cannot open trust store {path}: {exc}") from exc
+
+    @staticmethod
+    def _migrate(db: sqlite3.Connection) -> None:
+        """Bring a table written by an older version up to SCHEMA_VERSION, in the opening transaction.
+
+        Decided by the columns present, not only by user_version: an older agent opening this
+        store sets user_version back to its own number but keeps the columns it does not know.
+        """
+        columns = {row["name"] for row in db.execute("PRAGMA table_info(devices)").fetchall()}
+        if "introducer" not in columns:  # version 1: no household introductions yet
+            db.execute("ALTER TABLE devices ADD COLUMN introducer INTEGER NOT NULL DEFAULT 0")
+            log.info("trust store: added the introducer column (schema version 1 -> 2)")
+        version = int(db.execute("PRAGMA user_version").fetchone()[0])
+        if version < SCHEMA_VERSION:
+            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     def close(self) -> None:
         """Close the database connection."""
@@ -210,7 +231,7 @@ class TrustStore:
 
     def _put(self, db: sqlite3.Connection, r: DeviceRecord) -> None:
         db.execute(
-            f"INSERT OR REPLACE INTO devices ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            f"INSERT OR REPLACE INTO devices ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 r.device_id,
                 r.name,
@@ -222,6 +243,7 @@ class TrustStore:
                 json.dumps(list(r.addresses)),
                 r.notes,
                 r.pending_fingerprint,
+                int(r.introducer),
             ),
         )
 
@@ -281,6 +303,7 @@ class TrustStore:
         follow: policy.ChainFollower | None = None,
         review: Reviewer | None = None,
         window_open: bool = False,
+        window_reason: str = "",
     ) -> Outcome:
         """Decide on a device that proved `fingerprint` (following a signed rotation chain from its
         pin with `follow`), then let `review` (the anomaly rules) log anomalies and block devices.
@@ -296,8 +319,9 @@ class TrustStore:
             if previous is not None and previous.trust is TrustLevel.KEY_CHANGED:
                 restore = policy.restore_level(events, device_id)
             decision = policy.decide(
-                previous, device_id, name, fingerprint, now, self.policy, address, restore, follow, window_open
-            )
+                previous, device_id, name, fingerprint, now, self.policy, address, restore, follow, window_open,
+                window_reason,
+            )  # fmt: skip
             self._put(db, decision.record)
             if decision.event is EventKind.FIRST_USE and decision.level is TrustLevel.PENDING:
                 self._drop_pending(db, now, keep=device_id)
@@ -422,6 +446,45 @@ class TrustStore:
     def accept(self, device: str, now: float) -> DeviceRecord:
         """Admit a device that waits for approval."""
         return self.change(device, now, policy.accept)
+
+    def set_introducer(self, device: str, on: bool, now: float) -> DeviceRecord:
+        """Mark the device as an introducer (its signed introductions are applied here), or unmark it."""
+        detail = "introducer on: its introductions are applied here" if on else "introducer off"
+        return self.change(device, now, lambda r: policy.set_introducer(r, on), detail)
+
+    def introduce(
+        self, intro: Introduce, introducer_name: str, now: float, *, introducer_fingerprint: str | None = None
+    ) -> Introduced | None:
+        """Apply a verified introduction (`introduction.introduce`) and its log entry in one transaction.
+
+        The caller checked the signature against the key the introducer proved on this connection
+        (`introducer_fingerprint`). Checked again here, in the transaction, against what a person may
+        have changed since: the introducer must still be marked, may sync, and be pinned to that key;
+        otherwise nothing changes (None), as when the introduction changes nothing.
+        """
+        with self._transaction() as db:
+            sender = self.get(intro.introducer)
+            if sender is None or not sender.introducer or not sender.trust.may_sync:
+                return None
+            if introducer_fingerprint is not None and sender.fingerprint != introducer_fingerprint:
+                return None
+            existing = self.get(intro.device_id)
+            done = introduction.introduce(existing, intro, introducer_name, now)
+            if done is None:
+                return None
+            self._put(db, done.record)
+            pinned = existing.fingerprint if existing is not None and existing.trust is not TrustLevel.UNKNOWN else None
+            self._log(
+                db,
+                now,
+                intro.device_id,
+                done.event,
+                fingerprint=intro.fingerprint,
+                old_fingerprint=pinned if pinned != intro.fingerprint else None,
+                detail=done.detail,
+                trust_after=done.record.trust,
+            )
+        return done
 
     def forget(self, device: str, now: float) -> DeviceRecord:
         """Delete the device's record; it is a stranger on next contact. The log keeps its history."""
