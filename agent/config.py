@@ -3,25 +3,52 @@
 from __future__ import annotations
 
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from agent.errors import ConfigError
+from agent.identity.ids import is_device_id
 from agent.trust.anomaly import AnomalyCode, AnomalyConfig
-from agent.trust.model import TrustPolicy
+from agent.trust.model import DeviceRecord, TrustPolicy
 
 DEFAULT_PORT = 39001
 DEFAULT_UI_PORT = 39080
+HOUSEHOLD = "household"  # `devices = "household"`: every `tofu`/`verified` device
+MIN_PREFIX = 8  # a device id prefix in a folder's `devices` names one device only from 8 characters
 
 
 @dataclass(frozen=True, slots=True)
 class FolderConfig:
-    """One shared folder: devices sync a folder when both have one with the same id."""
+    """One shared folder: devices sync a folder when both have one with the same id and share it
+    with each other. `devices` lists who it is shared with (device ids, unique id prefixes of at
+    least 8 characters, or names); None is `"household"`: every `tofu`/`verified` device."""
 
     id: str
     path: Path
+    devices: tuple[str, ...] | None = None
+
+
+def resolve_devices(entries: Iterable[str], records: Iterable[DeviceRecord]) -> frozenset[str]:
+    """The device ids a folder's `devices` entries name, against the trust store's records now.
+
+    An entry is a device id (taken as it is), a prefix of at least 8 characters that matches
+    exactly one `tofu`/`verified` device, or the name of exactly one such device. An entry that
+    matches several devices names none of them: sharing fails closed.
+    """
+    trusted = [r for r in records if r.trust.may_sync]
+    found: set[str] = set()
+    for entry in entries:
+        if any(r.device_id == entry for r in trusted) or is_device_id(entry):
+            found.add(entry)
+            continue
+        by_prefix = [r.device_id for r in trusted if len(entry) >= MIN_PREFIX and r.device_id.startswith(entry)]
+        by_name = [r.device_id for r in trusted if r.name == entry]
+        matches = set(by_prefix) if by_prefix else set(by_name)
+        if len(matches) == 1:
+            found |= matches
+    return frozenset(found)
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,15 +225,31 @@ def _folders(items: list[Any], base_dir: Path) -> tuple[FolderConfig, ...]:
         if folder_id in seen:
             raise ConfigError(f"{where}: folder id {folder_id!r} is used twice")
         seen.add(folder_id)
-        unknown = sorted(set(item) - {"id", "path"})
+        unknown = sorted(set(item) - {"id", "path", "devices"})
         if unknown:
             raise ConfigError(f"{where}: unknown setting(s): {', '.join(unknown)}")
         text = _expect(item, "path", str, where)
         if not text.strip():
             raise ConfigError(f"{where}: `path` is empty")
         path = Path(text).expanduser()
-        folders.append(FolderConfig(folder_id, path if path.is_absolute() else base_dir / path))
+        devices = _devices(item["devices"], where) if "devices" in item else None
+        folders.append(FolderConfig(folder_id, path if path.is_absolute() else base_dir / path, devices))
     return tuple(folders)
+
+
+def _devices(value: object, where: str) -> tuple[str, ...] | None:
+    if value == HOUSEHOLD:
+        return None
+    if not isinstance(value, list) or not all(isinstance(d, str) for d in value):
+        raise ConfigError(f'{where}: `devices` must be a list of device ids or names, or "{HOUSEHOLD}"')
+    entries: list[str] = []
+    for d in value:
+        d = d.strip()
+        if not d or len(d) > 64 or not d.isprintable():
+            raise ConfigError(f"{where}: device {d!r} in `devices` must be 1-64 printable characters")
+        if d not in entries:
+            entries.append(d)
+    return tuple(entries)
 
 
 def load(path: Path, default_folder: Path) -> Config:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from agent.trust.anomaly import LiveConnection, Observation
@@ -38,6 +38,7 @@ class StatusSnapshot:
     live: list[LiveConnection]
     observations: list[Observation]
     folders: list[dict[str, Any]]
+    offered: list[dict[str, Any]] = field(default_factory=list)  # folders peers offer that we do not share
 
 
 def build_status(
@@ -73,4 +74,4 @@ def build_status(
                 "refused_us": v.refused_us if v else "",
             }
         )
-    return {"running": True, **own, "peers": peers, "folders": snap.folders}
+    return {"running": True, **own, "peers": peers, "folders": snap.folders, "offered_folders": snap.offered}

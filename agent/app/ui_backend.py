@@ -15,8 +15,10 @@ from typing import Any
 
 import anyio.to_thread
 
+from agent.app import folders
 from agent.app.report import rfc3339
 from agent.errors import UserError
+from agent.host.paths import Paths
 from agent.trust import policy
 from agent.trust.model import DeviceRecord, EventKind, TrustEvent, TrustLevel
 from agent.trust.store import TrustStore
@@ -54,6 +56,8 @@ class AgentBackend:
     trust_changed: Callable[[str, DeviceRecord | None], None]
     set_window: Callable[[float | None], dict[str, Any]]
     rotate_key: Callable[[], Awaitable[dict[str, Any]]]
+    folders_changed: Callable[[], Awaitable[dict[str, Any]]] | None = None
+    paths: Paths | None = None
 
     async def snapshot(self) -> dict[str, Any]:
         st = await self.status()
@@ -91,7 +95,9 @@ class AgentBackend:
                 return f"this machine's key was rotated; new fingerprint {done['fingerprint'][:16]}..."
             case "pair_start" | "pair_join":
                 raise UserError("code pairing runs in a terminal for now: `tofu-agent pair` (and `pair CODE`)")
-            case "introducer_on" | "introducer_off" | "accept_folder":
+            case "accept_folder":
+                return await self._accept_folder(args.get("folder"), device)
+            case "introducer_on" | "introducer_off":
                 raise UserError("this is not available yet in this version")
         if device is None:
             raise UserError(f"{action} needs a device")
@@ -100,6 +106,22 @@ class AgentBackend:
         self.feed.notify()
         level = "unknown" if action == "forget" else record.trust.value
         return f"{action}: {record.name} ({record.device_id[:8]}) is now {level}"
+
+    async def _accept_folder(self, folder_id: str | None, device: str | None) -> str:
+        """Accept the folder `device` offers: a `[[folder]]` shared with it, applied at once."""
+        if self.paths is None or self.folders_changed is None:
+            raise UserError("this is not available yet in this version")
+        paths = self.paths
+        if not folder_id or device is None:
+            raise UserError("accept_folder needs a folder and the device offering it")
+        record = await anyio.to_thread.run_sync(self.store.resolve, device)
+        if not record.trust.may_sync:
+            raise UserError(f"{record.name} is {record.trust.value}: it gets no folder")
+        added = await anyio.to_thread.run_sync(folders.accept, paths, folder_id, [record.device_id], None)
+        result = await self.folders_changed()
+        self.feed.notify()
+        later = " (restart tofu-agent to start it)" if any(r["id"] == folder_id for r in result["restart"]) else ""
+        return f"folder {folder_id!r} is synced with {record.name} at {added.path}{later}"
 
     def _apply(self, action: str, device: str, fingerprint: str | None) -> DeviceRecord:
         """One store transition, in a worker thread."""

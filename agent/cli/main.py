@@ -456,12 +456,14 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_extensions(sub: argparse._SubParsersAction[_Parser], common: _Parser) -> None:
     """Commands that live in their own modules register here."""
     from agent.cli import consent as cli_consent
+    from agent.cli import folders as cli_folders
     from agent.cli import keys as cli_keys
     from agent.cli import pair as cli_pairing
 
     cli_keys.register(sub, common)  # anomalies, rotate-key
     cli_pairing.register(sub, common)  # verify, pair
     cli_consent.register(sub, common)  # window, pending
+    cli_folders.register(sub, common)  # folders, folder accept|share|unshare
 
 
 def _positive_int(text: str) -> int:

@@ -18,6 +18,14 @@ outputs to links.
 - Responses carry no folder: each engine draws request ids from its own range (top 8 bits).
 - `watchfiles` reports changed paths (debounced; our temp files filtered out); many names at once
   become one full scan. The engine's timer drives the periodic rescan.
+- Sharing: a folder is shared with the devices its config lists (`devices`; None is every
+  trusted device), resolved against the trust store when a link opens (the daemon's
+  `resolve_devices`). A link carries the set of folder ids shared with its peer: only those get
+  "open" (so only their engines ever address that peer), `push` drops any message naming another
+  folder, and a peer's FolderHello, Index, Progress or Request for a folder outside the set is
+  handled exactly as one for a folder we do not have. Its FolderHello becomes an offer
+  (`agent/sync/offers.py`) and is kept on the link, so sharing the folder later (`apply_folders`)
+  opens that folder's session at once without a reconnect.
 - Bad input: `message()` raises RemoteProtocolError for what it can judge itself (unknown message,
   folder or request id); what an engine finds later closes the link with `close_soon(code)` and a
   warning, and that link's next `message()` raises the same error.
@@ -33,7 +41,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
@@ -62,6 +70,7 @@ from agent.sync.messages import (
     wire_size,
 )  # fmt: skip
 from agent.sync.names import TEMP_PREFIX, is_valid_name
+from agent.sync.offers import Offers, offers_path
 from agent.sync.server import BlockServer
 from agent.wire.messages import WireMessage, clean_reason
 
@@ -92,6 +101,11 @@ SWITCH_INTERVAL = 0.0005  # seconds; see `run`
 SCAN_DELAY_ENV = "TOFU_AGENT_TEST_SCAN_DELAY"
 
 SEND_BATCH_BYTES = 256 * 1024  # small messages coalesced into one TLS write
+MAX_HELLOS_PER_LINK = 64  # FolderHellos of folders we do not share, kept per link (and new offers per link)
+
+# Which device ids a folder's `devices` entries name (ids, prefixes, names), against the trust
+# store now; called in a worker thread. Without one, only exact device ids match.
+DeviceResolver = Callable[[tuple[str, ...]], frozenset[str]]
 
 
 def _now() -> Now:
@@ -129,10 +143,16 @@ class _Link:
     serves: int = 0
     closed: bool = False
     error: RemoteProtocolError | None = None
+    shared: frozenset[str] = frozenset()  # ids of the folders shared with this peer
+    was_shared: set[str] = field(default_factory=set)  # shared earlier on this link, not any more
+    hellos: dict[str, FolderHello] = field(default_factory=dict)  # its hellos for folders not shared
+    new_offers: int = 0
 
     def push(self, msg: SyncMessage, folder: _Folder | None = None) -> None:
-        """Queue `msg` for sending (with `folder`: a request to serve from that folder)."""
-        if not self.closed:
+        """Queue `msg` for sending (with `folder`: a request to serve from that folder). A message
+        about a folder not shared with this peer never leaves, whoever made it."""
+        folder_id: str | None = getattr(msg, "folder", None)
+        if not self.closed and (folder_id is None or folder_id in self.shared):
             self.queue.append((folder, msg))
             self.wake.set()
 
@@ -181,10 +201,15 @@ def index_path(paths: Paths, folder_id: str) -> str:
 class SyncService:
     """What the daemon calls for folder sync; every method is safe to call for any open link."""
 
-    def __init__(self, paths: Paths, config: Config, ident: Identity) -> None:
+    def __init__(
+        self, paths: Paths, config: Config, ident: Identity, *, resolve_devices: DeviceResolver | None = None
+    ) -> None:
         self.paths = paths
         self.config = config
         self.identity = ident
+        self.resolve_devices: DeviceResolver = resolve_devices or frozenset
+        self._generation = 0  # bumped when the folders' sharing changes (`apply_folders`)
+        self.offers = Offers(offers_path(paths.data_dir))
         self.folders: list[_Folder] = []
         self.by_id: dict[str, _Folder] = {}
         self.links: dict[str, _Link] = {}  # device id -> its current link
@@ -199,30 +224,34 @@ class SyncService:
         self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="sync-hash")
         (self.paths.data_dir / "sync").mkdir(parents=True, exist_ok=True, mode=0o700)
         for cfg in self.config.folders[:MAX_FOLDERS]:
-            root = cfg.path.absolute()
-            data = self.paths.data_dir.absolute()
-            if data == root or root in data.parents:
-                log.error("not syncing folder %r: %s holds the agent's own data directory", cfg.id, root)
-                continue
-            index: FolderIndex | None = None
-            try:
-                index = FolderIndex(index_path(self.paths, cfg.id))
-                engine = SyncEngine(
-                    cfg.id, root, index, self.identity.device_id, executor=self._executor,
-                    max_inflight_bytes=MAX_INFLIGHT_BYTES, rescan_interval=RESCAN_INTERVAL,
-                    request_id_base=len(self.folders) << 24,
-                )  # fmt: skip
-                server = BlockServer(cfg.id, root, index_path(self.paths, cfg.id))
-            except (OSError, sqlite3.Error) as exc:
-                log.error("cannot sync folder %r at %s: %s", cfg.id, root, exc)
-                if index is not None:
-                    index.close()
-                continue
-            folder = _Folder(len(self.folders), cfg, engine, server)
-            self.folders.append(folder)
-            self.by_id[cfg.id] = folder
+            self._open_folder(cfg)
         if len(self.config.folders) > MAX_FOLDERS:
             log.error("only the first %d folders are synced", MAX_FOLDERS)
+
+    def _open_folder(self, cfg: FolderConfig) -> _Folder | None:
+        root = cfg.path.absolute()
+        data = self.paths.data_dir.absolute()
+        if data == root or root in data.parents:
+            log.error("not syncing folder %r: %s holds the agent's own data directory", cfg.id, root)
+            return None
+        index: FolderIndex | None = None
+        try:
+            index = FolderIndex(index_path(self.paths, cfg.id))
+            engine = SyncEngine(
+                cfg.id, root, index, self.identity.device_id, executor=self._executor,
+                max_inflight_bytes=MAX_INFLIGHT_BYTES, rescan_interval=RESCAN_INTERVAL,
+                request_id_base=len(self.folders) << 24,
+            )  # fmt: skip
+            server = BlockServer(cfg.id, root, index_path(self.paths, cfg.id))
+        except (OSError, sqlite3.Error) as exc:
+            log.error("cannot sync folder %r at %s: %s", cfg.id, root, exc)
+            if index is not None:
+                index.close()
+            return None
+        folder = _Folder(len(self.folders), cfg, engine, server)
+        self.folders.append(folder)
+        self.by_id[cfg.id] = folder
+        return folder
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Scan folders, watch them and run timers until cancelled."""
@@ -269,11 +298,134 @@ class SyncService:
         if old is not None:
             self._forget(old)  # the daemon replaced it (duplicate connection) without telling us
         ls = _Link(link, device_id, link.peer.name if link.peer else "")
+        generation = -1
+        while generation != self._generation:  # the sharing changed while we resolved: again
+            generation = self._generation
+            ls.shared = await anyio.to_thread.run_sync(self._shared_with, device_id, [f.config for f in self.folders])
         self.links[device_id] = ls
         self._by_link[link] = ls
         self._tg.start_soon(self._send_loop, ls)
         for f in self.folders:
+            if f.config.id in ls.shared:
+                f.put("open", ls)
+
+    def _shared_with(self, device_id: str, folders: Sequence[FolderConfig]) -> frozenset[str]:
+        """The ids of `folders` shared with `device_id` (in a worker thread: may read the trust store)."""
+        shared: set[str] = set()
+        resolved: dict[tuple[str, ...], frozenset[str]] = {}
+        for cfg in folders:
+            if cfg.devices is None:
+                shared.add(cfg.id)  # household: every trusted device, and only those get a link
+                continue
+            if cfg.devices not in resolved:
+                try:
+                    resolved[cfg.devices] = self.resolve_devices(cfg.devices)
+                except Exception:
+                    log.exception("folder %r: cannot resolve its devices; not shared this time", cfg.id)
+                    resolved[cfg.devices] = frozenset()
+            if device_id in resolved[cfg.devices]:
+                shared.add(cfg.id)
+        return frozenset(shared)
+
+    async def apply_folders(self, config: Config) -> dict[str, Any]:
+        """Apply a changed folder configuration now: who gets which folder (each open link's folder
+        sessions close or open at once) and new folders (started now). A folder whose path changed
+        or that left the config needs a restart; one that left is shared with nobody meanwhile."""
+        changed: list[str] = []
+        added: list[str] = []
+        restart: list[dict[str, str]] = []
+        wanted = {c.id: c for c in config.folders}
+        for f in list(self.folders):
+            cfg = wanted.get(f.config.id)
+            if cfg is None:
+                if f.config.devices != ():
+                    f.config = replace(f.config, devices=())
+                    changed.append(f.config.id)
+                restart.append({"id": f.config.id, "why": "it left the config: shared with nobody until a restart"})
+            elif cfg.path.absolute() != f.config.path.absolute():
+                restart.append({"id": cfg.id, "why": f"its path changed to {cfg.path}: a restart moves it"})
+            elif cfg.devices != f.config.devices:
+                f.config = replace(f.config, devices=cfg.devices)
+                changed.append(cfg.id)
+        for cfg in config.folders:
+            if cfg.id in self.by_id:
+                continue
+            if self._tg is None or self._executor is None or len(self.folders) >= MAX_FOLDERS:
+                restart.append({"id": cfg.id, "why": "a new folder: a restart starts it"})
+                continue
+            new = await anyio.to_thread.run_sync(self._open_folder, cfg)
+            if new is None:
+                restart.append({"id": cfg.id, "why": "it could not be opened (see the log)"})
+                continue
+            log.info("syncing folder %r at %s", cfg.id, cfg.path)
+            self._tg.start_soon(self._run_folder, new)
+            self._tg.start_soon(self._watch, new)
+            added.append(cfg.id)
+        self._generation += 1
+        configs = [f.config for f in self.folders]
+        for ls in list(self.links.values()):
+            shared = await anyio.to_thread.run_sync(self._shared_with, ls.device_id, configs)
+            if not ls.closed:
+                self._reshare(ls, shared)
+        done = await anyio.to_thread.run_sync(self._satisfied_offers, configs)
+        self.offers.remove(done)
+        if changed or added:
+            log.info("folder sharing reloaded: changed %s, started %s", changed or "none", added or "none")
+        return {"changed": changed, "added": added, "restart": restart}
+
+    def _reshare(self, ls: _Link, shared: frozenset[str]) -> None:
+        """Close the sessions of folders no longer shared with `ls`'s peer, open the new ones."""
+        old, ls.shared = ls.shared, shared
+        for fid in old - shared:
+            ls.was_shared.add(fid)
+            # nothing more of it leaves: queued records go, queued block requests are refused
+            kept: deque[tuple[_Folder | None, SyncMessage]] = deque()
+            for folder, msg in ls.queue:
+                if folder is not None and isinstance(msg, Request) and msg.folder == fid:
+                    kept.append((None, Response(msg.request_id, b"", BlockError.INVALID)))
+                elif getattr(msg, "folder", None) != fid:
+                    kept.append((folder, msg))
+            ls.queue = kept
+            if fid in self.by_id:
+                self.by_id[fid].put("close", ls)
+            log.info("folder %r is no longer shared with %s (%s..)", fid, ls.name, ls.device_id[:8])
+        for fid in shared - old:
+            ls.was_shared.discard(fid)
+            f = self.by_id.get(fid)
+            if f is None:
+                continue
             f.put("open", ls)
+            hello = ls.hellos.pop(fid, None)
+            if hello is not None:  # what it said when the link opened: the session starts now
+                f.put("msg", ls, hello, 64)
+            log.info("folder %r is now shared with %s (%s..)", fid, ls.name, ls.device_id[:8])
+        ls.wake.set()
+
+    def _satisfied_offers(self, configs: Sequence[FolderConfig]) -> set[tuple[str, str]]:
+        """The offers whose folder we now have and share with the device that offered it."""
+        by_id = {c.id: c for c in configs}
+        done: set[tuple[str, str]] = set()
+        for o in list(self.offers.items):
+            cfg = by_id.get(o.folder)
+            if cfg is not None and o.folder in self._shared_with(o.device_id, [cfg]):
+                done.add((o.folder, o.device_id))
+        return done
+
+    def offered(self) -> list[dict[str, Any]]:
+        """The `offered_folders` list of `status --json`: folders peers offer that we do not share."""
+        return [o.to_json() for o in self.offers.items]
+
+    def _offered(self, ls: _Link, hello: FolderHello) -> None:
+        """`ls`'s peer said hello for a folder not shared with it: keep it as an offer."""
+        if hello.folder in ls.hellos or len(ls.hellos) < MAX_HELLOS_PER_LINK:
+            ls.hellos[hello.folder] = hello
+        if ls.new_offers >= MAX_HELLOS_PER_LINK:
+            return
+        if self.offers.add(hello.folder, ls.device_id, ls.name, time.time()):
+            ls.new_offers += 1
+            have = "have but do not share with it" if hello.folder in self.by_id else "do not have"
+            log.info("%s (%s..) offers folder %r, which we %s; accept it with: tofu-agent folder accept %s",
+                     ls.name, ls.device_id[:8], hello.folder, have, hello.folder)  # fmt: skip
 
     async def message(self, link: PeerLink, message: WireMessage) -> None:
         """A sync message from a connected peer; RemoteProtocolError closes that link."""
@@ -299,7 +451,7 @@ class SyncService:
                         ls.room = anyio.Event()
                     await ls.room.wait()
                 ls.serves += 1
-                served = self.by_id.get(message.folder)
+                served = self.by_id.get(message.folder) if message.folder in ls.shared else None
                 if served is None:
                     # answered, as Syncthing does (the folder may have left our config while the
                     # request was on its way)
@@ -307,10 +459,13 @@ class SyncService:
                     return
                 ls.push(message, served)
             case FolderHello() | Index() | Progress():
-                shared = self.by_id.get(message.folder)
+                shared = self.by_id.get(message.folder) if message.folder in ls.shared else None
                 if shared is None:
                     if isinstance(message, FolderHello):
-                        return  # the peer has a folder we do not: nothing to share
+                        self._offered(ls, message)  # a folder we do not have, or do not share with it
+                        return
+                    if message.folder in ls.was_shared:
+                        return  # unshared while it was on its way: dropped, never used
                     raise RemoteProtocolError(
                         f"{message.KIND} for folder {message.folder[:64]!r}, which we do not share",
                         ErrorCode.UNEXPECTED_MESSAGE,
@@ -658,6 +813,7 @@ class SyncService:
                 {
                     "id": f.config.id,
                     "path": str(f.config.path),
+                    "devices": "household" if f.config.devices is None else list(f.config.devices),
                     "state": state,
                     "error": snap.error,
                     "failed_files": snap.failed_files,
