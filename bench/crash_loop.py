@@ -58,7 +58,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,9 +68,10 @@ sys.path.insert(0, str(ROOT))
 from agent.app import control  # noqa: E402
 from agent.errors import ProtocolError, TofuError  # noqa: E402
 from agent.host.paths import resolve_paths  # noqa: E402
-from tests.agent.harness import AgentProc, cli, short_home  # noqa: E402
-from tests.hostile.conftest import configure, fast_peer, snapshot  # noqa: E402
-from tests.hostile.peer import ProtocolClient, new_identity  # noqa: E402
+from testkit.agents import AgentProc, cli, fast_peer, snapshot  # noqa: E402
+from testkit.homes import configure, new_home  # noqa: E402
+from testkit.peer import ProtocolClient, new_identity  # noqa: E402
+from testkit.wait import seconds_until  # noqa: E402
 
 MiB = 1024 * 1024
 TEMP_PREFIX = ".tofu-tmp-"
@@ -87,14 +87,9 @@ def integrity(home: Path) -> dict[str, str]:
     return out
 
 
-def wait(pred: Callable[[], object], timeout: float) -> float | None:
-    """Seconds until `pred()` is truthy, or None."""
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        if pred():
-            return time.monotonic() - t0
-        time.sleep(0.05)
-    return None
+def paired(a: AgentProc, ida: str, b: AgentProc, idb: str) -> bool:
+    """`a` shows `b` connected and `b` shows `a` connected (asked over their control sockets)."""
+    return bool((fast_peer(a, idb) or {}).get("connected") and (fast_peer(b, ida) or {}).get("connected"))
 
 
 @dataclass
@@ -207,7 +202,7 @@ def cleanup(agents: list[AgentProc], homes: list[Path]) -> None:
 
 def trust_loop(kills: int, rng: random.Random) -> tuple[ModeResult, Strangers | None]:
     res = ModeResult("trust")
-    homes = [configure(short_home("ta-k-")), configure(short_home("ta-k-"))]
+    homes = [configure(new_home("ta-k-")), configure(new_home("ta-k-"))]
     a, b = AgentProc(homes[0], "alpha"), AgentProc(homes[1], "beta")
     strangers: Strangers | None = None
     try:
@@ -215,10 +210,10 @@ def trust_loop(kills: int, rng: random.Random) -> tuple[ModeResult, Strangers | 
         b.start(peers=[a])
         ida, idb = a.identity()["device_id"], b.identity()["device_id"]
 
-        def both() -> object:
-            return (fast_peer(a, idb) or {}).get("connected") and (fast_peer(b, ida) or {}).get("connected")
+        def both() -> bool:
+            return paired(a, ida, b, idb)
 
-        if wait(both, 20) is None:
+        if seconds_until(both, 20) is None:
             raise SystemExit("the agents did not pair")
         pins = (snapshot(a.home).pins()[idb], snapshot(b.home).pins()[ida])
         strangers = Strangers(a.port)
@@ -237,7 +232,7 @@ def trust_loop(kills: int, rng: random.Random) -> tuple[ModeResult, Strangers | 
             res.check_integrity(n, victim.home)
             t_restart = time.monotonic()
             victim.start(peers=[b if victim is a else a])
-            ok = wait(both, 30)
+            ok = seconds_until(both, 30)
             took = None if ok is None else time.monotonic() - t_restart  # includes the process start-up
             if took is None:
                 res.failures.append(f"round {n}: no reconnect within 30 s")
@@ -311,7 +306,7 @@ def sync_loop(
     kills: int, rng: random.Random, big: int, big_mib: int, small: int, window: float, timeout: float
 ) -> ModeResult:
     res = ModeResult("sync")
-    homes = [short_home("ta-k-"), short_home("ta-k-")]
+    homes = [new_home("ta-k-"), new_home("ta-k-")]
     s, r = AgentProc(homes[0], "sender"), AgentProc(homes[1], "receiver")
     fs, fr = homes[0] / "f", homes[1] / "f"
     content = Content(fs, homes[0] / "stage", big, big_mib, small)
@@ -320,15 +315,12 @@ def sync_loop(
         s.start("--folder", str(fs), peers=[r])
         r.start("--folder", str(fr), peers=[s])
         ids, idr = s.identity()["device_id"], r.identity()["device_id"]
-        if (
-            wait(lambda: (fast_peer(s, idr) or {}).get("connected") and (fast_peer(r, ids) or {}).get("connected"), 20)
-            is None
-        ):
+        if seconds_until(lambda: paired(s, ids, r, idr), 20) is None:
             raise SystemExit("the agents did not pair")
         t_start = time.monotonic()
         for n in range(1, kills + 1):
             content.change(n, rng)
-            wait(lambda: receiving(r, fr), 10)  # the sender has announced the change: the transfer starts
+            seconds_until(lambda: receiving(r, fr), 10)  # the sender has announced the change: the transfer starts
             time.sleep(rng.uniform(0.0, window))  # the random moment
             busy = receiving(r, fr)
             r.kill()
@@ -343,7 +335,7 @@ def sync_loop(
             left = len(temps(fr))
             t_restart = time.monotonic()
             r.start("--folder", str(fr), peers=[s])
-            took = wait(lambda: idle_and_same(fs, r, fr), timeout)
+            took = seconds_until(lambda: idle_and_same(fs, r, fr), timeout)
             if took is None:
                 stray_temps = temps(fr)
                 res.temps_left += len(stray_temps)
@@ -394,7 +386,7 @@ class Writer(threading.Thread):
 def writing_loop(kills: int, rng: random.Random, timeout: float) -> ModeResult:
     """The sender is killed (SIGKILL or SIGTERM) and restarted while a program writes into its folder."""
     res = ModeResult("writing")
-    homes = [short_home("ta-w-"), short_home("ta-w-")]
+    homes = [new_home("ta-w-"), new_home("ta-w-")]
     s, r = AgentProc(homes[0], "sender"), AgentProc(homes[1], "receiver")
     fs, fr = homes[0] / "f", homes[1] / "f"
     fs.mkdir()
@@ -403,10 +395,7 @@ def writing_loop(kills: int, rng: random.Random, timeout: float) -> ModeResult:
         s.start("--folder", str(fs), peers=[r])
         r.start("--folder", str(fr), peers=[s])
         ids, idr = s.identity()["device_id"], r.identity()["device_id"]
-        if (
-            wait(lambda: (fast_peer(s, idr) or {}).get("connected") and (fast_peer(r, ids) or {}).get("connected"), 20)
-            is None
-        ):
+        if seconds_until(lambda: paired(s, ids, r, idr), 20) is None:
             raise SystemExit("the agents did not pair")
         t_start = time.monotonic()
         for n in range(1, kills + 1):
@@ -430,7 +419,7 @@ def writing_loop(kills: int, rng: random.Random, timeout: float) -> ModeResult:
                     return False
                 return not temps(fr) and not st_r["need_files"] and tree(fs) == tree(fr)
 
-            took = wait(same, timeout)
+            took = seconds_until(same, timeout)
             if took is None:
                 mine, theirs = tree(fr), tree(fs)
                 diff = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
@@ -464,7 +453,7 @@ def rotate_key(home: Path) -> subprocess.Popen[str]:
 
 def rotate_loop(kills: int, rng: random.Random, timeout: float) -> ModeResult:
     res = ModeResult("rotate")
-    homes = [short_home("ta-k-"), short_home("ta-k-")]
+    homes = [new_home("ta-k-"), new_home("ta-k-")]
     rot, peer = AgentProc(homes[0], "rotator"), AgentProc(homes[1], "peer")
     fa, fb = homes[0] / "f", homes[1] / "f"
     fa.mkdir()
@@ -478,10 +467,10 @@ def rotate_loop(kills: int, rng: random.Random, timeout: float) -> ModeResult:
         start(peer)
         idr, idp = rot.identity()["device_id"], peer.identity()["device_id"]
 
-        def both() -> object:
-            return (fast_peer(rot, idp) or {}).get("connected") and (fast_peer(peer, idr) or {}).get("connected")
+        def both() -> bool:
+            return paired(rot, idr, peer, idp)
 
-        if wait(both, 20) is None:
+        if seconds_until(both, 20) is None:
             raise SystemExit("the agents did not pair")
         pin_of_peer = snapshot(rot.home).pins()[idp]
         t_start = time.monotonic()
@@ -522,7 +511,7 @@ def rotate_loop(kills: int, rng: random.Random, timeout: float) -> ModeResult:
                     return False
                 return snapshot(peer.home).pins()[idr][0] == fp and note.exists()
 
-            took = wait(settled, timeout)
+            took = seconds_until(settled, timeout)
             if took is None:
                 res.failures.append(
                     f"round {n} ({scenario}): not reconnected with the new pin in {timeout:.0f} s: "

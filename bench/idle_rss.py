@@ -2,7 +2,7 @@
 
 Two real `tofu-agent run` processes, each syncing an empty folder, paired and connected, then left
 alone for `--settle` seconds; prints each one's VmRSS in MB (10^6 bytes, as `sync_bench.py`).
-- mDNS on: in network namespaces built by `tests/netns.py` (needs root and `ip netns`; nothing
+- mDNS on: in network namespaces built by `testkit/netns.py` (needs root and `ip netns`; nothing
   runs in the root namespace), found over mDNS as a user's agents would be.
 - mDNS off: on 127.0.0.1 with static peers (`--no-mdns`), as `sync_bench.py` runs them.
 Run from the repository root:
@@ -14,22 +14,25 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import sys
 import time
 from pathlib import Path
 
-from tests.agent.harness import AgentProc, short_home, wait_for
-from tests.lan.agent_lan import LanAgent
-from tests.netns import Lan, netns_available
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # `python bench/X.py` as well as `python -m bench.X`
+
+from testkit.agents import AgentProc, rss_kib  # noqa: E402
+from testkit.homes import new_home  # noqa: E402
+from testkit.lan import LanAgent  # noqa: E402
+from testkit.netns import Lan, netns_available  # noqa: E402
+from testkit.wait import wait_for  # noqa: E402
 
 GOAL_MB = 45.0
 
 
 def rss_mb(pid: int) -> float:
     """VmRSS of `pid` in MB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024 / 1e6
-    raise RuntimeError(f"no VmRSS for {pid}")
+    return rss_kib(pid) * 1024 / 1e6
 
 
 def with_mdns(settle: float) -> list[float]:
@@ -52,7 +55,7 @@ def with_mdns(settle: float) -> list[float]:
 
 def without_mdns(settle: float) -> list[float]:
     """RSS of two agents paired by static address on loopback."""
-    homes = [short_home("ta-idle-"), short_home("ta-idle-")]
+    homes = [new_home("ta-idle-"), new_home("ta-idle-")]
     agents = [AgentProc(homes[0], "alpha"), AgentProc(homes[1], "beta")]
     try:
         for h in homes:

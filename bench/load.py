@@ -32,11 +32,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from agent.app import control  # noqa: E402
-from agent.errors import TofuError  # noqa: E402
-from agent.host.paths import resolve_paths  # noqa: E402
-from tests.agent.harness import free_port, short_home  # noqa: E402
-from tests.hostile.conftest import configure, rss_kib  # noqa: E402
+from testkit.agents import fast_status, free_port, rss_kib  # noqa: E402
+from testkit.homes import configure, new_home  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -71,11 +68,7 @@ class Proc:
             self.proc = subprocess.Popen(argv, stdout=log, stderr=log, cwd=ROOT)
 
     def status(self) -> dict[str, object] | None:
-        try:
-            result = control.request(resolve_paths(self.home).control_socket, "status", timeout=5.0)
-        except TofuError:
-            return None
-        return result if isinstance(result, dict) else None
+        return fast_status(self.home)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -144,8 +137,8 @@ def main() -> int:
     if args.quick:
         args.steady, args.churn = 8.0, 12.0
     rng = random.Random(args.seed)
-    peers = [Proc(f"peer{i:02d}", configure(short_home("ta-l-")), free_port()) for i in range(args.peers)]
-    hub = Proc("hub", configure(short_home("ta-l-")), free_port())
+    peers = [Proc(f"peer{i:02d}", configure(new_home("ta-l-")), free_port()) for i in range(args.peers)]
+    hub = Proc("hub", configure(new_home("ta-l-")), free_port())
     rows: list[tuple[float, str, float, float, int]] = []
     try:
         for p in peers:

@@ -1,6 +1,6 @@
 """Time from starting agent B to A and B both showing each other connected, over mDNS in namespaces.
 
-Each run builds a fresh two-host LAN (tests/netns.py: network namespaces on a private bridge, so
+Each run builds a fresh two-host LAN (testkit/netns.py: network namespaces on a private bridge, so
 no mDNS cache survives from one run to the next) and fresh homes, starts agent A and waits until
 it is advertised, then starts agent B and polls both control sockets every 20 ms. Besides the
 pairing time it prints when B's control socket first answered (process start-up), when each side
@@ -20,9 +20,14 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
-from tests.lan.agent_lan import LanAgent, cleanup_all, wait_until
-from tests.netns import Lan, netns_available
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # `python bench/X.py` as well as `python -m bench.X`
+
+from testkit.lan import LanAgent, cleanup_all  # noqa: E402
+from testkit.netns import Lan, netns_available  # noqa: E402
+from testkit.wait import wait_for  # noqa: E402
 
 POLL = 0.02
 PAIR_TIMEOUT = 20.0
@@ -70,7 +75,7 @@ def one_run(order: str, run_index: int) -> Run:
         a, b = make_pair(lan, order, run_index)
         try:
             a.start()
-            wait_until(lambda: "advertising" in a.log() or a.exited(), 10, "A's mDNS advertisement", poll=POLL)
+            wait_for(lambda: "advertising" in a.log() or a.exited(), 10, "A's mDNS advertisement", poll=POLL)
             if a.exited():
                 raise RuntimeError(f"agent A exited:\n{a.log()}")
             run = Run(dialler="B" if b.device_id < a.device_id else "A")

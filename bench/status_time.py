@@ -19,9 +19,13 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from agent.app import control
-from agent.host.paths import resolve_paths
-from tests.agent.harness import AgentProc, cli, fill_trust_store, short_home
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # `python bench/X.py` as well as `python -m bench.X`
+
+from agent.app import control  # noqa: E402
+from agent.host.paths import resolve_paths  # noqa: E402
+from testkit.agents import AgentProc, cli, fill_trust_store  # noqa: E402
+from testkit.homes import new_home  # noqa: E402
 
 GOAL = 0.300
 
@@ -57,7 +61,7 @@ def main() -> int:
     args = parser.parse_args()
     script = Path(sys.executable).with_name("tofu-agent")
     tofu = [str(script)] if script.exists() else [sys.executable, "-m", "agent"]
-    home = short_home()
+    home = new_home()
     agent = AgentProc(home, "bench")
     try:
         if cli(home, "id").returncode != 0:

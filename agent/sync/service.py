@@ -209,6 +209,7 @@ class SyncService:
         self.identity = ident
         self.resolve_devices: DeviceResolver = resolve_devices or frozenset
         self._generation = 0  # bumped when the folders' sharing changes (`apply_folders`)
+        self._applying = anyio.Lock()
         self.offers = Offers(offers_path(paths.data_dir))
         self.folders: list[_Folder] = []
         self.by_id: dict[str, _Folder] = {}
@@ -229,6 +230,16 @@ class SyncService:
             log.error("only the first %d folders are synced", MAX_FOLDERS)
 
     def _open_folder(self, cfg: FolderConfig) -> _Folder | None:
+        parts = self._open_engine(cfg, len(self.folders))
+        if parts is None:
+            return None
+        folder = _Folder(len(self.folders), cfg, *parts)
+        self.folders.append(folder)
+        self.by_id[cfg.id] = folder
+        return folder
+
+    def _open_engine(self, cfg: FolderConfig, number: int) -> tuple[SyncEngine, BlockServer] | None:
+        """A folder's engine and block server (any thread), or None when it cannot be synced."""
         root = cfg.path.absolute()
         data = self.paths.data_dir.absolute()
         if data == root or root in data.parents:
@@ -240,7 +251,7 @@ class SyncService:
             engine = SyncEngine(
                 cfg.id, root, index, self.identity.device_id, executor=self._executor,
                 max_inflight_bytes=MAX_INFLIGHT_BYTES, rescan_interval=RESCAN_INTERVAL,
-                request_id_base=len(self.folders) << 24,
+                request_id_base=number << 24,
             )  # fmt: skip
             server = BlockServer(cfg.id, root, index_path(self.paths, cfg.id))
         except (OSError, sqlite3.Error) as exc:
@@ -248,10 +259,7 @@ class SyncService:
             if index is not None:
                 index.close()
             return None
-        folder = _Folder(len(self.folders), cfg, engine, server)
-        self.folders.append(folder)
-        self.by_id[cfg.id] = folder
-        return folder
+        return engine, server
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Scan folders, watch them and run timers until cancelled."""
@@ -331,6 +339,10 @@ class SyncService:
         """Apply a changed folder configuration now: who gets which folder (each open link's folder
         sessions close or open at once) and new folders (started now). A folder whose path changed
         or that left the config needs a restart; one that left is shared with nobody meanwhile."""
+        async with self._applying:  # one change at a time: folder numbers are handed out in order
+            return await self._apply_folders(config)
+
+    async def _apply_folders(self, config: Config) -> dict[str, Any]:
         changed: list[str] = []
         added: list[str] = []
         restart: list[dict[str, str]] = []
@@ -353,10 +365,13 @@ class SyncService:
             if self._tg is None or self._executor is None or len(self.folders) >= MAX_FOLDERS:
                 restart.append({"id": cfg.id, "why": "a new folder: a restart starts it"})
                 continue
-            new = await anyio.to_thread.run_sync(self._open_folder, cfg)
-            if new is None:
+            parts = await anyio.to_thread.run_sync(self._open_engine, cfg, len(self.folders))
+            if parts is None or cfg.id in self.by_id:
                 restart.append({"id": cfg.id, "why": "it could not be opened (see the log)"})
                 continue
+            new = _Folder(len(self.folders), cfg, *parts)
+            self.folders.append(new)
+            self.by_id[cfg.id] = new
             log.info("syncing folder %r at %s", cfg.id, cfg.path)
             self._tg.start_soon(self._run_folder, new)
             self._tg.start_soon(self._watch, new)

@@ -24,7 +24,8 @@ from agent.cli.main import main
 from agent.host.paths import resolve_paths
 from agent.trust.model import DeviceRecord, TrustEvent, TrustPolicy
 from agent.trust.store import TrustStore
-from tests.conftest import Cli, CliResult, make_home, run_cli
+from testkit.homes import new_home
+from tests.conftest import Cli, CliResult
 
 T0 = 1_700_000_000.0  # 2023-11-14T22:13:20Z
 TOFU = "AAAA" + "Q" * 28
@@ -122,25 +123,20 @@ def test_id_uses_the_configured_name(cli: Cli, home: Path) -> None:
     assert ok_json(cli("id", "--json"))["name"] == "Kitchen PC"
 
 
-def test_home_option_after_the_command(home: Path) -> None:
-    first = ok_json(run_cli("id", "--json", home=home))
-    assert ok_json(run_cli("id", "--json", "--home", str(home), home=None)) == first
+def test_home_option_after_the_command(cli: Cli, home: Path) -> None:
+    first = ok_json(cli("id", "--json"))
+    assert ok_json(cli("id", "--json", "--home", str(home), home=None)) == first
 
 
-def test_env_var_works_like_home(home: Path) -> None:
-    via_env = ok_json(run_cli("id", "--json", home=None, env={"TOFU_AGENT_HOME": str(home)}))
+def test_env_var_works_like_home(cli: Cli, home: Path) -> None:
+    via_env = ok_json(cli("id", "--json", home=None, env={"TOFU_AGENT_HOME": str(home)}))
     assert (home / "data" / "device_id").read_text().strip() == via_env["device_id"]
-    assert ok_json(run_cli("id", "--json", home=home)) == via_env
+    assert ok_json(cli("id", "--json")) == via_env
 
 
-def test_different_homes_are_different_devices() -> None:
-    homes = [make_home(), make_home()]
-    try:
-        ids = {ok_json(run_cli("id", "--json", home=h))["device_id"] for h in homes}
-        assert len(ids) == 2
-    finally:
-        for h in homes:
-            shutil.rmtree(h, ignore_errors=True)
+def test_different_homes_are_different_devices(cli: Cli, homes: list[Path]) -> None:
+    ids = {ok_json(cli("id", "--json", home=h))["device_id"] for h in homes[:2]}
+    assert len(ids) == 2
 
 
 # -- peers ----------------------------------------------------------------------------------------
@@ -286,7 +282,7 @@ def test_trust_log_empty(cli: Cli) -> None:
 
 @pytest.fixture
 def other_home() -> Iterator[Path]:
-    path = make_home()
+    path = new_home()
     try:
         yield path
     finally:

@@ -11,7 +11,9 @@ from typing import Any
 
 import pytest
 
-from tests.agent.harness import AgentProc, cli, short_home, wait_for
+from testkit.agents import AgentProc, cli
+from testkit.homes import new_home
+from testkit.wait import wait_for
 
 
 def _json(home: Path, *args: str) -> Any:
@@ -22,7 +24,7 @@ def _json(home: Path, *args: str) -> Any:
 
 @pytest.mark.slow
 def test_fresh_installs_pair_inside_the_window_and_a_later_stranger_waits_for_approval() -> None:
-    ha, hb, hc = short_home(), short_home(), short_home()
+    ha, hb, hc = new_home(), new_home(), new_home()
     fa, fb, fc = ha / "f", hb / "f", hc / "f"
     a, b, c = AgentProc(ha, "alpha"), AgentProc(hb, "beta"), AgentProc(hc, "guest")
     try:
@@ -63,7 +65,7 @@ def test_fresh_installs_pair_inside_the_window_and_a_later_stranger_waits_for_ap
 
 
 def test_window_commands_need_a_running_agent_and_check_the_duration() -> None:
-    home = short_home()
+    home = new_home()
     r = cli(home, "window", "open", "10m")
     assert r.returncode == 1 and "no agent is running" in r.stderr
     r = cli(home, "window", "open", "2h")

@@ -16,7 +16,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent.identity import keys as identity
-from tests.agent.harness import AgentProc, cli, free_port, short_home, wait_for
+from testkit.agents import AgentProc, cli, free_port
+from testkit.homes import new_home
+from testkit.wait import wait_for
 
 
 @pytest.fixture
@@ -24,7 +26,7 @@ def homes() -> Iterator[list[Path]]:
     made: list[Path] = []
 
     def make() -> Path:
-        made.append(short_home())
+        made.append(new_home())
         return made[-1]
 
     yield [make(), make(), make()]

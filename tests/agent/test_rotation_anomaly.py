@@ -8,12 +8,14 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.agent.harness import AgentProc, cli, short_home, wait_for
+from testkit.agents import AgentProc, cli
+from testkit.homes import new_home
+from testkit.wait import wait_for
 
 
 @pytest.fixture
 def agents() -> Iterator[list[AgentProc]]:
-    homes = [short_home(), short_home()]
+    homes = [new_home(), new_home()]
     procs = [AgentProc(homes[0], "alpha"), AgentProc(homes[1], "beta")]
     yield procs
     for p in procs:

@@ -24,7 +24,8 @@ from pathlib import Path
 import pytest
 
 from agent.host import unit as service
-from tests.agent.harness import AgentProc, cli, fill_trust_store, wait_for
+from testkit.agents import AgentProc, cli, fill_trust_store
+from testkit.wait import wait_for
 
 UNIT = Path(__file__).resolve().parents[2] / "agent" / "data" / service.UNIT_NAME
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze")

@@ -15,7 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.agent.harness import AgentProc, short_home, wait_for
+from testkit.agents import AgentProc
+from testkit.homes import new_home
+from testkit.wait import wait_for
 
 MB = 1_000_000
 FILES = 24
@@ -60,7 +62,7 @@ def _arrived(folder: Path, want: dict[str, bytes]) -> bool:
 def test_files_written_while_the_agent_starts_reach_the_peer_within_seconds() -> None:
     lags: list[float] = []
     for _ in range(REPEAT):
-        ha, hb = short_home(), short_home()
+        ha, hb = new_home(), new_home()
         fa, fb = ha / "f", hb / "f"
         fa.mkdir()
         (fa / "old.txt").write_text("there before the start")  # an existing folder, as at login

@@ -20,7 +20,9 @@ import pytest
 from agent.app import control
 from agent.host.paths import resolve_paths
 from agent.sync.service import SCAN_DELAY_ENV
-from tests.agent.harness import AgentProc, short_home, wait_for
+from testkit.agents import AgentProc
+from testkit.homes import new_home
+from testkit.wait import wait_for
 
 HOLD = 5.0  # seconds each folder's worker holds its lock
 LIMIT = 0.300  # seconds for one `status` answer
@@ -40,7 +42,7 @@ def _connected(st: dict[str, Any], device_id: str) -> bool:
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_status_answers_at_once_while_workers_hold_their_folders() -> None:
-    ha, hb = short_home(), short_home()
+    ha, hb = new_home(), new_home()
     _config(ha, {i: ha / i for i in ("one", "two", "three")})
     _config(hb, {"one": hb / "one"})
     (hb / "one").mkdir()

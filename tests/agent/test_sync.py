@@ -35,7 +35,10 @@ from agent.sync.model import FileInfo, FileType
 from agent.sync.vectors import Vector
 from agent.wire.handshake import Connection, HandshakeComplete, MessageReceived, PeerAuthenticated, PeerClosed, Role
 from agent.wire.messages import WireMessage
-from tests.agent.harness import ROOT, AgentProc, cli, short_home, wait_for
+from testkit import ROOT
+from testkit.agents import AgentProc, cli
+from testkit.homes import new_home
+from testkit.wait import wait_for
 
 MiB = 1024 * 1024
 
@@ -44,7 +47,7 @@ class Pair:
     """Two connected agents, each syncing `HOME/f` as folder `default`."""
 
     def __init__(self) -> None:
-        self.homes = [short_home(), short_home()]
+        self.homes = [new_home(), new_home()]
         self.a = AgentProc(self.homes[0], "alpha")
         self.b = AgentProc(self.homes[1], "beta")
         self.a.start("--folder", str(self.fa), peers=[self.b])
@@ -382,7 +385,7 @@ def test_hostile_peer_writes_nothing_outside_the_folder(pair: Pair) -> None:
     outside = pair.homes[0] / "victim"
     outside.mkdir()
     (pair.fa / "trap").symlink_to(outside)  # a planted symlink must not redirect a write
-    mallory_home = short_home()
+    mallory_home = new_home()
     try:
         peer = HostilePeer(mallory_home, pair.a.port)
         files: dict[str, bytes | None] = {"trap/evil.txt": b"through the symlink", "trap/sub": None, "ok.txt": b"fine"}

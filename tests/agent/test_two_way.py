@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.agent.harness import AgentProc, short_home, wait_for
+from testkit.agents import AgentProc
+from testkit.homes import new_home
+from testkit.wait import wait_for
 
 MB = 1_000_000
 
@@ -50,7 +52,7 @@ def test_both_sides_with_data_the_other_lacks_converge() -> None:
     """20 files of 6 MB a side, 10 times over: both converge byte for byte in under 20 s each time."""
     times: list[float] = []
     for _ in range(10):
-        ha, hb = short_home(), short_home()
+        ha, hb = new_home(), new_home()
         fa, fb = ha / "f", hb / "f"
         want = _fill(fa, "t1", 20, 6 * MB) | _fill(fb, "t0", 20, 6 * MB)
         b = AgentProc(hb, "beta")

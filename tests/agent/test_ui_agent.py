@@ -11,11 +11,12 @@ import httpx
 import pytest
 
 from agent.host.paths import resolve_paths
-from tests.agent.harness import AgentProc, cli, short_home
+from testkit.agents import AgentProc, cli
+from testkit.homes import new_home
 
 
 def _home_with_ui() -> Path:
-    home = short_home()
+    home = new_home()
     paths = resolve_paths(home)
     paths.ensure()
     paths.config_file.write_text("[ui]\nport = 0\n[notify]\nenabled = false\n")
@@ -24,7 +25,7 @@ def _home_with_ui() -> Path:
 
 @pytest.mark.slow
 def test_login_then_accept_a_pending_device_from_the_page() -> None:
-    ha, hc = _home_with_ui(), short_home()
+    ha, hc = _home_with_ui(), new_home()
     a, c = AgentProc(ha, "alpha"), AgentProc(hc, "guest")
     try:
         a.start("--folder", str(ha / "f"))

@@ -33,7 +33,9 @@ from agent.identity.keys import Identity, new_device_id
 from agent.net import transport
 from agent.net.pairing_net import ClosedByPeer, PairLink
 from agent.wire.handshake import Role
-from tests.agent.harness import ROOT, AgentProc, cli, short_home
+from testkit import ROOT
+from testkit.agents import AgentProc, cli
+from testkit.homes import new_home
 from tests.agent.test_pairing import Relay
 
 JOIN_TIMEOUT = "15"
@@ -270,7 +272,7 @@ class PakeRelay:
         device_id = new_device_id()
         cert = identity.make_certificate(key, device_id, dt.datetime.now(dt.UTC))
         self.identity = Identity(device_id, "relay", key, cert.public_bytes(serialization.Encoding.DER))
-        self.home = short_home("ta-relay-")
+        self.home = new_home("ta-relay-")
         (self.home / "c.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         (self.home / "k.pem").write_bytes(
             key.private_bytes(

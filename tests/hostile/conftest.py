@@ -10,7 +10,6 @@ and the trust log gained only what the attack is expected to add, and RSS grew o
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import secrets
 import shutil
@@ -22,53 +21,15 @@ from typing import Any
 import pytest
 
 from agent.app import control
-from agent.errors import TofuError
 from agent.host.paths import resolve_paths
 from agent.identity.keys import Identity
-from tests.agent.harness import AgentProc, cli, short_home, wait_for
-from tests.hostile.peer import HostileServer, ProtocolClient, SyncPeer, new_identity
+from testkit.agents import AgentProc, TrustSnapshot, fast_peer, rss_kib, snapshot
+from testkit.homes import configure, new_home
+from testkit.peer import HostileServer, ProtocolClient, SyncPeer, new_identity
+from testkit.wait import wait_for
 
-# Short keepalives: an attack that stalls the agent's event loop for more than ~3 s shows up as
-# the legitimate peer being dropped. Sync is off (`folder = []`): sync attacks come later.
-CONFIG = "keepalive_idle = 1.5\nkeepalive_timeout = 1.5\nfolder = []\n"
 PROBE_SOURCE = "127.0.0.250"
 RSS_SLACK_KIB = 16 * 1024  # "modest growth" after one attack
-
-
-def rss_kib(pid: int) -> int:
-    """VmRSS of `pid` in KiB, from /proc."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError(f"no VmRSS for pid {pid}")
-
-
-def configure(home: Path, extra: str = "") -> Path:
-    (home / "config").mkdir(mode=0o700, exist_ok=True)
-    (home / "config" / "config.toml").write_text(CONFIG + extra)
-    return home
-
-
-@dataclass(frozen=True)
-class TrustSnapshot:
-    """`peers --json` and `trust log --json` of an agent at one moment."""
-
-    peers: dict[str, dict[str, Any]]
-    events: list[dict[str, Any]]
-
-    def pins(self) -> dict[str, tuple[str, str, str | None]]:
-        return {d: (p["fingerprint"], p["trust"], p["pending_fingerprint"]) for d, p in self.peers.items()}
-
-    def new_events(self, before: TrustSnapshot) -> list[dict[str, Any]]:
-        last = max((e["seq"] for e in before.events), default=0)
-        return sorted((e for e in self.events if e["seq"] > last), key=lambda e: int(e["seq"]))
-
-
-def snapshot(home: Path) -> TrustSnapshot:
-    peers = cli(home, "peers", "--json")
-    log = cli(home, "trust", "log", "--json")
-    assert peers.returncode == 0 and log.returncode == 0, peers.stderr + log.stderr
-    return TrustSnapshot({p["device_id"]: p for p in json.loads(peers.stdout)}, json.loads(log.stdout))
 
 
 @dataclass
@@ -144,18 +105,6 @@ class Victim:
         assert "Traceback" not in self.agent.log(), self.agent.log()[-4000:]
 
 
-def fast_peer(agent: AgentProc, device_id: str) -> dict[str, Any] | None:
-    """The agent's status entry for `device_id`, asked over the control socket in-process (quick)."""
-    try:
-        st = control.request(resolve_paths(agent.home).control_socket, "status", timeout=5.0)
-    except TofuError:
-        return None
-    for p in st.get("peers", []) if isinstance(st, dict) else []:
-        if p["device_id"] == device_id:
-            return dict(p)
-    return None
-
-
 def wait_connected(agent: AgentProc, device_id: str, timeout: float = 10.0, trust: str = "tofu") -> dict[str, Any]:
     """Wait until `agent` shows `device_id` connected with `trust`; its log on failure."""
 
@@ -184,7 +133,7 @@ def start_pair(
 
 @pytest.fixture(scope="session")
 def victim() -> Iterator[Victim]:
-    homes = [short_home("ta-h-"), short_home("ta-h-")]
+    homes = [new_home("ta-h-"), new_home("ta-h-")]
     server = HostileServer(new_identity("evil-server"), homes[1])
     a, b, ida, idb = start_pair(homes, extra_peers=(server.port,))
     v = Victim(a, b, ida, idb, new_identity("probe"), server, homes)
@@ -202,7 +151,7 @@ def victim() -> Iterator[Victim]:
 @pytest.fixture
 def fresh_pair() -> Iterator[tuple[AgentProc, AgentProc, str, str]]:
     """A victim and legitimate agent of their own, for attacks that change trust."""
-    homes = [short_home("ta-h-"), short_home("ta-h-")]
+    homes = [new_home("ta-h-"), new_home("ta-h-")]
     pair = start_pair(homes)
     try:
         yield pair
@@ -216,7 +165,7 @@ def fresh_pair() -> Iterator[tuple[AgentProc, AgentProc, str, str]]:
 
 @pytest.fixture
 def scratch() -> Iterator[Path]:
-    path = short_home("ta-x-")
+    path = new_home("ta-x-")
     yield path
     shutil.rmtree(path, ignore_errors=True)
 
@@ -390,7 +339,7 @@ class SyncVictim:
 
 @pytest.fixture(scope="session")
 def sync_victim() -> Iterator[SyncVictim]:
-    homes = [configure(short_home("ta-s-")), configure(short_home("ta-s-"))]
+    homes = [configure(new_home("ta-s-")), configure(new_home("ta-s-"))]
     folder, legit_folder, canary = homes[0] / "f", homes[1] / "f", homes[0] / "canary"
     for d in (folder / "sub", legit_folder, canary / "inner"):
         d.mkdir(parents=True)

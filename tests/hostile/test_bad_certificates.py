@@ -20,9 +20,9 @@ from agent.errors import ErrorCode
 from agent.host.paths import resolve_paths
 from agent.identity.keys import Identity
 from agent.wire.messages import Hello
-from tests.agent.harness import AgentProc, short_home, wait_for
-from tests.hostile.conftest import configure
-from tests.hostile.peer import (
+from testkit.agents import AgentProc
+from testkit.homes import configure, new_home
+from testkit.peer import (
     HostileClient,
     HostileServer,
     ProtocolClient,
@@ -31,6 +31,7 @@ from tests.hostile.peer import (
     new_identity,
     read_messages,
 )
+from testkit.wait import wait_for
 
 
 def bad_version_cert(who: Identity) -> bytes:
@@ -44,7 +45,7 @@ def bad_version_cert(who: Identity) -> bytes:
 
 @pytest.fixture
 def lone_agent() -> Iterator[tuple[AgentProc, HostileServer, Path]]:
-    home = configure(short_home("ta-b-"))
+    home = configure(new_home("ta-b-"))
     server = HostileServer(new_identity("evil-server"), home)
     agent = AgentProc(home, "lone")
     agent.start(peers=[AgentProc(home, "evil", server.port)])

@@ -11,9 +11,9 @@ from agent.identity.keys import Identity
 from agent.wire.frames import PRE_AUTH_MAX_FRAME
 from agent.wire.handshake import HANDSHAKE_TIMEOUT
 from agent.wire.messages import Auth, Hello, Ping, Ready, WireMessage
-from tests.agent.harness import wait_for
+from testkit.peer import agent_error, frame, message_frame, new_identity, read_messages
+from testkit.wait import wait_for
 from tests.hostile.conftest import Victim
-from tests.hostile.peer import agent_error, frame, message_frame, new_identity, read_messages
 
 Script = Callable[[ssl.SSLSocket, Identity], object]
 

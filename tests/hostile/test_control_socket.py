@@ -8,12 +8,13 @@ import struct
 
 from agent.app import control
 from agent.host.paths import resolve_paths
-from tests.agent.harness import AgentProc, short_home, wait_for
-from tests.hostile.conftest import configure
+from testkit.agents import AgentProc
+from testkit.homes import configure, new_home
+from testkit.wait import wait_for
 
 
 def test_nested_json_on_the_control_socket_does_not_kill_the_agent() -> None:
-    home = configure(short_home("ta-c-"))
+    home = configure(new_home("ta-c-"))
     agent = AgentProc(home, "ctl").start()
     try:
         path = resolve_paths(home).control_socket

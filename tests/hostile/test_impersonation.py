@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from agent.errors import ErrorCode
 from agent.identity.keys import Identity
-from tests.agent.harness import AgentProc
-from tests.hostile.conftest import Victim, fast_peer, rss_kib, snapshot, wait_connected
-from tests.hostile.peer import HostileClient, ProtocolClient, new_identity
+from testkit.agents import AgentProc, fast_peer, rss_kib, snapshot
+from testkit.peer import HostileClient, ProtocolClient, new_identity
+from tests.hostile.conftest import Victim, wait_connected
 
 Pair = tuple[AgentProc, AgentProc, str, str]
 

@@ -16,9 +16,12 @@ from pathlib import Path
 import pytest
 
 from agent.net.discovery import MAX_SERVICES
-from tests.hostile.conftest import configure, rss_kib, snapshot
-from tests.lan.agent_lan import ROOT, LanAgent, cleanup_all, make_home, wait_until
-from tests.netns import Lan, netns_available
+from testkit import ROOT
+from testkit.agents import rss_kib, snapshot
+from testkit.homes import configure, new_home
+from testkit.lan import LanAgent, cleanup_all
+from testkit.netns import Lan, netns_available
+from testkit.wait import wait_for
 
 pytestmark = pytest.mark.lan
 
@@ -40,8 +43,8 @@ def lan() -> Iterator[Lan]:
 
 def _ordered_agents(lan: Lan) -> tuple[LanAgent, LanAgent]:
     """Victim on host 0 and peer on host 1, the victim with the lower device id (so it dials)."""
-    one = LanAgent(lan, 0, "victim", home=configure(make_home()))
-    two = LanAgent(lan, 1, "peer", home=configure(make_home()))
+    one = LanAgent(lan, 0, "victim", home=configure(new_home()))
+    two = LanAgent(lan, 1, "peer", home=configure(new_home()))
     if one.device_id > two.device_id:
         one.host, two.host = 1, 0
         one, two = two, one
@@ -82,8 +85,8 @@ def _flood_then_pair(lan: Lan, count: int) -> None:
         flooder = Flooder(lan, 2, count)
         expected = min(count, MAX_SERVICES)
         # All of them (or a full table): only then is the race with the real peer's advert decided.
-        wait_until(lambda: _advertised(victim) >= expected, 30, f"the victim to see {expected} fakes")
-        wait_until(lambda: flooder.rounds >= 3, 10, "three flood rounds")
+        wait_for(lambda: _advertised(victim) >= expected, 30, f"the victim to see {expected} fakes")
+        wait_for(lambda: flooder.rounds >= 3, 10, "three flood rounds")
         before = snapshot(victim.home)
         peer.start()
         victim.wait_peer(peer.device_id, connected=True, trust="tofu", timeout=15)

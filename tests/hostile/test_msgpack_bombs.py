@@ -12,8 +12,8 @@ from agent.app import control
 from agent.errors import ErrorCode
 from agent.host.paths import resolve_paths
 from agent.wire.frames import MAX_FRAME, PRE_AUTH_MAX_FRAME
+from testkit.peer import HostileClient, ProtocolClient, frame, source_address
 from tests.hostile.conftest import Victim
-from tests.hostile.peer import HostileClient, ProtocolClient, frame, source_address
 
 SRC = source_address(20)
 

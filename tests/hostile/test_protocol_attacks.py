@@ -8,8 +8,8 @@ from agent.errors import ErrorCode
 from agent.identity.keys import Identity
 from agent.wire.frames import MAX_FRAME, PRE_AUTH_MAX_FRAME
 from agent.wire.messages import Auth, Hello, Ping, Pong, Ready
+from testkit.peer import HostileClient, ProtocolClient, frame, new_identity, source_address
 from tests.hostile.conftest import Victim
-from tests.hostile.peer import HostileClient, ProtocolClient, frame, new_identity, source_address
 
 SRC = source_address(10)
 

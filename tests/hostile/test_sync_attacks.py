@@ -28,9 +28,10 @@ from agent.sync.blocks import MAX_BLOCK_SIZE, MAX_FILE_SIZE
 from agent.sync.fs import temp_name_for
 from agent.sync.messages import MAX_FILES_PER_MESSAGE, MAX_VECTOR_ENTRIES, BlockError, Request, Response
 from agent.wire.messages import WireMessage
-from tests.agent.harness import wait_for
-from tests.hostile.conftest import SyncVictim, rss_kib, tree
-from tests.hostile.peer import SyncPeer, frame, sync_body, wire_file
+from testkit.agents import rss_kib
+from testkit.peer import SyncPeer, frame, sync_body, wire_file
+from testkit.wait import wait_for
+from tests.hostile.conftest import SyncVictim, tree
 
 FOLDER = "default"
 HOSTNAME = Path("/etc/hostname")

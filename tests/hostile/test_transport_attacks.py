@@ -10,8 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 from agent.errors import ErrorCode
 from agent.net.transport import MAX_CONNECTIONS, MAX_CONNECTIONS_PER_ADDRESS, TLS_HANDSHAKE_TIMEOUT
 from agent.wire.handshake import HANDSHAKE_TIMEOUT
+from testkit.peer import HostileClient, client_hello_only, closed_within, frame, source_address, tcp_connect
 from tests.hostile.conftest import PROBE_SOURCE, Victim
-from tests.hostile.peer import HostileClient, client_hello_only, closed_within, frame, source_address, tcp_connect
 
 SLACK = 2.5  # seconds beyond a deadline before we call it missed (a loaded CI machine)
 

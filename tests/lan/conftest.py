@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.netns import Lan, netns_available
+from testkit.netns import Lan, netns_available
 
 
 @pytest.fixture(autouse=True)

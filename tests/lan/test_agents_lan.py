@@ -20,8 +20,9 @@ from pathlib import Path
 import pytest
 
 from agent.config import DEFAULT_PORT
-from tests.lan.agent_lan import ForgedAdvert, LanAgent, cleanup_all, established, pairs, wait_until
-from tests.netns import Lan
+from testkit.lan import ForgedAdvert, LanAgent, cleanup_all, established, pairs
+from testkit.netns import Lan
+from testkit.wait import wait_for
 
 pytestmark = [pytest.mark.lan, pytest.mark.timeout(90)]
 
@@ -77,7 +78,7 @@ def test_three_agents_discover_and_pair(lan3: Lan, agents: list[LanAgent]) -> No
     # Exactly one connection per pair survives, in the kernel's socket table. (Agents started together
     # should not even open a second one, but if a slow machine makes both dial, the duplicate rule
     # closing one is correct; the strict no-second-link check is in the newcomer test below.)
-    wait_until(lambda: one_connection_per_pair(lan3, agents), 5, "one TCP connection per pair")
+    wait_for(lambda: one_connection_per_pair(lan3, agents), 5, "one TCP connection per pair")
     duplicates = sum(a.count_log("duplicate_connection") for a in agents)
     # The CLI path (a fresh process in the root namespace) reports the same.
     st = agents[0].status()
@@ -97,7 +98,7 @@ def test_three_agents_discover_and_pair(lan3: Lan, agents: list[LanAgent]) -> No
     for w in stay:
         # Trust outlives the connection; its mDNS goodbye reached the others too.
         assert w.sees(leaver.device_id, trust="tofu", connected=False)
-        wait_until(partial(saw_goodbye, w, leaver), 5, f"{w.name} to see {leaver.name}'s mDNS goodbye")
+        wait_for(partial(saw_goodbye, w, leaver), 5, f"{w.name} to see {leaver.name}'s mDNS goodbye")
     a, b = stay
     assert a.sees(b.device_id, connected=True) and b.sees(a.device_id, connected=True)
     print(f"SIGTERM: stopped in {took:.2f} s, noticed by both others in {noticed:.2f} s; duplicates {duplicates}")
@@ -136,17 +137,17 @@ def test_newcomer_dials_before_its_own_advert_is_out(lan3: Lan, agents: list[Lan
     # cannot happen before its advert is out (~1.2 s of probing). It dials at once instead.
     first, newcomer = sorted(agents[:2], key=lambda a: a.device_id)
     first.start()
-    wait_until(lambda: first.count_log("advertising") >= 1, 10, f"{first.name}'s advert")
+    wait_for(lambda: first.count_log("advertising") >= 1, 10, f"{first.name}'s advert")
     newcomer.start()
     newcomer.wait_peer(first.device_id, PAIR_DEADLINE, connected=True, trust="tofu")
     first.wait_peer(newcomer.device_id, 5, connected=True, trust="tofu")
-    wait_until(lambda: newcomer.count_log("advertising") >= 1, 10, f"{newcomer.name}'s advert")
+    wait_for(lambda: newcomer.count_log("advertising") >= 1, 10, f"{newcomer.name}'s advert")
     log = newcomer.log()
     assert "before our advert is out; dialling" in log, log
     assert log.index(f"connected to {first.name}") < log.index("advertising"), log
     # Once the newcomer is visible, the first agent (lower id) sees it but does not dial a second link.
-    wait_until(lambda: first.count_log(f"found {newcomer.name}") >= 1, 10, f"{first.name} to see the advert")
-    wait_until(lambda: one_connection_per_pair(lan3, agents[:2]), 5, "one TCP connection")
+    wait_for(lambda: first.count_log(f"found {newcomer.name}") >= 1, 10, f"{first.name} to see the advert")
+    wait_for(lambda: one_connection_per_pair(lan3, agents[:2]), 5, "one TCP connection")
     for a, b in ((first, newcomer), (newcomer, first)):
         assert a.count_log(f"connected to {b.name} ({b.device_id})") == 1, a.log()
         assert "duplicate" not in a.log().lower(), a.log()

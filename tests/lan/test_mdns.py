@@ -1,6 +1,6 @@
 """Real mDNS between processes in private network namespaces (never in the root namespace).
 
-Each host runs tests/lan/mdns_probe.py, which prints discovery events as JSON lines; the tests
+Each host runs testkit/mdns_probe.py, which prints discovery events as JSON lines; the tests
 wait for conditions on those lines with deadlines, never for fixed sleeps.
 """
 
@@ -19,12 +19,12 @@ from typing import Any
 import pytest
 
 from agent.identity.keys import new_device_id
-from tests.netns import Lan
+from testkit import ROOT
+from testkit.netns import Lan
 
 pytestmark = pytest.mark.lan
 
-ROOT = Path(__file__).resolve().parents[2]
-PROBE = Path(__file__).with_name("mdns_probe.py")
+PROBE = ROOT / "testkit" / "mdns_probe.py"
 DEADLINE = 10.0
 
 Event = dict[str, Any]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.netns import Lan
+from testkit.netns import Lan
 
 pytestmark = pytest.mark.lan
 

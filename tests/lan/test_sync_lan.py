@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.agent.harness import ROOT, cli, wait_for
-from tests.netns import Lan
+from testkit import ROOT
+from testkit.agents import cli
+from testkit.netns import Lan
+from testkit.wait import wait_for
 
 pytestmark = pytest.mark.lan
 

@@ -17,8 +17,9 @@ from typing import Any
 
 import pytest
 
-from tests.lan.agent_lan import LanAgent, cleanup_all, wait_until
-from tests.netns import Lan
+from testkit.lan import LanAgent, cleanup_all
+from testkit.netns import Lan
+from testkit.wait import wait_for
 
 pytestmark = [pytest.mark.lan, pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -113,11 +114,11 @@ def test_three_agents_each_with_50_mb_the_others_lack_converge(lan3: Lan) -> Non
         for a, folder in zip(agents, folders, strict=True):
             a.spawn("--folder", str(folder))
         try:
-            wait_until(lambda: _converged(folders, want, hashed), DEADLINE, "all three agents to hold all 150 MB",
+            wait_for(lambda: _converged(folders, want, hashed), DEADLINE, "all three agents to hold all 150 MB",
                        poll=0.2)  # fmt: skip
             converged = time.monotonic() - t0
             for a in agents:
-                wait_until(lambda a=a: _idle_with_nothing_needed(a, want_bytes), 30,  # type: ignore[misc]
+                wait_for(lambda a=a: _idle_with_nothing_needed(a, want_bytes), 30,  # type: ignore[misc]
                            f"{a.name}'s status to show its folder idle with nothing needed", poll=0.2)  # fmt: skip
         except AssertionError:
             for a in agents:

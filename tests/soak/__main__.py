@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         print("--agents must be between 2 and 8", file=sys.stderr)
         return 1
     if args.netns:
-        from tests.netns import netns_available
+        from testkit.netns import netns_available
 
         reason = netns_available()
         if reason is not None:

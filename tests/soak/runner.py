@@ -30,9 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.app import control
-from agent.errors import TofuError
-from agent.host.paths import resolve_paths
+from testkit.agents import fast_status, free_port
+from testkit.wait import seconds_until
 from tests.soak.checker import EndState, MachineEnd, Report, check
 from tests.soak.history import (
     DIR,
@@ -125,15 +124,6 @@ def agent_env(agent_root: Path) -> dict[str, str]:
 
 def _join(*parts: str) -> str:
     return "; ".join(p for p in parts if p)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def draw_size(rng: random.Random, max_bytes: int) -> int:
@@ -229,21 +219,12 @@ class Machine:
         return self.proc is not None and self.proc.poll() is None
 
     def wait_up(self, timeout: float = 30.0) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not self.running():
-                return False
-            if self.status() is not None:
-                return True
-            time.sleep(0.1)
-        return False
+        """The agent answers `status` within `timeout` s (False as soon as it has exited)."""
+        up = seconds_until(lambda: not self.running() or self.status() is not None, timeout, poll=0.1)
+        return up is not None and self.running()
 
     def status(self) -> dict[str, Any] | None:
-        try:
-            result = control.request(resolve_paths(self.home).control_socket, "status", timeout=5.0)
-        except (TofuError, OSError):
-            return None
-        return result if isinstance(result, dict) else None
+        return fast_status(self.home)
 
     def stop(self, sig: int) -> str:
         """Send `sig` and reap the process; a problem as text, or ''."""
@@ -679,7 +660,7 @@ class Soak:
         cfg = self.cfg
         with contextlib.ExitStack() as stack:
             if cfg.netns:
-                from tests.netns import Lan
+                from testkit.netns import Lan
 
                 self.lan = stack.enter_context(Lan(cfg.agents))
             stack.callback(self._kill_all)

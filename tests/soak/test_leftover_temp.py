@@ -20,7 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.agent.harness import AgentProc, short_home, wait_for
+from testkit.agents import AgentProc
+from testkit.homes import new_home
+from testkit.wait import wait_for
 
 
 def _temps(folder: Path) -> list[Path]:
@@ -36,7 +38,7 @@ def _idle_without(agent: AgentProc, path: Path) -> bool:
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_temp_of_a_pull_cancelled_by_a_deletion_is_removed() -> None:
-    ha, hb = short_home(), short_home()
+    ha, hb = new_home(), new_home()
     fa, fb = ha / "f", hb / "f"
     fa.mkdir()
     (fa / "big.bin").write_bytes(os.urandom(64 * 1024 * 1024))

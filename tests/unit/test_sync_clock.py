@@ -26,7 +26,7 @@ from agent.sync import service as service_module
 from agent.sync.engine import STALL_TIMEOUT
 from agent.sync.messages import Index, Response, SyncMessage
 from agent.sync.service import RESCAN_INTERVAL, InboxKind, SyncService, _Folder, _Link
-from tests.sync_helpers import A_ID, B_ID, tree, wire, write
+from testkit.engines import A_ID, B_ID, tree, wire, write
 
 HOUR = 3600.0
 DATA = os.urandom(3 * 1024 * 1024 + 17)  # 25 blocks of 128 KiB: many requests in flight at once

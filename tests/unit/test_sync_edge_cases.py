@@ -24,7 +24,7 @@ from agent.sync.names import MAX_COMPONENT_BYTES
 from agent.sync.planner import conflict_name
 from agent.sync.server import BlockServer
 from agent.sync.vectors import Vector
-from tests.sync_helpers import A_ID, B_ID, Net, tree, wire, write
+from testkit.engines import A_ID, B_ID, Net, tree, wire, write
 
 M_ID = "M" * 32  # a trusted peer gone bad
 

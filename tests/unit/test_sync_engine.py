@@ -14,7 +14,7 @@ from agent.sync.engine import SyncEngine
 from agent.sync.fs import FolderFS, temp_name_for
 from agent.sync.messages import Index, IndexUpdate
 from agent.sync.scanner import ScanResult
-from tests.sync_helpers import A_ID, B_ID, Net, tree, write
+from testkit.engines import A_ID, B_ID, Net, tree, write
 
 
 def pair(tmp_path: Path) -> Net:
@@ -242,7 +242,7 @@ def test_symlink_in_folder_is_not_written_through(tmp_path: Path) -> None:
 
 
 def test_three_devices_converge(tmp_path: Path) -> None:
-    from tests.sync_helpers import C_ID
+    from testkit.engines import C_ID
 
     net = Net(tmp_path, [A_ID, B_ID, C_ID])
     net.connect(A_ID, B_ID)

@@ -12,7 +12,7 @@ from agent.sync.engine import ROOT_RECHECK, SyncEngine
 from agent.sync.index import FolderIndex
 from agent.sync.names import MARKER
 from agent.sync.server import BlockServer
-from tests.sync_helpers import A_ID, B_ID, Net, tree, write
+from testkit.engines import A_ID, B_ID, Net, tree, write
 
 
 def synced_pair(tmp_path: Path) -> Net:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from agent.sync.names import TEMP_PREFIX
-from tests.sync_helpers import A_ID, B_ID, Net, tree, write
+from testkit.engines import A_ID, B_ID, Net, tree, write
 
 
 def temps(root: Path) -> list[str]:

@@ -9,7 +9,7 @@ import pytest
 
 from agent.sync.engine import RECHECK_FIRST, RECHECK_MAX, SyncEngine
 from agent.sync.model import FileInfo
-from tests.sync_helpers import A_ID, B_ID, Net, tree, write
+from testkit.engines import A_ID, B_ID, Net, tree, write
 
 
 def _changing(eng: SyncEngine, name: str, times: int) -> list[int]:

@@ -22,7 +22,7 @@ from agent.errors import UnknownDeviceError, UserError
 from agent.trust import policy
 from agent.trust.model import DeviceRecord, EventKind, TrustLevel, TrustPolicy
 from agent.trust.store import TrustStore
-from tests.conftest import make_home
+from testkit.homes import new_home
 
 DEV = "AAAABBBBCCCCDDDDEEEEFFFFGGGGHHHH"
 T0 = 1_700_000_000.0
@@ -306,7 +306,7 @@ class TrustMachine(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
-        self.dir = make_home()
+        self.dir = new_home()
         self.store = TrustStore(self.dir / "trust.db")
         self.now = T0
         self.pins: dict[str, str] = {}

@@ -1,4 +1,4 @@
-"""Real `tofu-agent run` processes inside the network namespaces of a `tests.netns.Lan`.
+"""Real `tofu-agent run` processes inside the network namespaces of a `testkit.netns.Lan`.
 
 Each agent gets its own short home (`/tmp/ta-XXXX`, so the control socket path stays well under
 the 108-byte limit) and runs via `ip netns exec`, so it listens, advertises and browses only on
@@ -22,67 +22,23 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-from agent.app import control
-from agent.errors import TofuError
 from agent.host.paths import resolve_paths
-from tests.agent.harness import kill_process, stop_process
-from tests.netns import Lan
+from testkit import ROOT
+from testkit.agents import AGENT, cli, fast_status, kill_process, stop_process
+from testkit.homes import ConfigValue, new_home
+from testkit.netns import Lan
+from testkit.wait import wait_for
 
 T = TypeVar("T")
 
-ROOT = Path(__file__).resolve().parents[2]
-AGENT = [sys.executable, "-m", "agent"]
-POLL = 0.02
+POLL = 0.02  # LAN tests time what they wait for (pairing, failover): poll often
 PROBE = Path(__file__).with_name("mdns_probe.py")
-
-
-def wait_until(predicate: Callable[[], T | None], timeout: float, what: str, *, poll: float = POLL) -> T:
-    """Poll `predicate` until it returns something truthy; fail after `timeout` s naming `what`."""
-    deadline = time.monotonic() + timeout
-    last: T | None = None
-    while True:
-        last = predicate()
-        if last:
-            return last
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what} (last: {last!r})")
-        time.sleep(poll)
-
-
-def make_home(config: Mapping[str, float | int | str | bool] | None = None) -> Path:
-    """A fresh short home directory, with HOME/config/config.toml written from `config` if given."""
-    home = Path(tempfile.mkdtemp(prefix="ta-", dir="/tmp"))
-    if config:
-        (home / "config").mkdir(mode=0o700)
-        (home / "config" / "config.toml").write_text("".join(f"{k} = {_toml(v)}\n" for k, v in config.items()))
-    return home
-
-
-def _toml(value: float | int | str | bool) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return json.dumps(value)  # a JSON string is a valid TOML basic string
-    return repr(value)
-
-
-def cli(home: Path, *args: str, timeout: float = 20.0) -> subprocess.CompletedProcess[str]:
-    """`tofu-agent --home HOME ARGS...` in the root namespace (no network needed), output captured."""
-    return subprocess.run(
-        [*AGENT, "--home", str(home), *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-        cwd=ROOT,
-    )
 
 
 class LanAgent:
@@ -94,13 +50,13 @@ class LanAgent:
         host: int,
         name: str,
         *,
-        config: Mapping[str, float | int | str | bool] | None = None,
+        config: Mapping[str, ConfigValue] | None = None,
         home: Path | None = None,
     ) -> None:
         self.lan = lan
         self.host = host
         self.name = name
-        self.home = home if home is not None else make_home(config)
+        self.home = home if home is not None else new_home(config=config)
         self.paths = resolve_paths(self.home)
         self.log_path = self.home / "agent.log"
         self.proc: subprocess.Popen[str] | None = None
@@ -128,7 +84,7 @@ class LanAgent:
     def start(self, *extra: str, timeout: float = 20.0) -> LanAgent:
         """Start the agent and wait until its control socket answers."""
         self.spawn(*extra)
-        wait_until(lambda: self.status_fast() is not None or self.exited(), timeout, f"{self.name} to start")
+        wait_for(lambda: self.status_fast() is not None or self.exited(), timeout, f"{self.name} to start", poll=POLL)
         if self.exited():
             raise AssertionError(f"{self.name} exited with {self.returncode()}:\n{self.log()}")
         return self
@@ -157,11 +113,7 @@ class LanAgent:
 
     def status_fast(self) -> dict[str, Any] | None:
         """The same object straight from the control socket (no process start-up), or None."""
-        try:
-            result = control.request(self.paths.control_socket, "status", timeout=2.0)
-        except (TofuError, OSError):
-            return None
-        return result if isinstance(result, dict) else None
+        return fast_status(self.home, timeout=2.0)
 
     def peers(self, *, fast: bool = True) -> dict[str, dict[str, Any]]:
         """The status entries of every peer, by device id (empty if the agent does not answer)."""
@@ -180,7 +132,7 @@ class LanAgent:
     def wait_peer(self, device_id: str, timeout: float = 15.0, **expect: Any) -> dict[str, Any]:
         """Wait until the entry for `device_id` has all the `expect` values; the log on failure."""
         try:
-            return wait_until(lambda: self.sees(device_id, **expect), timeout, f"{self.name} to see {expect}")
+            return wait_for(lambda: self.sees(device_id, **expect), timeout, f"{self.name} to see {expect}", poll=POLL)
         except AssertionError as exc:
             raise AssertionError(f"{exc}\n--- {self.name} log ---\n{self.log()[-6000:]}") from None
 

@@ -1,27 +1,31 @@
-"""Real agent processes on loopback: start, stop, ask `status`, and wait on conditions."""
+"""`tofu-agent` as a subprocess: the CLI, an agent on loopback, and what can be seen of it from outside."""
 
 from __future__ import annotations
 
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
+from agent.app import control
+from agent.errors import TofuError
 from agent.host.paths import resolve_paths
 from agent.identity.ids import new_device_id
 from agent.trust.store import TrustStore
+from testkit import ROOT
+from testkit.wait import wait_for
 
-T = TypeVar("T")
-
-ROOT = Path(__file__).resolve().parents[2]
+AGENT = [sys.executable, "-m", "agent"]
 
 
 def free_port() -> int:
@@ -32,36 +36,45 @@ def free_port() -> int:
         return port
 
 
-def short_home(prefix: str = "ta-") -> Path:
-    """A short temp dir: Unix socket paths must stay under 108 bytes."""
-    return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
-
-
-def wait_for(predicate: Callable[[], T | None], timeout: float = 15.0, what: str = "condition") -> T:
-    """Poll `predicate` until it returns something truthy, or fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    last: T | None = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what} (last: {last!r})")
-
-
 def cli(
-    home: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 30.0
+    home: Path | None,
+    *args: str,
+    env: Mapping[str, str] | None = None,
+    stdin: str | None = None,
+    timeout: float = 30.0,
 ) -> subprocess.CompletedProcess[str]:
-    """Run `tofu-agent --home HOME ARGS...` and capture its output."""
-    return subprocess.run(
-        [sys.executable, "-m", "agent", "--home", str(home), *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, **(env or {})},
-        check=False,
-        cwd=ROOT,
-    )
+    """Run `tofu-agent [--home HOME] ARGS...` and capture its output.
+
+    HOME and the XDG variables point into a throw-away directory and TOFU_AGENT_HOME is unset (`env`
+    may set any of them), so a command that ignored `--home` could never touch the real home of
+    whoever runs the tests.
+    """
+    scratch = Path(tempfile.mkdtemp(prefix="ta-xdg-", dir="/tmp"))
+    try:
+        full_env = {k: v for k, v in os.environ.items() if k != "TOFU_AGENT_HOME"}
+        full_env.update(
+            {
+                "HOME": str(scratch),
+                "XDG_CONFIG_HOME": str(scratch / "config"),
+                "XDG_DATA_HOME": str(scratch / "data"),
+                "XDG_RUNTIME_DIR": str(scratch / "run"),
+                "PYTHONDONTWRITEBYTECODE": "1",
+                **(env or {}),
+            }
+        )
+        home_args = [] if home is None else ["--home", str(home)]
+        return subprocess.run(
+            [*AGENT, *home_args, *args],
+            input=stdin if stdin is not None else "",
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=full_env,
+            check=False,
+            cwd=ROOT,
+        )
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def fill_trust_store(home: Path, n: int) -> None:
@@ -74,6 +87,59 @@ def fill_trust_store(home: Path, n: int) -> None:
             device_id, fp = new_device_id(), secrets.token_hex(32)
             store.verify_device(device_id, f"peer-{i:02d}", fp, now - 3600, f"192.0.2.{i + 1}")
             store.verify_device(device_id, f"peer-{i:02d}", fp, now, f"192.0.2.{i + 1}")
+
+
+def fast_status(home: Path, timeout: float = 5.0) -> dict[str, Any] | None:
+    """The agent's `status` object straight from its control socket (no process start-up), or None."""
+    try:
+        result = control.request(resolve_paths(home).control_socket, "status", timeout=timeout)
+    except (TofuError, OSError):
+        return None
+    return result if isinstance(result, dict) else None
+
+
+def status_peer(status: dict[str, Any] | None, device_id: str) -> dict[str, Any] | None:
+    """The entry for `device_id` in a `status` object, if any."""
+    for p in (status or {}).get("peers", []):
+        if p["device_id"] == device_id:
+            return dict(p)
+    return None
+
+
+def fast_peer(agent: AgentProc, device_id: str) -> dict[str, Any] | None:
+    """The agent's status entry for `device_id`, asked over the control socket in-process (quick)."""
+    return status_peer(fast_status(agent.home), device_id)
+
+
+def rss_kib(pid: int) -> int:
+    """VmRSS of `pid` in KiB, from /proc."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for pid {pid}")
+
+
+@dataclass(frozen=True)
+class TrustSnapshot:
+    """`peers --json` and `trust log --json` of an agent at one moment."""
+
+    peers: dict[str, dict[str, Any]]
+    events: list[dict[str, Any]]
+
+    def pins(self) -> dict[str, tuple[str, str, str | None]]:
+        return {d: (p["fingerprint"], p["trust"], p["pending_fingerprint"]) for d, p in self.peers.items()}
+
+    def new_events(self, before: TrustSnapshot) -> list[dict[str, Any]]:
+        last = max((e["seq"] for e in before.events), default=0)
+        return sorted((e for e in self.events if e["seq"] > last), key=lambda e: int(e["seq"]))
+
+
+def snapshot(home: Path) -> TrustSnapshot:
+    """The trust store of the agent at `home`, through the CLI."""
+    peers = cli(home, "peers", "--json")
+    log = cli(home, "trust", "log", "--json")
+    assert peers.returncode == 0 and log.returncode == 0, peers.stderr + log.stderr
+    return TrustSnapshot({p["device_id"]: p for p in json.loads(peers.stdout)}, json.loads(log.stdout))
 
 
 class AgentProc:
@@ -93,7 +159,7 @@ class AgentProc:
             args += ["--peer", f"127.0.0.1:{p.port}"]
         log = self.log_path.open("a")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "agent", "--home", str(self.home), *args, *extra],
+            [*AGENT, "--home", str(self.home), *args, *extra],
             stdout=log,
             stderr=log,
             text=True,
@@ -111,7 +177,7 @@ class AgentProc:
 
     def log(self) -> str:
         """Everything the agent logged so far."""
-        return self.log_path.read_text() if self.log_path.exists() else ""
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def status(self) -> dict[str, Any] | None:
         """`status --json` if the agent answers, else None."""
@@ -130,11 +196,7 @@ class AgentProc:
 
     def peer(self, device_id: str) -> dict[str, Any] | None:
         """This agent's status entry for `device_id`, if any."""
-        st = self.status()
-        for p in (st or {}).get("peers", []):
-            if p["device_id"] == device_id:
-                return dict(p)
-        return None
+        return status_peer(self.status(), device_id)
 
     def wait_peer(self, device_id: str, timeout: float = 15.0, **expect: Any) -> dict[str, Any]:
         """Wait until the status entry for `device_id` has all the `expect` values."""
