@@ -17,6 +17,7 @@ import random
 import signal
 import ssl
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,23 +27,24 @@ import anyio
 import anyio.abc
 from anyio.streams.tls import TLSStream
 
-from agent import config as config_file
 from agent.app import control
 from agent.app.report import LiveView, StatusSnapshot, build_status, rfc3339
 from agent.app.ui_backend import AgentBackend
-from agent.config import Config, resolve_devices
-from agent.errors import ConnectionLost, ErrorCode, RemoteProtocolError, TofuError, UserError
+from agent.config import Config
+from agent.errors import ConnectionLost, ErrorCode, ProtocolError, RemoteProtocolError, TofuError, UserError
 from agent.host import sdnotify
 from agent.host.paths import Paths
 from agent.identity import keys as identity
 from agent.identity import rotation
+from agent.identity.crypto import public_key_of_cert
 from agent.identity.keys import Identity, format_fingerprint
 from agent.net import transport
 from agent.net.discovery import Discovery, DiscoveryError, PeerGone, PeerSeen
 from agent.net.link import PeerLink, Verdict
 from agent.sync.service import SyncService
-from agent.trust import guard, window
+from agent.trust import guard, introduction, window
 from agent.trust.anomaly import AdvertObservation, LiveConnection, NameSighting, Observation
+from agent.trust.introduction import Introduce
 from agent.trust.model import Decision, DeviceRecord, EventKind, TrustLevel, TrustPolicy
 from agent.trust.store import TrustStore
 from agent.ui.backend import ChangeFeed, ThisDevice
@@ -66,6 +68,8 @@ SHUTDOWN_GRACE = 3.0
 # once whatever the device ids. Peers that start together see each other later than this and keep
 # the lower-id-dials rule, so they do not dial each other twice.
 EARLY_DIAL_WINDOW = 0.75
+# Household introductions: at most this many sent when a link opens, and applied from one link.
+MAX_INTRODUCTIONS = 256
 
 _REFUSAL = {
     TrustLevel.KEY_CHANGED: ErrorCode.KEY_CHANGED,
@@ -141,11 +145,7 @@ class Agent:
         self._stopping = False
         self._advertised = False  # our mDNS advert is announced: peers can find (and dial) us
         self._browse_started = 0.0
-        self.sync: SyncService | None = (
-            SyncService(paths, config, ident, resolve_devices=lambda entries: resolve_devices(entries, store.all()))
-            if config.folders
-            else None
-        )
+        self.sync: SyncService | None = SyncService(paths, config, ident) if config.folders else None
         self.stop_requested = anyio.Event()
         # Live observations for the anomaly rules; bounded, since mDNS input is anyone's.
         self.observations: deque[Observation] = deque(maxlen=256)
@@ -153,6 +153,8 @@ class Agent:
         self.window = window.close_window()  # the pairing window (policy `window`); opened in `run`
         self.feed = ChangeFeed()  # wakes the web page and the notifier when what `status` shows changed
         self.ui: UiHandle | None = None
+        # Introductions applied from each open link (bounded by MAX_INTRODUCTIONS).
+        self._introductions_in: weakref.WeakKeyDictionary[PeerLink, int] = weakref.WeakKeyDictionary()
 
     # -- life cycle ------------------------------------------------------------------------------
 
@@ -261,11 +263,9 @@ class Agent:
             feed=self.feed,
             this=lambda: ThisDevice(self.identity.device_id, self.identity.name, self.identity.fingerprint),
             status=self._status_now,
-            trust_changed=self._trust_changed,
+            trust_changed=self._person_changed_trust,
             set_window=self.set_window,
             rotate_key=self.rotate_key,
-            folders_changed=self.folders_changed,
-            paths=self.paths,
         )
         if self.config.ui_enabled:
             try:
@@ -490,8 +490,9 @@ class Agent:
                 AdvertObservation(peer.device_id, view.advertised_fp, peer.fingerprint, link.address, now)
             )
         window_open = self.window.is_open(time.monotonic())
+        reason = self.window.reason if window_open else ""
         decision, blocked, sighting = await anyio.to_thread.run_sync(
-            self._decide, peer, link.address, now, self._live(), list(self.observations), window_open
+            self._decide, peer, link.address, now, self._live(), list(self.observations), window_open, reason
         )
         if sighting is not None:
             self.observations.append(sighting)
@@ -510,6 +511,7 @@ class Agent:
                 format_fingerprint(peer.fingerprint),
                 ", inside the pairing window" if "via=window" in decision.detail else "",
             )
+            self._introduce_everywhere(decision.record)  # admitted here: tell the household
         existing = view.link
         if existing is not None and existing is not link:
             if self._keep_new(existing, link):
@@ -530,6 +532,7 @@ class Agent:
         live: list[LiveConnection],
         observations: list[Observation],
         window_open: bool = False,
+        window_reason: str = "",
     ) -> tuple[Decision, bool, NameSighting | None]:
         """In a worker thread: one trust decision (rotation chain, level, anomaly rules) in one transaction.
 
@@ -551,7 +554,7 @@ class Agent:
         review = guard.reviewer(self.config.anomaly, now, live, observations)
         outcome = self.store.handshake(
             peer.device_id, peer.name, peer.fingerprint, now, address, follow=follow, review=review,
-            window_open=window_open,
+            window_open=window_open, window_reason=window_reason,
         )  # fmt: skip
         guard.report(outcome)
         decision = outcome.decision
@@ -627,14 +630,123 @@ class Agent:
         log.info("connected to %s (%s) at %s", link.peer.name, link.peer.device_id, link.address)
         if self.sync is not None:
             await self.sync.peer_opened(link)
+        if self._tg is not None:  # introduce every device we trust (applied if the peer marks us introducer)
+            self._tg.start_soon(self._send_introductions, link, None)
 
     async def message(self, link: PeerLink, message: WireMessage) -> None:
-        """An application message from a connected peer: sync is the only consumer."""
+        """An application message from a connected peer: introductions are ours, the rest is sync's."""
+        if isinstance(message, Introduce):
+            await self._introduced(link, message)
+            return
         if self.sync is None:
             raise RemoteProtocolError(
                 f"unexpected {type(message).__name__}: no folders here", ErrorCode.UNEXPECTED_MESSAGE
             )
         await self.sync.message(link, message)
+
+    # -- household introductions -----------------------------------------------------------------
+
+    def _sign_introductions(
+        self, ident: Identity, records: list[DeviceRecord] | None, exclude: frozenset[str]
+    ) -> list[Introduce]:
+        """In a worker thread: our signed introductions of `records` (default: every device we trust)."""
+        if records is None:
+            records = self.store.all()
+        now, out = int(time.time()), []
+        for r in records:
+            if not r.trust.may_sync or r.device_id in exclude:
+                continue
+            try:
+                out.append(introduction.make(ident, r.device_id, r.name, r.fingerprint, now))
+            except ProtocolError as exc:  # e.g. a name an introduction cannot carry
+                log.debug("cannot introduce %s (%s): %s", r.name, r.device_id, exc)
+            if len(out) >= MAX_INTRODUCTIONS:
+                break
+        return out
+
+    async def _send_introductions(self, link: PeerLink, records: list[DeviceRecord] | None) -> None:
+        """Send `link`'s peer our introductions (not of itself, nor of us); it applies them only if it
+        marked us as an introducer. A link that closes meanwhile just gets none."""
+        if link.peer is None:
+            return
+        exclude = frozenset({link.peer.device_id, self.identity.device_id})
+        intros = await anyio.to_thread.run_sync(self._sign_introductions, self.identity, records, exclude)
+        if not intros or not link.is_open:
+            return
+        try:
+            await link.send_many(intros)
+        except (anyio.BrokenResourceError, ProtocolError) as exc:
+            log.debug("introductions to %s not sent: %s", link.peer.name, exc)
+
+    def _introduce_everywhere(self, record: DeviceRecord) -> None:
+        """A device was admitted here: introduce it to every other device connected now."""
+        if not record.trust.may_sync or self._tg is None:
+            return
+        for view in self.peers.values():
+            link = view.link
+            if link is not None and link.is_open and view.device_id != record.device_id:
+                self._tg.start_soon(self._send_introductions, link, [record])
+
+    def _person_changed_trust(self, device_id: str, record: DeviceRecord | None) -> None:
+        """A person changed trust here (CLI or page): act on it, and introduce an admitted device."""
+        self._trust_changed(device_id, record)
+        if record is not None:
+            self._introduce_everywhere(record)
+
+    async def _introduced(self, link: PeerLink, intro: Introduce) -> None:
+        """Apply a peer's introduction if we mark it as an introducer and it signed it; else ignore it.
+
+        :raises RemoteProtocolError: a marked introducer sent a statement its key did not sign.
+        """
+        peer = link.peer
+        assert peer is not None
+        if intro.introducer != peer.device_id or intro.device_id == self.identity.device_id:
+            log.debug("ignored an introduction of %s relayed by %s", intro.device_id, peer.device_id)
+            return
+        sender = await anyio.to_thread.run_sync(self.store.get, peer.device_id)
+        if (
+            sender is None
+            or not sender.introducer
+            or not sender.trust.may_sync
+            or sender.fingerprint != peer.fingerprint
+        ):
+            # An older agent, or one we did not mark, introduces to everyone: not an error.
+            log.debug("ignored an introduction from %s (%s): not an introducer here", peer.name, peer.device_id)
+            return
+        if not intro.verify(public_key_of_cert(peer.cert_der)):
+            raise RemoteProtocolError("an introduction its sender's key did not sign", ErrorCode.AUTH_FAILED)
+        applied = self._introductions_in.get(link, 0)
+        if applied >= MAX_INTRODUCTIONS:
+            log.debug("ignored an introduction from %s: %d applied on this connection", peer.name, applied)
+            return
+        done = await anyio.to_thread.run_sync(
+            lambda: self.store.introduce(intro, sender.name, time.time(), introducer_fingerprint=peer.fingerprint)
+        )
+        if done is None:
+            return  # nothing new, or a person changed the introducer meanwhile
+        self._introductions_in[link] = applied + 1
+        if done.event is EventKind.KEY_CHANGED:
+            log.warning(
+                "introducer %s (%s) names key %s for %s (%s), which is pinned here to %s: key_changed; "
+                "if the new key is right, accept it with: %s",
+                sender.name,
+                sender.device_id,
+                format_fingerprint(intro.fingerprint),
+                done.record.name,
+                intro.device_id,
+                format_fingerprint(done.record.fingerprint),
+                self._cli("trust retrust", intro.device_id),
+            )
+        else:
+            log.info(
+                "learned device %s (%s) from introducer %s (%s): trust is now %s",
+                done.record.name,
+                intro.device_id,
+                sender.name,
+                sender.device_id,
+                done.record.trust.value,
+            )
+        self._trust_changed(intro.device_id, done.record)
 
     async def closed(self, link: PeerLink, reason: str) -> None:
         """A link ended; forget it if it was the device's current one."""
@@ -685,7 +797,7 @@ class Agent:
                 if not isinstance(device_id, str):
                     raise UserError("trust_changed needs a device_id")
                 record = await anyio.to_thread.run_sync(self.store.get, device_id)
-                self._trust_changed(device_id, record)
+                self._person_changed_trust(device_id, record)
                 return {"ok": True}
             case "stop":
                 self.stop()
@@ -695,8 +807,6 @@ class Agent:
                 return await anyio.to_thread.run_sync(self.anomalies, live, observations)
             case "rotate_key":
                 return await self.rotate_key()
-            case "folders_changed":
-                return await self.folders_changed()
             case "ui":
                 if self.ui is None:
                     raise UserError("the web page is off ([ui] enabled = false, or its port was taken: see the log)")
@@ -715,16 +825,6 @@ class Agent:
                     return self.window.view(time.monotonic())
                 raise UserError("window needs action open, close or status")
         raise UserError(f"unknown control command {cmd!r}")
-
-    async def folders_changed(self) -> dict[str, Any]:
-        """config.toml's folders changed (`tofu-agent folder ...`): who gets which folder changes now."""
-        cfg = await anyio.to_thread.run_sync(config_file.load, self.paths.config_file, self.paths.default_folder)
-        if self.sync is None:
-            why = "this agent was started without folders: a restart starts them"
-            return {"changed": [], "added": [], "restart": [{"id": f.id, "why": why} for f in cfg.folders]}
-        result = await self.sync.apply_folders(cfg)
-        self.feed.notify()
-        return result
 
     def _trust_changed(self, device_id: str, record: DeviceRecord | None) -> None:
         self.feed.notify()
@@ -779,8 +879,7 @@ class Agent:
             for d, v in self.peers.items()
         }
         folders = self.sync.status() if self.sync is not None else []
-        offered = self.sync.offered() if self.sync is not None else []
-        return StatusSnapshot(views, self._live(), list(self.observations), folders, offered)
+        return StatusSnapshot(views, self._live(), list(self.observations), folders)
 
     def status_from(self, snap: StatusSnapshot) -> dict[str, Any]:
         """The `status --json` object (in a worker thread: reads the store)."""
