@@ -27,10 +27,11 @@ import anyio
 import anyio.abc
 from anyio.streams.tls import TLSStream
 
+from agent import config as config_file
 from agent.app import control
 from agent.app.report import LiveView, StatusSnapshot, build_status, rfc3339
 from agent.app.ui_backend import AgentBackend
-from agent.config import Config
+from agent.config import Config, resolve_devices
 from agent.errors import ConnectionLost, ErrorCode, ProtocolError, RemoteProtocolError, TofuError, UserError
 from agent.host import sdnotify
 from agent.host.paths import Paths
@@ -145,7 +146,11 @@ class Agent:
         self._stopping = False
         self._advertised = False  # our mDNS advert is announced: peers can find (and dial) us
         self._browse_started = 0.0
-        self.sync: SyncService | None = SyncService(paths, config, ident) if config.folders else None
+        self.sync: SyncService | None = (
+            SyncService(paths, config, ident, resolve_devices=lambda entries: resolve_devices(entries, store.all()))
+            if config.folders
+            else None
+        )
         self.stop_requested = anyio.Event()
         # Live observations for the anomaly rules; bounded, since mDNS input is anyone's.
         self.observations: deque[Observation] = deque(maxlen=256)
@@ -266,6 +271,8 @@ class Agent:
             trust_changed=self._person_changed_trust,
             set_window=self.set_window,
             rotate_key=self.rotate_key,
+            folders_changed=self.folders_changed,
+            paths=self.paths,
         )
         if self.config.ui_enabled:
             try:
@@ -807,6 +814,8 @@ class Agent:
                 return await anyio.to_thread.run_sync(self.anomalies, live, observations)
             case "rotate_key":
                 return await self.rotate_key()
+            case "folders_changed":
+                return await self.folders_changed()
             case "ui":
                 if self.ui is None:
                     raise UserError("the web page is off ([ui] enabled = false, or its port was taken: see the log)")
@@ -825,6 +834,16 @@ class Agent:
                     return self.window.view(time.monotonic())
                 raise UserError("window needs action open, close or status")
         raise UserError(f"unknown control command {cmd!r}")
+
+    async def folders_changed(self) -> dict[str, Any]:
+        """config.toml's folders changed (`tofu-agent folder ...`): who gets which folder changes now."""
+        cfg = await anyio.to_thread.run_sync(config_file.load, self.paths.config_file, self.paths.default_folder)
+        if self.sync is None:
+            why = "this agent was started without folders: a restart starts them"
+            return {"changed": [], "added": [], "restart": [{"id": f.id, "why": why} for f in cfg.folders]}
+        result = await self.sync.apply_folders(cfg)
+        self.feed.notify()
+        return result
 
     def _trust_changed(self, device_id: str, record: DeviceRecord | None) -> None:
         self.feed.notify()
@@ -879,7 +898,8 @@ class Agent:
             for d, v in self.peers.items()
         }
         folders = self.sync.status() if self.sync is not None else []
-        return StatusSnapshot(views, self._live(), list(self.observations), folders)
+        offered = self.sync.offered() if self.sync is not None else []
+        return StatusSnapshot(views, self._live(), list(self.observations), folders, offered)
 
     def status_from(self, snap: StatusSnapshot) -> dict[str, Any]:
         """The `status --json` object (in a worker thread: reads the store)."""

@@ -26,7 +26,8 @@ from agent.trust.introduction import Introduce, make
 from agent.trust.model import EventKind, TrustLevel, TrustPolicy
 from agent.trust.store import TrustStore
 from agent.wire.session import PeerAuthenticated
-from tests.agent.harness import AgentProc, cli, short_home
+from testkit.agents import AgentProc, cli
+from testkit.homes import new_home
 from tests.unit.test_handshake import make_identity
 
 
@@ -43,7 +44,7 @@ def _record(home: Path, device_id: str) -> dict[str, Any]:
 
 @pytest.mark.slow
 def test_a_machine_accepted_on_an_introducer_is_trusted_by_the_household_with_no_command() -> None:
-    ha, hb, hc = short_home(), short_home(), short_home()
+    ha, hb, hc = new_home(), new_home(), new_home()
     a, b, c = AgentProc(ha, "alpha"), AgentProc(hb, "beta"), AgentProc(hc, "guest")
     try:
         a.start()
