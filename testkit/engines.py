@@ -9,7 +9,8 @@ from pathlib import Path
 from agent.sync.clock import Now
 from agent.sync.engine import Outgoing, SyncEngine
 from agent.sync.index import FolderIndex
-from agent.sync.messages import Index, Request, SyncMessage
+from agent.sync.messages import MAX_FILES_PER_MESSAGE, Index, Request, SyncMessage
+from agent.sync.scheduler import REQUEST_ID_MASK
 from agent.wire.frames import MAX_FRAME
 from agent.wire.messages import decode_message, encode_message
 
@@ -30,8 +31,14 @@ def wire(msg: SyncMessage) -> SyncMessage:
 class Net:
     """Several engines and a queue of messages between them."""
 
-    def __init__(self, tmp: Path, ids: list[str]) -> None:
+    def __init__(
+        self, tmp: Path, ids: list[str], *, max_files_per_message: int = MAX_FILES_PER_MESSAGE,
+        request_id_mask: int = REQUEST_ID_MASK,
+    ) -> None:  # fmt: skip
         self.tmp = tmp
+        # engine limits a test makes small (constructor parameters, not patched module globals)
+        self.max_files_per_message = max_files_per_message
+        self.request_id_mask = request_id_mask
         # Two clocks, as the shell reads them: timers run on `mono` (its origin is arbitrary: a
         # timer taken from the wall clock by mistake would never come due), records use `wall`.
         self.mono = 1_000.0
@@ -59,7 +66,10 @@ class Net:
 
     def open(self, dev: str) -> SyncEngine:
         index = FolderIndex(self.tmp / f"{dev[:1]}.db")
-        eng = SyncEngine("default", self.root(dev), index, dev, batch_files=50)
+        eng = SyncEngine(
+            "default", self.root(dev), index, dev, batch_files=50, max_files_per_message=self.max_files_per_message,
+            request_id_mask=self.request_id_mask,
+        )  # fmt: skip
         eng.start(self.now)
         self.engines[dev] = eng
         return eng

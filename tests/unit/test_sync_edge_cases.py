@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from agent.sync import engine as engine_module
 from agent.sync import puller
 from agent.sync.blocks import block_size_for, hash_bytes
 from agent.sync.clock import Now
@@ -443,11 +442,8 @@ def test_requests_cancelled_by_newer_versions_stay_bounded(tmp_path: Path) -> No
     assert len(victim.cancelled) + len(victim.requests) <= window
 
 
-def test_request_ids_still_in_use_are_skipped_when_the_counter_wraps(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(engine_module, "REQUEST_ID_MASK", 0x3)
-    net = Net(tmp_path, [B_ID])
+def test_request_ids_still_in_use_are_skipped_when_the_counter_wraps(tmp_path: Path) -> None:
+    net = Net(tmp_path, [B_ID], request_id_mask=0x3)
     eng = net.engines[B_ID]
     eng.requests[eng.request_id_base | 0] = (M_ID, "x", 0)
     eng.cancelled[eng.request_id_base | 1] = (M_ID, 1)
@@ -556,11 +552,10 @@ def test_need_bytes_falls_while_a_large_file_arrives(tmp_path: Path) -> None:
     assert seen[first:] == sorted(seen[first:], reverse=True), "it only ever falls once the pull began"
 
 
-def test_deleting_a_directory_announced_over_several_messages_leaves_nothing(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(engine_module, "MAX_FILES_PER_MESSAGE", 3)  # the directory's record comes first, alone
-    net = pair(tmp_path)
+def test_deleting_a_directory_announced_over_several_messages_leaves_nothing(tmp_path: Path) -> None:
+    net = Net(tmp_path, [A_ID, B_ID], max_files_per_message=3)  # the directory's record comes first, alone
+    net.connect(A_ID, B_ID)
+    net.settle()
     a, b = net.root(A_ID), net.root(B_ID)
     for i in range(10):
         write(a / "big" / "sub" / f"f{i}", b"x")

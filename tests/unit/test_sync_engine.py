@@ -50,10 +50,9 @@ def test_create_edit_delete_nested_empty(tmp_path: Path) -> None:
     assert tree(a) == tree(b)
 
 
-def test_index_goes_out_as_a_stream_within_a_window(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_index_goes_out_as_a_stream_within_a_window(tmp_path: Path) -> None:
     """A big index is handed over INDEX_WINDOW messages at a time, the next only once one was sent."""
-    monkeypatch.setattr(engine_module, "MAX_FILES_PER_MESSAGE", 10)
-    net = Net(tmp_path, [A_ID, B_ID])
+    net = Net(tmp_path, [A_ID, B_ID], max_files_per_message=10)
     a, b = net.root(A_ID), net.root(B_ID)
     for i in range(35):
         write(a / f"d/f{i}", b"x%d" % i)
