@@ -10,6 +10,7 @@ Liveness comes from the links' keepalives, never from mDNS. Nothing outlives `Ag
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import logging
 import os
@@ -927,8 +928,22 @@ def _refusal_reason(code: ErrorCode) -> str:
     }.get(code, code.value)
 
 
+def _quiet_accept_race(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """Loop exception handler: CPython 3.11's selector loop can call `_sock_accept` for an accept
+    whose future was just cancelled (the listener closing while a peer connects) and report an
+    InvalidStateError with a traceback; nothing is lost (the peer reconnects). Everything else
+    goes to the default handler."""
+    exc = context.get("exception")
+    handle = repr(context.get("handle", ""))
+    if isinstance(exc, asyncio.InvalidStateError) and "_sock_accept" in handle:
+        log.debug("an accept raced the listener's close at shutdown (CPython 3.11): ignored")
+        return
+    loop.default_exception_handler(context)
+
+
 async def serve_until_stopped(agent: Agent) -> None:
     """Run `agent` until SIGTERM, SIGINT or a `stop` command, then shut it down cleanly."""
+    asyncio.get_running_loop().set_exception_handler(_quiet_accept_race)
     async with anyio.create_task_group() as tg:
         await tg.start(agent.run)
 

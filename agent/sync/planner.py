@@ -56,11 +56,19 @@ def wins(a: FileInfo, b: FileInfo) -> bool:
     return a.modified_by > b.modified_by
 
 
-def conflict_name(loser: FileInfo) -> str:
-    """The name the losing version of a conflict is kept under."""
+MAX_CONFLICT_ATTEMPT = 9  # conflict copies of one name, device and second before we give the name up
+
+
+def conflict_name(loser: FileInfo, attempt: int = 0) -> str:
+    """The name the losing version of a conflict is kept under.
+
+    Every device derives the same name from the same version. Two losing versions made by one
+    device within one second would share it, so a caller that finds the name taken by other
+    content asks again with `attempt` 1, 2, ... (`NAME.sync-conflict-DATE-TIME-DEVICE-2.EXT`).
+    """
     parent, base = split_name(loser.name)
     stamp = dt.datetime.fromtimestamp(loser.mtime_ns / 1e9, dt.UTC).strftime("%Y%m%d-%H%M%S")
-    marker = f"{CONFLICT_MARKER}{stamp}-{loser.modified_by[:7]}"
+    marker = f"{CONFLICT_MARKER}{stamp}-{loser.modified_by[:7]}" + (f"-{attempt + 1}" if attempt else "")
     stem, dot, ext = base.rpartition(".")
     if not (dot and stem):
         stem, ext = base, ""  # a leading dot (".bashrc") is not an extension
