@@ -31,6 +31,7 @@ the timers.
 from __future__ import annotations
 
 import logging
+import os
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Executor
@@ -323,6 +324,7 @@ class SyncEngine:
             chunk = next(self._scan_chunks)
             if not self._record_scan(chunk, now):
                 return  # the folder stopped (its root went away): the scan is dropped
+            self._drop_stray_temps(chunk.temp_files)
         except BaseException:
             # a disk or database failure: drop this scan (pulls must not wait for it forever)
             # and let the timer run a full one soon, which also covers the names this one had
@@ -339,6 +341,20 @@ class SyncEngine:
         if self._scan_next:
             names, self._scan_next = sorted(self._scan_next), set()
             self._scan_later(now, names)
+
+    def _drop_stray_temps(self, temps: list[str]) -> None:
+        """Delete temp files a scan found that no pull wants (a directory renamed during a pull
+        takes the pull's temp file along): not left until the next restart. A pull that still
+        writes into one keeps its open file and finds it gone when it commits."""
+        if not temps:
+            return
+        wanted = {self._temp_of(n) for n in (*self.need, *self.jobs, *(j.name for j in self.committer.done))}
+        for t in temps:
+            if t not in wanted:
+                try:
+                    self.fs.unlink(t)
+                except OSError as exc:
+                    log.info("cannot delete stray temp file %r: %s", t, exc)
 
     def get_timer(self) -> float:
         """When `handle_timer` wants to run next, on the monotonic clock (`Now.mono`)."""
@@ -612,7 +628,7 @@ class SyncEngine:
                     self._give_up(name, now)
                     return
                 job = puller.Job(d.target, local, set(n.sources))
-                puller.open_job(self.fs, self.index, job, self.scanner.executor)
+                puller.open_job(self.fs, self.index, job, self.scanner.executor, self._temps_in_use())
                 self.jobs[name] = job
                 self._maybe_done(job)
                 return
@@ -620,6 +636,15 @@ class SyncEngine:
         except OSError as exc:
             log.warning("cannot sync %r (trying again in %.0f s): %s", name, self.retry_pull_after, exc)
             self._give_up(name, now)
+
+    def _temps_in_use(self) -> set[tuple[int, int]]:
+        """(st_dev, st_ino) of every temp file a pull holds open or has finished writing."""
+        busy = {(dev, ino) for dev, ino, _ in (j.temp_id for j in self.committer.done) if ino}
+        for job in self.jobs.values():
+            if job.fd >= 0:
+                st = os.fstat(job.fd)
+                busy.add((st.st_dev, st.st_ino))
+        return busy
 
     def _stalled(self, peer: str, now: Now) -> None:
         """Write off `peer`'s open requests: its files are asked of other peers, or retried later."""

@@ -22,7 +22,7 @@ import hashlib
 import os
 import stat
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -228,8 +228,13 @@ class FolderFS:
             raise OSError(errno.EINVAL, f"{what} is not a regular file")
         return fd
 
-    def open_temp(self, name: str) -> tuple[int, bool]:
-        """(fd, existed) of the temp file for `name`, creating parent directories as needed."""
+    def open_temp(self, name: str, busy: Collection[tuple[int, int]] = ()) -> tuple[int, bool]:
+        """(fd, existed) of the temp file for `name`, creating parent directories as needed.
+
+        A temp file whose inode (st_dev, st_ino) is in `busy` belongs to another pull still
+        writing into it (its directory was renamed under it): it is never resumed, but replaced
+        by a fresh one, or the two pulls would write into one file.
+        """
         parent, _ = split_name(name)
         dfd = self.open_dir(parent, create=True)
         try:
@@ -238,6 +243,11 @@ class FolderFS:
             try:
                 fd = os.open(tmp, flags, dir_fd=dfd)
                 existed = True
+                st = os.fstat(fd)
+                if (st.st_dev, st.st_ino) in busy:
+                    os.close(fd)
+                    os.unlink(tmp, dir_fd=dfd)  # the other pull keeps its inode; its commit will see it moved
+                    raise FileNotFoundError(tmp)
             except FileNotFoundError:
                 fd = os.open(tmp, flags | os.O_CREAT | os.O_EXCL, 0o644, dir_fd=dfd)
                 existed = False

@@ -18,6 +18,7 @@ import os
 import stat
 import threading
 from collections import deque
+from collections.abc import Collection
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
@@ -67,11 +68,17 @@ def unchanged(st: os.stat_result | None, rec: FileInfo | None) -> bool:
     )  # fmt: skip
 
 
-def open_job(fs: FolderFS, index: FolderIndex, job: Job, executor: Executor | None = None) -> None:
+def open_job(
+    fs: FolderFS,
+    index: FolderIndex,
+    job: Job,
+    executor: Executor | None = None,
+    busy: Collection[tuple[int, int]] = (),
+) -> None:
     """Open the temp file, keep blocks it already holds, copy local blocks (on `executor` if
-    given); fill `job.fetch`."""
+    given); fill `job.fetch`. A temp file with an inode in `busy` (another pull's) is not resumed."""
     target = job.target
-    job.fd, existed = fs.open_temp(target.name)
+    job.fd, existed = fs.open_temp(target.name, busy)
     have: set[int] = set()
     if existed:
         tmp_size = os.fstat(job.fd).st_size

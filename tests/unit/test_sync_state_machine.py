@@ -66,12 +66,12 @@ PARENTS = ("", *DIR_NAMES)
 SIZES = (0, 5, 40, 300_000)  # 300,000 bytes: three blocks of 128 KiB, partly shared with other big files
 CONFLICT = re.compile(r"^(?P<stem>.*)\.sync-conflict-\d{8}-\d{6}-[A-Z2-7]{1,7}(?P<ext>\.[^./]+)?$")
 QUIESCE_ROUNDS = 6
-# Two bugs this machine found are still open; both need a directory renamed while a pull writes a
-# temp file inside it, so while they are open the machine does not rename such a directory. Each
-# has a strict xfail test below: when one is fixed, that test fails; then set this to False.
-#   test_a_temp_file_moved_with_its_directory_is_left_until_restart
+# Two bugs this machine found need a directory renamed while a pull writes a temp file inside it;
+# both are fixed (a stray temp is deleted by the next scan; a temp another pull holds is never
+# resumed), so the machine renames such directories too. Their reproductions are below:
+#   test_a_temp_file_moved_with_its_directory_is_deleted_by_the_next_scan
 #   test_a_pull_whose_temp_file_was_moved_away_does_not_tear_another_file
-KNOWN_BUGS_WITH_MOVED_TEMPS = True
+KNOWN_BUGS_WITH_MOVED_TEMPS = False
 CANARY = b"the canary next to the folders must never change"
 
 
@@ -530,11 +530,10 @@ seed(20261207)(SyncMachine)
 TestSyncStateMachine = pytest.mark.slow(SyncMachine.TestCase)
 
 
-@pytest.mark.xfail(strict=True, reason="a temp file moved with its directory during a pull stays until restart")
-def test_a_temp_file_moved_with_its_directory_is_left_until_restart(tmp_path: Path) -> None:
+def test_a_temp_file_moved_with_its_directory_is_deleted_by_the_next_scan(tmp_path: Path) -> None:
     """Found by the machine above: B pulls d1/big; the user renames d1 to d0 meanwhile. The pull's
-    temp file moves along to d0, where no pull will ever use it, and nothing deletes it until
-    the engine restarts (its start-up scan removes temp files no pull needs)."""
+    temp file moves along to d0, where no pull will ever use it; it was left until the engine
+    restarted. The scan the rename causes now deletes it."""
     net = Net(tmp_path, [A_ID, B_ID])
     net.connect(A_ID, B_ID)
     net.settle()
@@ -559,14 +558,14 @@ def test_a_temp_file_moved_with_its_directory_is_left_until_restart(tmp_path: Pa
     assert not left, f"left until restart: {left}"
 
 
-@pytest.mark.xfail(strict=True, reason="a later pull resumes a temp file an earlier pull still writes: torn file")
 def test_a_pull_whose_temp_file_was_moved_away_does_not_tear_another_file(tmp_path: Path) -> None:
     """Found by the machine above (seed 22, 300 examples, before the guard): A pulls d0/f0 from
     B; the user on A renames d0 to d1 while the request is out, so the temp file moves to d1;
     B then writes its own d1/f0. A's pull of d1/f0 takes the moved temp file (same basename, so
     the same temp name) as a resume while the d0/f0 pull, still open on that inode, writes its
     answer into it. A commits a mix of both files as d1/f0, its next scan announces that as a
-    newer version, and B's own d1/f0 is overwritten everywhere, with no conflict copy."""
+    newer version, and B's own d1/f0 was overwritten everywhere, with no conflict copy. A temp
+    file whose inode another pull holds is now replaced, never resumed."""
     net = ShuffledNet(tmp_path, [A_ID, B_ID])
     net.connect(A_ID, B_ID)
     net.settle()
