@@ -61,7 +61,7 @@ from agent.sync.messages import (
 )  # fmt: skip
 from agent.sync.model import FileInfo, FileType
 from agent.sync.names import IGNORE_FILE, MARKER
-from agent.sync.planner import Action, conflict_name, decide
+from agent.sync.planner import MAX_CONFLICT_ATTEMPT, Action, conflict_name, decide
 from agent.sync.scanner import Scanner, ScanResult, load_ignore
 from agent.sync.scheduler import REQUEST_ID_MASK, STALL_TIMEOUT, Outgoing, RequestScheduler
 from agent.sync.server import serve_block
@@ -342,6 +342,21 @@ class SyncEngine:
             names, self._scan_next = sorted(self._scan_next), set()
             self._scan_later(now, names)
 
+    def _keep_as_conflict(self, name: str, local: FileInfo) -> str:
+        """Rename `name` to the first free conflict-copy name of `local`; that name.
+
+        Two losing versions by one device within one second share a name: the second gets `-2`
+        (and so on) instead of failing on every retry for good.
+
+        :raises OSError: every candidate is taken (the pull is retried later) or the rename failed.
+        """
+        for attempt in range(MAX_CONFLICT_ATTEMPT + 1):
+            cname = conflict_name(local, attempt)
+            if self.fs.lstat(cname) is None:
+                self.fs.rename(name, cname)
+                return cname
+        raise FileExistsError(f"every conflict-copy name for {name!r} is taken")
+
     def _drop_stray_temps(self, temps: list[str]) -> None:
         """Delete temp files a scan found that no pull wants (a directory renamed during a pull
         takes the pull's temp file along): not left until the next restart. A pull that still
@@ -599,11 +614,11 @@ class SyncEngine:
             return
         try:
             if d.conflict_name is not None and local is not None:
-                self.fs.rename(name, d.conflict_name)
-                copy = local.replace(name=d.conflict_name, version=Vector().bump(self.device_id, int(now.wall)),
+                cname = self._keep_as_conflict(name, local)
+                copy = local.replace(name=cname, version=Vector().bump(self.device_id, int(now.wall)),
                                      modified_by=self.device_id)  # fmt: skip
                 self.committer.records.append(copy)
-                self.committer.dirty_dirs.update({name.rpartition("/")[0], d.conflict_name.rpartition("/")[0]})
+                self.committer.dirty_dirs.update({name.rpartition("/")[0], cname.rpartition("/")[0]})
                 local = None
             if d.action is Action.PULL and local is not None and not local.deleted and local.type is FileType.DIR:
                 # a file replaces our directory: its files' deletions first, then the directory
@@ -702,9 +717,8 @@ class SyncEngine:
                 log.warning("peer %s announces %r as a file and as a directory: keeping the directory", peer[:7], name)
                 self._give_up(name, now)
                 return False
-        cname = conflict_name(local)
-        log.warning("a file replaces directory %r, which holds files we keep: keeping it as %r", name, cname)
-        self.fs.rename(name, cname)
+        cname = self._keep_as_conflict(name, local)
+        log.warning("a file replaces directory %r, which holds files we keep: kept it as %r", name, cname)
         self.committer.dirty_dirs.update({name.rpartition("/")[0], cname.rpartition("/")[0]})
         self.need.pop(name, None)
         self._scan(now, [name, cname])
