@@ -517,6 +517,7 @@ class SyncEngine:
         for name, ino, mtime in result.refreshed:
             self.index.set_inode(name, ino, mtime)
             self._recheck_tries.pop(name, None)
+        result.changed = self._adopt_remote_versions(result.changed)
         self.index.update_local(result.changed)
         for f in result.changed:
             self._recheck_tries.pop(f.name, None)
@@ -528,6 +529,29 @@ class SyncEngine:
         if self.scanner.ignore.lines != self._ignore_lines:
             self._ignore_changed(now)
         return True
+
+    def _adopt_remote_versions(self, changed: list[FileInfo]) -> list[FileInfo]:
+        """A file found on disk that is exactly a peer's current version of that name (same
+        content, size, mtime and exec bit) is recorded as that version, not as a new one of ours.
+
+        That is what a pull leaves when the agent is killed after putting the file in place and
+        before recording it: recorded as our own new version, it would be concurrent with the
+        peer's later changes and undo them (a deletion that races an edit loses), bringing back
+        files the peer deleted or renamed.
+        """
+        files = {f.name: f for f in changed if not f.deleted and f.type is FileType.FILE}
+        if not files:
+            return changed
+        adopted: dict[str, FileInfo] = {}
+        for peer in self.index.peers():
+            for name, r in self.index.remote_many(peer, list(files)).items():
+                f = files[name]
+                same = (r.type, r.size, r.mtime_ns, r.executable, r.block_size, r.hashes) == (
+                    f.type, f.size, f.mtime_ns, f.executable, f.block_size, f.hashes
+                )  # fmt: skip
+                if same and not r.deleted and name not in adopted:
+                    adopted[name] = f.replace(version=r.version, modified_by=r.modified_by)
+        return [adopted.get(f.name, f) for f in changed]
 
     def _look_again(self, name: str, now: Now) -> None:
         """Scan `name` again soon: it changed while we hashed it (backing off while it keeps changing)."""
