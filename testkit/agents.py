@@ -142,14 +142,53 @@ def snapshot(home: Path) -> TrustSnapshot:
     return TrustSnapshot({p["device_id"]: p for p in json.loads(peers.stdout)}, json.loads(log.stdout))
 
 
-class AgentProc:
-    """One `tofu-agent run` process with its own home."""
+class AgentProcess:
+    """What every agent under test has: a home, a `tofu-agent run` process, its log, and ways to ask and end it."""
+
+    home: Path
+    name: str
+    log_path: Path
+    proc: subprocess.Popen[str] | None
+
+    def exited(self) -> bool:
+        """The process has ended."""
+        return self.proc is not None and self.proc.poll() is not None
+
+    def returncode(self) -> int | None:
+        """The exit code, or None while running."""
+        return None if self.proc is None else self.proc.poll()
+
+    def log(self) -> str:
+        """Everything the agent logged so far."""
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def status(self) -> dict[str, Any] | None:
+        """`tofu-agent --home H status --json` if a running agent answers, else None."""
+        r = cli(self.home, "status", "--json", timeout=10)
+        if r.returncode != 0:
+            return None
+        result: dict[str, Any] = json.loads(r.stdout)
+        return result if result.get("running") else None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> float:
+        """Send `sig` and wait for the exit; returns the seconds it took."""
+        assert self.proc is not None
+        return stop_process(self.proc, sig, timeout)
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would (no goodbye on the wire or on mDNS)."""
+        if self.proc is not None:
+            kill_process(self.proc)
+
+
+class AgentProc(AgentProcess):
+    """One `tofu-agent run` process on loopback (static peers, no mDNS) with its own home."""
 
     def __init__(self, home: Path, name: str, port: int | None = None) -> None:
         self.home = home
         self.name = name
         self.port = port if port is not None else free_port()
-        self.proc: subprocess.Popen[str] | None = None
+        self.proc = None
         self.log_path = home / f"{name}.log"
 
     def start(self, *extra: str, peers: Sequence[AgentProc] = (), env: dict[str, str] | None = None) -> AgentProc:
@@ -167,25 +206,10 @@ class AgentProc:
             env={**os.environ, **(env or {})},
         )
         log.close()
-        wait_for(lambda: self.status() is not None or self._died(), 20, f"{self.name} to start")
+        wait_for(lambda: self.status() is not None or self.exited(), 20, f"{self.name} to start")
         if self.proc.poll() is not None:
             raise AssertionError(f"{self.name} exited with {self.proc.returncode}:\n{self.log()}")
         return self
-
-    def _died(self) -> bool:
-        return self.proc is not None and self.proc.poll() is not None
-
-    def log(self) -> str:
-        """Everything the agent logged so far."""
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def status(self) -> dict[str, Any] | None:
-        """`status --json` if the agent answers, else None."""
-        r = cli(self.home, "status", "--json", timeout=10)
-        if r.returncode != 0:
-            return None
-        result: dict[str, Any] = json.loads(r.stdout)
-        return result
 
     def identity(self) -> dict[str, str]:
         """`id --json`."""
@@ -209,16 +233,6 @@ class AgentProc:
             return wait_for(check, timeout, f"{self.name} to see {device_id} with {expect}")
         except AssertionError as exc:
             raise AssertionError(f"{exc}\n--- {self.name} log ---\n{self.log()}") from None
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> float:
-        """Send `sig` and wait for the exit; returns the seconds it took."""
-        assert self.proc is not None
-        return stop_process(self.proc, sig, timeout)
-
-    def kill(self) -> None:
-        """SIGKILL, as a crash would."""
-        if self.proc is not None:
-            kill_process(self.proc)
 
 
 def stop_process(proc: subprocess.Popen[str], sig: int = signal.SIGTERM, timeout: float = 10.0) -> float:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -30,7 +29,7 @@ from typing import Any, TypeVar
 
 from agent.host.paths import resolve_paths
 from testkit import ROOT
-from testkit.agents import AGENT, cli, fast_status, kill_process, stop_process
+from testkit.agents import AGENT, AgentProcess, cli, fast_status
 from testkit.homes import ConfigValue, new_home
 from testkit.netns import Lan
 from testkit.wait import wait_for
@@ -41,7 +40,7 @@ POLL = 0.02  # LAN tests time what they wait for (pairing, failover): poll often
 PROBE = Path(__file__).with_name("mdns_probe.py")
 
 
-class LanAgent:
+class LanAgent(AgentProcess):
     """One `tofu-agent run` in host `host` of `lan`, with mDNS on and its own home."""
 
     def __init__(
@@ -89,27 +88,7 @@ class LanAgent:
             raise AssertionError(f"{self.name} exited with {self.returncode()}:\n{self.log()}")
         return self
 
-    def exited(self) -> bool:
-        """The process has ended."""
-        return self.proc is not None and self.proc.poll() is not None
-
-    def returncode(self) -> int | None:
-        """The exit code, or None while running."""
-        return None if self.proc is None else self.proc.poll()
-
-    def log(self) -> str:
-        """Everything the agent logged so far."""
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
     # -- asking the agent --------------------------------------------------------------------------
-
-    def status(self) -> dict[str, Any] | None:
-        """`tofu-agent --home H status --json` if a running agent answers, else None."""
-        r = cli(self.home, "status", "--json", timeout=10)
-        if r.returncode != 0:
-            return None
-        result: dict[str, Any] = json.loads(r.stdout)
-        return result if result.get("running") else None
 
     def status_fast(self) -> dict[str, Any] | None:
         """The same object straight from the control socket (no process start-up), or None."""
@@ -141,16 +120,6 @@ class LanAgent:
         return sum(needle in line for line in self.log().splitlines())
 
     # -- ending it ---------------------------------------------------------------------------------
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> float:
-        """Send `sig` and wait for the exit; the seconds it took."""
-        assert self.proc is not None
-        return stop_process(self.proc, sig, timeout)
-
-    def kill(self) -> None:
-        """SIGKILL, as a crash would (no goodbye on the wire or on mDNS)."""
-        if self.proc is not None:
-            kill_process(self.proc)
 
     def cleanup(self) -> None:
         """Kill the process if it still runs and delete the home."""
