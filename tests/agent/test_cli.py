@@ -185,6 +185,7 @@ def test_peers_empty_then_listed(cli: Cli, home: Path) -> None:
         ("forget", SPARE, None, None),
     ],
 )
+@pytest.mark.slow
 def test_trust_action(
     cli: Cli, populated: Path, spelling: str, action: str, device: str, after: str | None, pin: str | None
 ) -> None:
@@ -526,6 +527,7 @@ def test_bad_input_is_one_line_and_exit_1(main_in_process: InProcess, home: Path
 @pytest.mark.parametrize(
     ("args", "needle"), [pytest.param(a, n, id=i) for i, a, n in BAD_COMMANDS if i in SUBPROCESS_SAMPLE]
 )
+@pytest.mark.slow
 def test_bad_input_in_a_real_process(cli: Cli, home: Path, args: list[str], needle: str) -> None:
     _bad_input_home(home)
     argv = [a.replace("{home}", str(home)) for a in args]
@@ -543,6 +545,7 @@ def test_bad_input_sample_is_in_the_table() -> None:
     "args",
     [["id"], ["peers"], ["trust", "verify", TOFU], ["trust", "log"], ["trust", "export"], ["trust", "forget", "d"]],
 )
+@pytest.mark.slow
 def test_invalid_config_is_one_line_and_exit_1(cli: Cli, populated: Path, args: list[str]) -> None:
     config_file = populated / "config" / "config.toml"
     config_file.parent.mkdir(mode=0o700, exist_ok=True)
@@ -556,6 +559,7 @@ def test_invalid_config_is_one_line_and_exit_1(cli: Cli, populated: Path, args: 
     ("text", "needle"),
     [('trust_policy = "paranoid"\n', "trust_policy"), ("colour = 1\n", "unknown setting"), ("port = true", "port")],
 )
+@pytest.mark.slow
 def test_invalid_config_settings_are_one_line(cli: Cli, home: Path, text: str, needle: str) -> None:
     config_file = home / "config" / "config.toml"
     config_file.parent.mkdir(mode=0o700)

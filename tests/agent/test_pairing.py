@@ -20,6 +20,8 @@ from testkit.agents import AgentProc, cli, free_port
 from testkit.homes import new_home
 from testkit.wait import wait_for
 
+pytestmark = pytest.mark.slow  # agent processes: many starts, restarts and handshakes
+
 
 @pytest.fixture
 def homes() -> Iterator[list[Path]]:

@@ -12,6 +12,8 @@ from testkit.agents import AgentProc, cli
 from testkit.homes import new_home
 from testkit.wait import wait_for
 
+pytestmark = pytest.mark.slow  # agent processes: many starts, restarts and handshakes
+
 
 @pytest.fixture
 def agents() -> Iterator[list[AgentProc]]:

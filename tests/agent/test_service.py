@@ -151,6 +151,7 @@ class FakeNotifySocket:
 
 
 @pytest.mark.usefixtures("clean_env")
+@pytest.mark.slow
 def test_notify_ready_watchdog_stopping(homes: list[Path], procs: list[AgentProc]) -> None:
     notify = FakeNotifySocket(homes[1] / "notify.sock")
     try:
@@ -207,6 +208,7 @@ TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\d[T ]\d\d:\d\d")
 
 @pytest.mark.usefixtures("clean_env")
 @pytest.mark.parametrize("journal", [True, False], ids=["journal", "terminal"])
+@pytest.mark.slow
 def test_log_format(homes: list[Path], procs: list[AgentProc], journal: bool) -> None:
     # A manual-policy agent logs INFO (listening) and WARNING (a new device waits for approval).
     env = {"JOURNAL_STREAM": "8:12345"} if journal else {}
@@ -260,6 +262,7 @@ def timed_status(home: Path) -> tuple[float, subprocess.CompletedProcess[str]]:
 
 
 @pytest.mark.usefixtures("clean_env")
+@pytest.mark.slow
 def test_status_is_quick_with_50_known_peers(homes: list[Path], procs: list[AgentProc]) -> None:
     assert cli(homes[0], "id").returncode == 0  # the identity first, so the store is the agent's own
     fill_trust_store(homes[0], KNOWN_PEERS)

@@ -40,6 +40,8 @@ from testkit.agents import AgentProc, cli
 from testkit.homes import new_home
 from testkit.wait import wait_for
 
+pytestmark = pytest.mark.slow  # agent processes: many starts, restarts and handshakes
+
 MiB = 1024 * 1024
 
 

@@ -129,6 +129,7 @@ def wrong_code(code: str) -> str:
 # -- safety numbers ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_safety_number_is_equal_on_both_sides_and_changes_with_either_key(homes: list[Path]) -> None:
     a, b = homes[0], homes[1]
     assert cli(a, "trust", "add", uri(b)).returncode == 0
@@ -155,6 +156,7 @@ def test_safety_number_is_equal_on_both_sides_and_changes_with_either_key(homes:
     assert verify_json(b, ida)["safety_number"] == b_side
 
 
+@pytest.mark.slow
 def test_verify_json_changes_nothing_without_yes_and_yes_verifies(homes: list[Path]) -> None:
     a, b = homes[0], homes[1]
     import_tofu(a, b)
@@ -186,6 +188,7 @@ def test_verify_unknown_device_is_one_line(homes: list[Path]) -> None:
 # -- pairing ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_pairing_with_the_right_code_verifies_both(homes: list[Path]) -> None:
     a, b = homes[0], homes[1]
     w = Waiting(a)
@@ -209,6 +212,7 @@ def test_pairing_with_the_right_code_verifies_both(homes: list[Path]) -> None:
     assert verify_json(a, ib["device_id"])["safety_number"] == verify_json(b, ia["device_id"])["safety_number"]
 
 
+@pytest.mark.slow
 def test_wrong_code_fails_on_both_sides_and_burns_the_code(homes: list[Path]) -> None:
     a, b = homes[0], homes[1]
     w = Waiting(a)
@@ -228,6 +232,7 @@ def test_wrong_code_fails_on_both_sides_and_burns_the_code(homes: list[Path]) ->
     assert peers(a) == {} and peers(b) == {}
 
 
+@pytest.mark.slow
 def test_the_code_expires(homes: list[Path]) -> None:
     a, b = homes[0], homes[1]
     w = Waiting(a, timeout=1.5)
@@ -243,6 +248,7 @@ def test_the_code_expires(homes: list[Path]) -> None:
     assert peers(a) == {} and peers(b) == {}
 
 
+@pytest.mark.slow
 def test_a_tls_relay_fails_and_does_not_burn_the_code(homes: list[Path]) -> None:
     a, b = homes[0], homes[1]
     w = Waiting(a)
@@ -327,6 +333,7 @@ class PakeRelay:
         shutil.rmtree(self.home, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_a_relay_forwarding_the_pairing_messages_fails_on_both_sides(homes: list[Path]) -> None:
     a, b = homes[0], homes[1]
     w = Waiting(a)
@@ -345,6 +352,7 @@ def test_a_relay_forwarding_the_pairing_messages_fails_on_both_sides(homes: list
     assert peers(a) == {} and peers(b) == {}
 
 
+@pytest.mark.slow
 def test_pairing_refuses_a_device_pinned_to_another_key(homes: list[Path]) -> None:
     a, b = homes[0], homes[1]
     assert cli(a, "trust", "add", uri(b)).returncode == 0
@@ -384,6 +392,7 @@ def agents(homes: list[Path]) -> Iterator[list[AgentProc]]:
         p.kill()
 
 
+@pytest.mark.slow
 def test_trust_add_prepins_then_key_change_then_verify_the_new_key(agents: list[AgentProc]) -> None:
     a, b = agents
     idb = b.identity()["device_id"]
@@ -418,6 +427,7 @@ def test_trust_add_prepins_then_key_change_then_verify_the_new_key(agents: list[
     assert verified[0]["fingerprint"] == new_fp and verified[0]["old_fingerprint"] == old_fp
 
 
+@pytest.mark.slow
 def test_code_policy_agent_admits_a_device_once_paired(agents: list[AgentProc]) -> None:
     a, b = agents
     idb = b.identity()["device_id"]

@@ -6,6 +6,8 @@ import secrets
 import ssl
 from collections.abc import Callable
 
+import pytest
+
 from agent.errors import ErrorCode
 from agent.identity.keys import Identity
 from agent.wire.frames import PRE_AUTH_MAX_FRAME
@@ -14,6 +16,8 @@ from agent.wire.messages import Auth, Hello, Ping, Ready, WireMessage
 from testkit.peer import agent_error, frame, message_frame, new_identity, read_messages
 from testkit.wait import wait_for
 from tests.hostile.conftest import Victim
+
+pytestmark = pytest.mark.slow  # a real agent under attack per test (one victim pair per session)
 
 Script = Callable[[ssl.SSLSocket, Identity], object]
 

@@ -6,6 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # SIGKILLs real agents again and again (bench/crash_loop.py, short)
+
 ROOT = Path(__file__).resolve().parents[2]
 
 

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import pytest
+
 from agent.errors import ErrorCode
 from agent.identity.keys import Identity
 from testkit.agents import AgentProc, fast_peer, rss_kib, snapshot
 from testkit.peer import HostileClient, ProtocolClient, new_identity
 from tests.hostile.conftest import Victim, wait_connected
+
+pytestmark = pytest.mark.slow  # a real agent under attack per test (one victim pair per session)
 
 Pair = tuple[AgentProc, AgentProc, str, str]
 

@@ -23,7 +23,7 @@ from testkit.lan import LanAgent, cleanup_all
 from testkit.netns import Lan, netns_available
 from testkit.wait import wait_for
 
-pytestmark = pytest.mark.lan
+pytestmark = [pytest.mark.lan, pytest.mark.slow]  # real agents in network namespaces
 
 FLOOD = Path(__file__).with_name("mdns_flood.py")
 

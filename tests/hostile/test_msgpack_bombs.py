@@ -15,6 +15,8 @@ from agent.wire.frames import MAX_FRAME, PRE_AUTH_MAX_FRAME
 from testkit.peer import HostileClient, ProtocolClient, frame, source_address
 from tests.hostile.conftest import Victim
 
+pytestmark = pytest.mark.slow  # a real agent under attack per test (one victim pair per session)
+
 SRC = source_address(20)
 
 # Each body fits the frame it is sent in; every one must end in ERROR(malformed) and nothing else.

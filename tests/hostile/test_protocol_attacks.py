@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import pytest
+
 from agent.errors import ErrorCode
 from agent.identity.keys import Identity
 from agent.wire.frames import MAX_FRAME, PRE_AUTH_MAX_FRAME
 from agent.wire.messages import Auth, Hello, Ping, Pong, Ready
 from testkit.peer import HostileClient, ProtocolClient, frame, new_identity, source_address
 from tests.hostile.conftest import Victim
+
+pytestmark = pytest.mark.slow  # a real agent under attack per test (one victim pair per session)
 
 SRC = source_address(10)
 

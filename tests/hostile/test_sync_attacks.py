@@ -33,6 +33,8 @@ from testkit.peer import SyncPeer, frame, sync_body, wire_file
 from testkit.wait import wait_for
 from tests.hostile.conftest import SyncVictim, tree
 
+pytestmark = pytest.mark.slow  # a real agent under attack per test (one victim pair per session)
+
 FOLDER = "default"
 HOSTNAME = Path("/etc/hostname")
 

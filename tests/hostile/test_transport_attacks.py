@@ -7,11 +7,15 @@ import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
+
 from agent.errors import ErrorCode
 from agent.net.transport import MAX_CONNECTIONS, MAX_CONNECTIONS_PER_ADDRESS, TLS_HANDSHAKE_TIMEOUT
 from agent.wire.handshake import HANDSHAKE_TIMEOUT
 from testkit.peer import HostileClient, client_hello_only, closed_within, frame, source_address, tcp_connect
 from tests.hostile.conftest import PROBE_SOURCE, Victim
+
+pytestmark = pytest.mark.slow  # a real agent under attack per test (one victim pair per session)
 
 SLACK = 2.5  # seconds beyond a deadline before we call it missed (a loaded CI machine)
 

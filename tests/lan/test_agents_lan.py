@@ -24,7 +24,7 @@ from testkit.lan import ForgedAdvert, LanAgent, cleanup_all, established, pairs
 from testkit.netns import Lan
 from testkit.wait import wait_for
 
-pytestmark = [pytest.mark.lan, pytest.mark.timeout(90)]
+pytestmark = [pytest.mark.lan, pytest.mark.timeout(90), pytest.mark.slow]  # real agents in network namespaces
 
 # Keepalive ping after 1 s idle, link closed 1 s after a missed pong: a dead peer shows in ~2-3 s.
 QUICK = {"keepalive_idle": 1.0, "keepalive_timeout": 1.0}

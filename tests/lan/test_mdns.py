@@ -22,7 +22,7 @@ from agent.identity.keys import new_device_id
 from testkit import ROOT
 from testkit.netns import Lan
 
-pytestmark = pytest.mark.lan
+pytestmark = [pytest.mark.lan, pytest.mark.slow]  # real agents in network namespaces
 
 PROBE = ROOT / "testkit" / "mdns_probe.py"
 DEADLINE = 10.0

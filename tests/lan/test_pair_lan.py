@@ -13,7 +13,7 @@ import pytest
 
 from testkit.netns import Lan
 
-pytestmark = pytest.mark.lan
+pytestmark = [pytest.mark.lan, pytest.mark.slow]  # real agents in network namespaces
 
 ROOT = Path(__file__).resolve().parents[2]
 AGENT = [sys.executable, "-m", "agent"]

@@ -14,7 +14,7 @@ from testkit.agents import cli
 from testkit.netns import Lan
 from testkit.wait import wait_for
 
-pytestmark = pytest.mark.lan
+pytestmark = [pytest.mark.lan, pytest.mark.slow]  # real agents in network namespaces
 
 
 def tree(root: Path) -> dict[str, str | None]:

@@ -22,6 +22,8 @@ from agent.ui import format as fmt
 from agent.ui.fake import FakeBackend
 from agent.ui.server import UiHandle, serve_ui
 
+pytestmark = pytest.mark.slow  # headless Chromium
+
 CHROMIUM = "/usr/bin/chromium"
 ARGS = [
     "--no-sandbox",

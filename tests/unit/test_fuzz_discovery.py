@@ -8,6 +8,7 @@ and `peers()` always equals what the events said.
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
@@ -71,4 +72,4 @@ class TableMachine(RuleBasedStateMachine):
 
 
 TableMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
-test_peer_table_state_machine = TableMachine.TestCase
+test_peer_table_state_machine = pytest.mark.slow(TableMachine.TestCase)

@@ -6,6 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # runs scripts/fuzz.py over every target
+
 ROOT = Path(__file__).resolve().parents[2]
 
 

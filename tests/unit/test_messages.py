@@ -144,6 +144,7 @@ mutated = st.builds(
 
 @settings(max_examples=600, deadline=None)
 @given(st.one_of(st.binary(max_size=300), near_misses, mutated))
+@pytest.mark.slow
 def test_garbage_in_message_or_remote_protocol_error(body: bytes) -> None:
     try:
         msg = decode_message(body)

@@ -223,6 +223,7 @@ _msgpack_values = st.recursive(
 
 @settings(max_examples=300, deadline=None)
 @given(st.lists(_msgpack_values, min_size=8, max_size=8))
+@pytest.mark.slow
 def test_well_formed_msgpack_of_wrong_shape_is_malformed(fields: list[object]) -> None:
     data = _pack(fields)
     if len(data) > rotation.MAX_ENCODED:

@@ -429,6 +429,7 @@ def test_a_peer_that_never_answers_does_not_stop_pulls_from_another(tmp_path: Pa
     assert (net.root(B_ID) / "honest.txt").read_bytes() == b"from the honest peer"
 
 
+@pytest.mark.slow
 def test_requests_cancelled_by_newer_versions_stay_bounded(tmp_path: Path) -> None:
     net = Net(tmp_path, [B_ID])
     victim = net.engines[B_ID]

@@ -513,4 +513,4 @@ TrustMachine.TestCase.settings = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
-test_trust_machine = TrustMachine.TestCase
+test_trust_machine = pytest.mark.slow(TrustMachine.TestCase)  # 40 steps, many examples
