@@ -60,10 +60,13 @@ BACKOFF_BASE = 0.5
 BACKOFF_CAP = 30.0
 # A peer that refused us (key changed, revoked) waits for a person; retry, but slowly.
 REFUSED_BACKOFF = 60.0
-# A peer that has us waiting for approval may be approved any moment by a person standing at it:
+# A peer that has us waiting for approval (or refused our changed key) may decide any moment, a
+# person standing at it: ask again every second for the first minutes (an accept or re-trust there
+# connects within about a second, also when only we know the address), then as slowly as any refusal.
 # ask again soon (a handshake every 2 s) for the first minutes, then as slowly as any refusal.
-PENDING_RETRY = 2.0
+PENDING_RETRY = 1.0
 PENDING_RETRY_FOR = 15 * 60.0
+_PERSON_DECIDES = ("waiting for approval", "our key is refused")
 SHUTDOWN_GRACE = 3.0
 # Adverts seen this soon after we start browsing were up before we started (probing takes at least
 # 0.75 s), so their owner runs already and cannot see us until our own advert is out: dial them at
@@ -375,7 +378,7 @@ class Agent:
                         target.device_id = link.peer.device_id
                     target.refused = link.peer is not None and not link.is_open and link.opened_at is None
                     view = self.peers.get(link.peer.device_id) if link.peer is not None else None
-                    if target.refused and view is not None and view.refused_us.startswith("waiting for approval"):
+                    if target.refused and view is not None and view.refused_us.startswith(_PERSON_DECIDES):
                         if target.pending_since is None:
                             target.pending_since = time.monotonic()
                     else:
@@ -784,11 +787,12 @@ class Agent:
                 # The peer refused us after the handshake: say why in `status` (for a pending
                 # request: which machine a person must approve it on).
                 view.name = view.name or link.peer.name
-                view.refused_us = (
-                    f"waiting for approval on {link.peer.name}"
-                    if why.startswith(ErrorCode.PENDING.value)
-                    else f"refused by {link.peer.name}: {why}"
-                )
+                if why.startswith(ErrorCode.PENDING.value):
+                    view.refused_us = f"waiting for approval on {link.peer.name}"
+                elif why.startswith(ErrorCode.KEY_CHANGED.value):
+                    view.refused_us = f"our key is refused by {link.peer.name} until a person there re-trusts it"
+                else:
+                    view.refused_us = f"refused by {link.peer.name}: {why}"
             log.log(logging.WARNING if refused else logging.INFO, "%s (%s) closed: %s", link.peer.name, device_id, why)
 
     # -- control ---------------------------------------------------------------------------------

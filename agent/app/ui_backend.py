@@ -97,8 +97,6 @@ class AgentBackend:
                 raise UserError("code pairing runs in a terminal for now: `tofu-agent pair` (and `pair CODE`)")
             case "accept_folder":
                 return await self._accept_folder(args.get("folder"), device)
-            case "introducer_on" | "introducer_off":
-                raise UserError("this is not available yet in this version")
         if device is None:
             raise UserError(f"{action} needs a device")
         record = await anyio.to_thread.run_sync(self._apply, action, device, args.get("fingerprint"))
@@ -146,6 +144,8 @@ class AgentBackend:
                 return self.store.revoke(device, now, "request rejected on the web page")
             case "forget":
                 return self.store.forget(device, now)
+            case "introducer_on" | "introducer_off":
+                return self.store.set_introducer(device, action == "introducer_on", now)
             case "clear_anomalies":
                 self.store.record_event(current.device_id, EventKind.ANOMALY_CLEARED, now, detail="")
                 return current
