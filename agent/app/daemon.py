@@ -20,9 +20,9 @@ import ssl
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
@@ -53,6 +53,9 @@ from agent.ui.backend import ChangeFeed, ThisDevice
 from agent.ui.server import UiHandle, serve_ui
 from agent.wire.handshake import PeerAuthenticated, Role
 from agent.wire.messages import WireMessage
+
+if TYPE_CHECKING:
+    from agent.net.pairing_net import PairedPeer
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +164,7 @@ class Agent:
         self.rotations: tuple[bytes, ...] = tuple(identity.load_rotations(paths))
         self.window = window.close_window()  # the pairing window (policy `window`); opened in `run`
         self.feed = ChangeFeed()  # wakes the web page and the notifier when what `status` shows changed
+        self._pairing = False  # a code pairing started from the page runs
         self.ui: UiHandle | None = None
         # Introductions applied from each open link (bounded by MAX_INTRODUCTIONS).
         self._introductions_in: weakref.WeakKeyDictionary[PeerLink, int] = weakref.WeakKeyDictionary()
@@ -277,6 +281,8 @@ class Agent:
             rotate_key=self.rotate_key,
             folders_changed=self.folders_changed,
             paths=self.paths,
+            start_pairing=self.start_pairing,
+            join_pairing=self.join_pairing,
         )
         if self.config.ui_enabled:
             try:
@@ -288,6 +294,62 @@ class Agent:
 
             tg.start_soon(Notifier(backend, enabled=True, open_page=self._open_page).run)
         tg.start_soon(self._tick_folders)
+
+    async def start_pairing(self) -> str:
+        """Start waiting with a new one-time code (for the web page): "CODE" and the port it listens
+        on, once it does. The pairing runs on in the agent's task group."""
+        from agent.app import pairing_run  # pairing loads SPAKE2 and zeroconf: only when used
+
+        session = pairing_run.waiting_session(self.identity)
+        listening: list[int] = []
+        ready = anyio.Event()
+
+        def on_listening(port: int) -> None:
+            listening.append(port)
+            ready.set()
+
+        self._begin_pairing(self._wait_pairing(session, on_listening))
+        with anyio.move_on_after(5.0):
+            await ready.wait()
+        return f"{session.code} (port {listening[0]})" if listening else str(session.code)
+
+    async def join_pairing(self, code: str) -> str:
+        """Join the machine that shows `code` (for the web page); what to tell the person."""
+        from agent.app import pairing_run
+        from agent.pairing.code import parse_code
+
+        parse_code(code)  # a typo is refused at once, not after a search
+        self._begin_pairing(pairing_run.join(self.identity, self.store, code))
+        return f"looking for the machine that shows {code.strip()}: it appears under Devices as verified when done"
+
+    def _begin_pairing(self, run: Coroutine[Any, Any, PairedPeer]) -> None:
+        if self._pairing or self._tg is None:
+            run.close()
+            raise UserError("a pairing is already running here; wait for it to end (at most 5 minutes)")
+        self._pairing = True
+        self._tg.start_soon(self._finish_pairing, run)
+
+    async def _wait_pairing(self, session: Any, on_listening: Callable[[int], None]) -> PairedPeer:
+        from agent.app import pairing_run
+
+        server_ctx = transport.server_context(self.paths.cert_file, self.paths.key_file)
+        return await pairing_run.wait(
+            self.identity, server_ctx, self.store, session, advertise=self.config.mdns, on_listening=on_listening
+        )
+
+    async def _finish_pairing(self, run: Coroutine[Any, Any, PairedPeer]) -> None:
+        try:
+            from agent.app import pairing_run
+
+            peer = await run
+            record = await anyio.to_thread.run_sync(pairing_run.pin_peer, self.store, peer, time.time())
+            log.info("paired with %s (%s) by code: verified", record.name, record.device_id)
+            self._person_changed_trust(record.device_id, record)
+        except (TofuError, ProtocolError, OSError) as exc:
+            log.warning("pairing by code failed: %s", exc)
+        finally:
+            self._pairing = False
+            self.feed.notify()
 
     async def _status_now(self) -> dict[str, Any]:
         return await anyio.to_thread.run_sync(self.status_from, self._snapshot())

@@ -58,6 +58,8 @@ class AgentBackend:
     rotate_key: Callable[[], Awaitable[dict[str, Any]]]
     folders_changed: Callable[[], Awaitable[dict[str, Any]]] | None = None
     paths: Paths | None = None
+    start_pairing: Callable[[], Awaitable[str]] | None = None  # a new code; the pairing runs on
+    join_pairing: Callable[[str], Awaitable[str]] | None = None  # with a code typed in
 
     async def snapshot(self) -> dict[str, Any]:
         st = await self.status()
@@ -93,8 +95,19 @@ class AgentBackend:
             case "rotate_key":
                 done = await self.rotate_key()
                 return f"this machine's key was rotated; new fingerprint {done['fingerprint'][:16]}..."
-            case "pair_start" | "pair_join":
-                raise UserError("code pairing runs in a terminal for now: `tofu-agent pair` (and `pair CODE`)")
+            case "pair_start":
+                if self.start_pairing is None:
+                    raise UserError("code pairing is not available here: run `tofu-agent pair`")
+                shown = await self.start_pairing()
+                code = shown.split(" ")[0]
+                return (
+                    f"pairing code {shown}: on the other machine run `tofu-agent pair {code}` or enter it on "
+                    f"its page (This machine); it works once, for 5 minutes"
+                )
+            case "pair_join":
+                if self.join_pairing is None:
+                    raise UserError("code pairing is not available here: run `tofu-agent pair CODE`")
+                return await self.join_pairing(args.get("code", ""))
             case "accept_folder":
                 return await self._accept_folder(args.get("folder"), device)
         if device is None:

@@ -25,7 +25,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-from agent import config
 from agent.app import control
 from agent.cli.context import EXIT_OK, Ctx, port_arg, record_json
 from agent.errors import UserError
@@ -34,16 +33,12 @@ from agent.trust import policy
 from agent.trust.model import DeviceRecord, EventKind, TrustLevel
 
 if TYPE_CHECKING:
-    from agent.net.pairing_net import PairedPeer
-    from agent.trust.store import TrustStore
-    from agent.wire.handshake import PeerAuthenticated
+    pass
 
 log = logging.getLogger(__name__)
 
 WAIT_DEFAULT = 300.0  # the waiting side: how long the code is good
 JOIN_DEFAULT = 60.0  # the joining side: how long to look for the waiting side and finish
-MDNS_SEARCH_MAX = 30.0
-PAIR_DETAIL = "paired with a one-time code"
 
 Transition = Callable[[DeviceRecord], tuple[DeviceRecord, EventKind]]
 
@@ -164,15 +159,6 @@ def pin_paired(record: DeviceRecord, fingerprint: str) -> tuple[DeviceRecord, Ev
 # -- store and agent edges ------------------------------------------------------------------------
 
 
-def pin_peer(store: TrustStore, peer: PairedPeer, now: float) -> DeviceRecord:
-    """Pin a paired peer as `verified`: add a new device, or raise a known one with the same key.
-
-    :raises UserError: it is pinned to another key or revoked here.
-    """
-    # One transaction reads the record and applies `policy.pair` to it.
-    return store.pair(peer.device_id, ids.clean_name(peer.name), peer.fingerprint, now, PAIR_DETAIL)
-
-
 # -- verify ---------------------------------------------------------------------------------------
 
 
@@ -229,13 +215,6 @@ def _human_time(seconds: float) -> str:
     return f"{seconds / 60:g} minutes" if seconds >= 120 else f"{seconds:g} seconds"
 
 
-def _refuser(store: TrustStore) -> Callable[[PeerAuthenticated], str | None]:
-    def refuse(peer: PeerAuthenticated) -> str | None:
-        return pairing_conflict(store.get(peer.device_id), peer.fingerprint)
-
-    return refuse
-
-
 def cmd_pair(ctx: Ctx) -> int:
     a = ctx.args
     if a.window is not None:
@@ -248,8 +227,8 @@ def cmd_pair(ctx: Ctx) -> int:
 
     import anyio
 
-    from agent.net import pairing_net, transport
-    from agent.pairing import code as pairing
+    from agent.app import pairing_run
+    from agent.net import transport
 
     if a.code is None and a.peer is not None:
         raise UserError("--peer is for the joining side: `tofu-agent pair CODE --peer HOST:PORT`")
@@ -260,9 +239,8 @@ def cmd_pair(ctx: Ctx) -> int:
     with ctx.store() as store:
         if a.code is None:
             timeout = a.timeout if a.timeout is not None else WAIT_DEFAULT
-            code = pairing.new_code()
-            session = pairing.PairingSession("waiting", code, own.device_id, own.fingerprint, time.monotonic(), timeout)
-            advertise = cfg.mdns and not a.no_mdns
+            session = pairing_run.waiting_session(own, timeout)
+            code = session.code
 
             def listening(port: int) -> None:
                 if ctx.json:
@@ -278,40 +256,27 @@ def cmd_pair(ctx: Ctx) -> int:
                 ]
                 print("\n".join(lines), flush=True)
 
+            server_ctx = transport.server_context(ctx.paths.cert_file, ctx.paths.key_file)
             peer = anyio.run(
-                lambda: pairing_net.wait_for_peer(
-                    identity=own,
-                    server_ctx=transport.server_context(ctx.paths.cert_file, ctx.paths.key_file),
-                    session=session,
+                lambda: pairing_run.wait(
+                    own,
+                    server_ctx,
+                    store,
+                    session,
                     bind=a.bind if a.bind is not None else "",
                     port=a.port if a.port is not None else 0,
-                    advertise=advertise,
-                    refuse=_refuser(store),
+                    advertise=cfg.mdns and not a.no_mdns,
                     on_listening=listening,
                 ),
                 backend="asyncio",
             )
         else:
             timeout = a.timeout if a.timeout is not None else JOIN_DEFAULT
-            parsed = pairing.parse_code(a.code)
-            session = pairing.PairingSession(
-                "joining", str(parsed), own.device_id, own.fingerprint, time.monotonic(), timeout
+            code_text, peer_arg = a.code, a.peer
+            peer = anyio.run(
+                lambda: pairing_run.join(own, store, code_text, within=timeout, peer=peer_arg), backend="asyncio"
             )
-            peer_arg = a.peer
-
-            async def join() -> PairedPeer:
-                if peer_arg is not None:
-                    targets = [config.parse_peer(peer_arg)]
-                else:
-                    left = session.expires_at - time.monotonic()
-                    addresses, port = await pairing_net.find_waiting(parsed.nameplate, min(left, MDNS_SEARCH_MAX))
-                    targets = [(address, port) for address in addresses]
-                return await pairing_net.join(
-                    identity=own, session=session, targets=targets, deadline=session.expires_at, refuse=_refuser(store)
-                )
-
-            peer = anyio.run(join, backend="asyncio")
-        record = pin_peer(store, peer, time.time())
+        record = pairing_run.pin_peer(store, peer, time.time())
     control.notify_trust_changed(ctx.paths.control_socket, record.device_id)
     ctx.out(
         {**record_json(record), "paired": True},

@@ -57,3 +57,43 @@ def test_login_then_accept_a_pending_device_from_the_page() -> None:
     finally:
         a.kill()
         c.kill()
+
+
+def _logged_in(home: Path) -> tuple[httpx.Client, str]:
+    r = cli(home, "ui", "--no-open", "--json")
+    assert r.returncode == 0, r.stderr
+    url = json.loads(r.stdout)["url"]
+    base = url.split("/login")[0]
+    web = httpx.Client(base_url=base, follow_redirects=False, timeout=10)
+    assert web.get(url).status_code == 303
+    return web, base
+
+
+@pytest.mark.slow
+def test_a_code_pairing_started_on_the_page_pairs_with_a_machine_that_types_the_code() -> None:
+    ha, hb = _home_with_ui(), new_home()
+    a, b = AgentProc(ha, "alpha"), AgentProc(hb, "beta")
+    try:
+        a.start("--folder", str(ha / "f"))
+        b.start("--folder", str(hb / "f"))
+        idb = b.identity()["device_id"]
+        web, base = _logged_in(ha)
+        try:
+            page = web.get("/this")
+            csrf = re.search(r'name="csrf" value="([^"]+)"', page.text)
+            assert csrf is not None
+            form = {"csrf": csrf.group(1), "action": "pair_start", "confirmed": "yes", "back": "/this"}
+            done = web.post("/act", data=form, headers={"Origin": base, "Sec-Fetch-Site": "same-origin"})
+            assert done.status_code == 303
+            shown = web.get(done.headers["location"]).text
+            m = re.search(r"pairing code (\d+-[a-z]+-[a-z]+) \(port (\d+)\)", shown)
+            assert m is not None, shown[:3000]
+        finally:
+            web.close()
+        joined = cli(hb, "pair", m.group(1), "--peer", f"127.0.0.1:{m.group(2)}", "--json", timeout=60)
+        assert joined.returncode == 0, joined.stderr
+        assert json.loads(joined.stdout)["trust"] == "verified"
+        a.wait_peer(idb, trust="verified", timeout=20)
+    finally:
+        a.kill()
+        b.kill()
