@@ -185,7 +185,8 @@ class PeerLink:
                     self._room.set()
                 await self.stream.send(data)
                 self._writing = 0
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+        except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+            # (a TLS stream that is not standard-compatible reports the peer's close as EndOfStream)
             self._write_error = exc
             self._room.set()
             if self._recv_scope is not None:

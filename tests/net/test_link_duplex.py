@@ -182,3 +182,34 @@ async def test_a_peer_that_sends_and_never_reads_is_held_up_not_buffered(tmp_pat
             peak = max(peak, victim.backlog)
             tg.cancel_scope.cancel()
         assert stop_at < peak < stop_at + 4 * 1024 * 1024, f"backlog peaked at {peak} bytes"
+
+
+class _ClosedByPeer(anyio.abc.ByteStream):
+    """A stream whose peer has gone: every send raises EndOfStream (as a TLS stream that is not
+    standard-compatible does), every receive waits."""
+
+    async def send(self, item: bytes) -> None:
+        raise anyio.EndOfStream
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        await anyio.sleep_forever()
+        return b""
+
+    async def send_eof(self) -> None:
+        pass
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def test_a_peer_gone_while_we_write_ends_the_link_quietly(tmp_path: Path) -> None:
+    """Soak finding (5 agents, 30 min): the writer met EndOfStream, which escaped the link as an
+    exception group and was logged as an unexpected failure with a traceback."""
+    paths = resolve_paths(tmp_path / "x")
+    paths.ensure()
+    ident = identity.load_or_create(paths, "x", dt.datetime.now(dt.UTC))
+    hooks = Side("x")
+    link = PeerLink(_ClosedByPeer(), Role.SERVER, ident, "192.0.2.1")
+    with anyio.fail_after(5):
+        await link.run(hooks)
+    assert hooks.reason.startswith("connection lost")
