@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -89,4 +90,6 @@ def test_files_written_while_the_agent_starts_reach_the_peer_within_seconds() ->
         finally:
             a.kill()
             b.kill()
+            for home in (ha, hb):  # hundreds of MB a run: never left behind in /tmp
+                shutil.rmtree(home, ignore_errors=True)
     print(f"seconds from the last write to the peer holding every file: {' '.join(f'{t:.1f}' for t in lags)}")

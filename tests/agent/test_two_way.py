@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -71,4 +72,6 @@ def test_both_sides_with_data_the_other_lacks_converge() -> None:
         finally:
             a.kill()
             b.kill()
+            for home in (ha, hb):  # hundreds of MB a run: never left behind in /tmp
+                shutil.rmtree(home, ignore_errors=True)
     print(f"two-way convergence, s: {' '.join(f'{t:.1f}' for t in times)}")
