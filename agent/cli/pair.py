@@ -240,7 +240,7 @@ def cmd_pair(ctx: Ctx) -> int:
         if a.code is None:
             timeout = a.timeout if a.timeout is not None else WAIT_DEFAULT
             session = pairing_run.waiting_session(own, timeout)
-            code = session.code
+            code = str(session.code)
 
             def listening(port: int) -> None:
                 if ctx.json:
