@@ -149,6 +149,12 @@ def tree(root: Path) -> dict[str, str]:
     return out
 
 
+def differing(a: Path, b: Path) -> list[str]:
+    """Names whose content differs between two folders (or that only one has), sorted."""
+    mine, theirs = tree(a), tree(b)
+    return sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
+
+
 def temps(root: Path) -> list[Path]:
     return [p for p in root.rglob(TEMP_PREFIX + "*")]
 
@@ -339,8 +345,7 @@ def sync_loop(
             if took is None:
                 stray_temps = temps(fr)
                 res.temps_left += len(stray_temps)
-                mine, theirs = tree(fr), tree(fs)
-                diff = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
+                diff = differing(fr, fs)
                 res.failures.append(
                     f"round {n}: no convergence in {timeout:.0f} s: {folder_of(r)}, temps {stray_temps[:3]}, "
                     f"differing {diff[:5]}"
@@ -421,8 +426,7 @@ def writing_loop(kills: int, rng: random.Random, timeout: float) -> ModeResult:
 
             took = seconds_until(same, timeout)
             if took is None:
-                mine, theirs = tree(fr), tree(fs)
-                diff = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
+                diff = differing(fr, fs)
                 res.failures.append(
                     f"round {n}: no convergence in {timeout:.0f} s after the writes: differing {diff[:5]}"
                 )

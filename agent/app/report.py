@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent.trust.anomaly import LiveConnection, Observation
-from agent.trust.model import DeviceRecord, TrustLevel
+from agent.trust.model import DeviceRecord, TrustEvent, TrustLevel
 
 
 def rfc3339(ts: float | None) -> str | None:
@@ -75,3 +75,18 @@ def build_status(
             }
         )
     return {"running": True, **own, "peers": peers, "folders": snap.folders, "offered_folders": snap.offered}
+
+
+def event_json(e: TrustEvent) -> dict[str, Any]:
+    """A trust event as JSON (the shape `tofu-agent trust log --json` prints)."""
+    return {
+        "seq": e.seq,
+        "time": rfc3339(e.time),
+        "device_id": e.device_id,
+        "kind": e.kind.value,
+        "fingerprint": e.fingerprint,
+        "old_fingerprint": e.old_fingerprint,
+        "address": e.address,
+        "detail": e.detail,
+        "trust_after": e.trust_after.value if e.trust_after else None,
+    }

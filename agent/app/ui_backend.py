@@ -16,28 +16,13 @@ from typing import Any
 import anyio.to_thread
 
 from agent.app import folders
-from agent.app.report import rfc3339
+from agent.app.report import event_json, rfc3339
 from agent.errors import UserError
 from agent.host.paths import Paths
 from agent.trust import policy
-from agent.trust.model import DeviceRecord, EventKind, TrustEvent, TrustLevel
+from agent.trust.model import DeviceRecord, EventKind, TrustLevel
 from agent.trust.store import TrustStore
 from agent.ui.backend import ChangeFeed, ThisDevice
-
-
-def event_json(e: TrustEvent) -> dict[str, Any]:
-    """A trust event as JSON (the shape `tofu-agent trust log --json` prints)."""
-    return {
-        "seq": e.seq,
-        "time": rfc3339(e.time),
-        "device_id": e.device_id,
-        "kind": e.kind.value,
-        "fingerprint": e.fingerprint,
-        "old_fingerprint": e.old_fingerprint,
-        "address": e.address,
-        "detail": e.detail,
-        "trust_after": e.trust_after.value if e.trust_after else None,
-    }
 
 
 def _same_key(seen: str | None, actual: str | None, name: str) -> None:

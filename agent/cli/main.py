@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from agent import __version__, config
 from agent.app import control
-from agent.app.report import rfc3339
+from agent.app.report import event_json, rfc3339
 from agent.cli.context import (
     EXIT_OK,
     EXIT_USER_ERROR,
@@ -31,7 +31,7 @@ from agent.errors import ConfigError, TofuError, UnknownDeviceError, UserError
 from agent.host import logs
 from agent.host.paths import resolve_paths, write_private_file
 from agent.identity import ids
-from agent.trust.model import DeviceRecord, TrustEvent, TrustLevel, TrustPolicy
+from agent.trust.model import DeviceRecord, TrustLevel, TrustPolicy
 from agent.trust.store import TrustStore
 
 if TYPE_CHECKING:
@@ -65,21 +65,6 @@ def local_time(ts: float | None) -> str:
     if not ts:
         return "never"
     return dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M")
-
-
-def event_json(e: TrustEvent) -> dict[str, Any]:
-    """A trust event as JSON."""
-    return {
-        "seq": e.seq,
-        "time": rfc3339(e.time),
-        "device_id": e.device_id,
-        "kind": e.kind.value,
-        "fingerprint": e.fingerprint,
-        "old_fingerprint": e.old_fingerprint,
-        "address": e.address,
-        "detail": e.detail,
-        "trust_after": e.trust_after.value if e.trust_after else None,
-    }
 
 
 # -- commands ---------------------------------------------------------------------------------
