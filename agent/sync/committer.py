@@ -54,7 +54,7 @@ class Committer:
         # Files we put in place ourselves: name -> (inode, mtime_ns). The file-system event our
         # own rename causes is dropped if the name still looks like that. (Not directories: the
         # event of a new directory also stands for files made in it before it was watched.)
-        self.written: dict[str, tuple[int, int]] = {}
+        self.written: dict[str, tuple[int, int, int]] = {}  # name -> (inode, mtime, ctime) we left it with
         # names whose temp file may be left over (a pull dropped, not committed, or kept at start
         # to resume): deleted once the name is no longer needed, not at the next restart
         self.leftover_temps: set[str] = set()
@@ -141,12 +141,13 @@ class Committer:
         if mark is None:
             return False
         st = self.fs.lstat(name)
-        return st is not None and stat.S_ISREG(st.st_mode) and (st.st_ino, st.st_mtime_ns) == mark
+        # ctime too: a chmod right after our rename keeps inode and mtime, and must not pass for ours
+        return st is not None and stat.S_ISREG(st.st_mode) and (st.st_ino, st.st_mtime_ns, st.st_ctime_ns) == mark
 
     def wrote(self, name: str, st: os.stat_result) -> None:
         if len(self.written) >= MAX_WRITTEN:
             self.written.clear()  # events are not coming back (no watcher): forget, costs rescans only
-        self.written[name] = (st.st_ino, st.st_mtime_ns)
+        self.written[name] = (st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
 
     def temps_in_use(self, dirname: str) -> set[str]:
         """Base names of the temp files in `dirname` that a running or finished pull still needs."""

@@ -179,7 +179,7 @@ class SyncEngine:
     done = _Part[list[puller.Job]]("committer", "done")  # complete temp files waiting for `flush`
     records = _Part[list[FileInfo]]("committer", "records")  # index records waiting for `flush`
     dirty_dirs = _Part[set[str]]("committer", "dirty_dirs")
-    written = _Part[dict[str, tuple[int, int]]]("committer", "written")
+    written = _Part[dict[str, tuple[int, int, int]]]("committer", "written")
     requests = _Part[dict[int, tuple[str, str, int]]]("scheduler", "requests")
     cancelled = _Part[dict[int, tuple[str, int]]]("scheduler", "cancelled")
     request_id_base = _Part[int]("scheduler", "base")

@@ -38,7 +38,7 @@ from typing import Any
 
 from tests.soak.history import DIR, FILE, LINK, SHARED, SHARED_DIRS, SHARED_NAMES, Entry, History, Op, OwnModel
 
-CONFLICT = re.compile(r"\.sync-conflict-\d{8}-\d{6}-[A-Z0-9]{7}")
+CONFLICT = re.compile(r"\.sync-conflict-\d{8}-\d{6}-[A-Z0-9]{7}(?:-\d+)?")  # -2, -3 ...: same device and second
 CONCURRENT_S = 1.0
 ALLOWED_EVENTS = {"first_use", "match", "rotated"}
 MAX_LINES = 12  # of one kind of failure

@@ -64,7 +64,7 @@ FILE_NAMES = ("f0", "f1", "g.txt")
 DIR_NAMES = ("d0", "d1", "d0/e0", "d1/e0")
 PARENTS = ("", *DIR_NAMES)
 SIZES = (0, 5, 40, 300_000)  # 300,000 bytes: three blocks of 128 KiB, partly shared with other big files
-CONFLICT = re.compile(r"^(?P<stem>.*)\.sync-conflict-\d{8}-\d{6}-[A-Z2-7]{1,7}(?P<ext>\.[^./]+)?$")
+CONFLICT = re.compile(r"^(?P<stem>.*)\.sync-conflict-\d{8}-\d{6}-[A-Z2-7]{1,7}(?:-\d+)?(?P<ext>\.[^./]+)?$")
 QUIESCE_ROUNDS = 6
 # Two bugs this machine found need a directory renamed while a pull writes a temp file inside it;
 # both are fixed (a stray temp is deleted by the next scan; a temp another pull holds is never
