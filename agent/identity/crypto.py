@@ -122,3 +122,9 @@ class Identity:
 
     def __repr__(self) -> str:  # never show the key, even in a traceback
         return f"Identity(device_id={self.device_id!r}, name={self.name!r}, fp={self.fingerprint[:16]}...)"
+
+
+def length_prefixed(*fields: bytes) -> bytes:
+    """`fields` joined, each after its 2-byte big-endian length: what we sign, so that no two
+    different statements share bytes."""
+    return b"".join(len(f).to_bytes(2, "big") + f for f in fields)

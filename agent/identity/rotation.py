@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
-from agent.identity.crypto import sign, verify_signature
+from agent.identity.crypto import length_prefixed, sign, verify_signature
 from agent.identity.ids import is_device_id, is_fingerprint
 
 LABEL = b"tofu-agent/v1/rotate"
@@ -89,13 +89,9 @@ def _shape_problem(s: RotationStatement) -> str | None:
     return None
 
 
-def _lp(field: bytes) -> bytes:
-    return len(field).to_bytes(2, "big") + field
-
-
 def signed_bytes(device_id: str, old_fingerprint: str, new_fingerprint: str, new_spki: bytes, time: int) -> bytes:
     """Label and fields, each prefixed by its 2-byte big-endian length, so no two inputs share bytes."""
-    fields = (
+    return length_prefixed(
         LABEL,
         device_id.encode("ascii"),
         old_fingerprint.encode("ascii"),
@@ -103,7 +99,6 @@ def signed_bytes(device_id: str, old_fingerprint: str, new_fingerprint: str, new
         new_spki,
         time.to_bytes(8, "big"),
     )
-    return b"".join(_lp(f) for f in fields)
 
 
 def _spki(key: ec.EllipticCurvePublicKey) -> bytes:

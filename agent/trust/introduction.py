@@ -18,7 +18,7 @@ from typing import Protocol, Self
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from agent.identity.crypto import verify_signature
+from agent.identity.crypto import length_prefixed, verify_signature
 from agent.identity.ids import MAX_NAME_LEN, is_device_id, is_fingerprint
 from agent.trust.model import DeviceRecord, EventKind, TrustLevel
 from agent.wire.messages import WireMessage, check, field_bytes, field_int, field_str, register
@@ -28,13 +28,9 @@ MAX_SIGNATURE = 80
 MAX_TIME = 2**63 - 1
 
 
-def _lp(field: bytes) -> bytes:
-    return len(field).to_bytes(2, "big") + field
-
-
 def signed_bytes(introducer: str, device_id: str, name: str, fingerprint: str, time: int) -> bytes:
     """Label and fields, each prefixed by its 2-byte length, so no two statements share bytes."""
-    fields = (
+    return length_prefixed(
         LABEL,
         introducer.encode("ascii"),
         device_id.encode("ascii"),
@@ -42,7 +38,6 @@ def signed_bytes(introducer: str, device_id: str, name: str, fingerprint: str, t
         fingerprint.encode("ascii"),
         time.to_bytes(8, "big"),
     )
-    return b"".join(_lp(f) for f in fields)
 
 
 @register("introduce")

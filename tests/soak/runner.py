@@ -782,7 +782,7 @@ class Soak:
                 first_ok = None
             if now >= deadline:
                 return None, snaps
-            time.sleep(0.5)
+            time.sleep(0.2)  # the poll interval of this deadline-bounded wait for two settled looks
 
     def _settled(self, snaps: dict[str, tuple[dict[str, Entry], list[str]]]) -> bool:
         trees = []
