@@ -145,12 +145,13 @@ class Net:
 
 
 def tree(root: Path) -> dict[str, tuple[bytes | None, bool]]:
-    """{relative path: (content or None for dirs, exec bit)} of a folder, temp files excluded."""
+    """{relative path: (content or None for dirs, exec bit)} of a folder; temp files, the marker
+    and the kept versions (local to each device) excluded."""
     out: dict[str, tuple[bytes | None, bool]] = {}
     for dirpath, dirs, files in os.walk(root):
         rel = os.path.relpath(dirpath, root)
         if rel == ".":
-            dirs[:] = [d for d in dirs if d != ".tofu-folder"]  # the folder marker is never synced
+            dirs[:] = [d for d in dirs if d not in (".tofu-folder", ".tofu-versions")]  # never synced
         for d in dirs:
             out[os.path.normpath(os.path.join(rel, d))] = (None, False)
         for f in files:

@@ -2,10 +2,11 @@
 
 Theory of operation (the crash-safety argument is in docs/SYNC.md, "Durability batching"). The
 engine hands over complete temp files (`done`) and records to write (`records`, with the
-directories they touched in `dirty_dirs`). `commit(index)`:
+directories they touched in `dirty_dirs`). `commit(index, wall)`:
 1. makes the data of every temp file durable (`fsync` a few, else one `syncfs`);
 2. walks each directory once and checks that each temp file is still the inode we wrote and each
-   target still what our index says (else: no rename, the name is rescanned);
+   target still what our index says (else: no rename, the name is rescanned); a file about to be
+   replaced gets its kept version (a hard link, made durable first: see `agent.sync.versions`);
 3. renames each temp file over its target;
 4. fsyncs every touched directory once;
 5. records everything in the index in one transaction.
@@ -26,7 +27,8 @@ from dataclasses import dataclass, field
 from agent.sync import puller
 from agent.sync.fs import FolderFS, temp_name_for
 from agent.sync.index import FolderIndex
-from agent.sync.model import FileInfo
+from agent.sync.model import FileInfo, FileType
+from agent.sync.versions import Versions
 
 log = logging.getLogger(__name__)
 MAX_WRITTEN = 65536  # names remembered as our own writes until their file-system event comes back
@@ -44,8 +46,11 @@ class Committed:
 class Committer:
     """Complete temp files and pending records of one folder, until they are durable and recorded."""
 
-    def __init__(self, fs: FolderFS, jobs: Mapping[str, puller.Job], *, retry_pull_after: float) -> None:
+    def __init__(
+        self, fs: FolderFS, jobs: Mapping[str, puller.Job], versions: Versions, *, retry_pull_after: float
+    ) -> None:
         self.fs = fs
+        self.versions = versions
         self.jobs = jobs  # the engine's running pulls, read only (their temp files are in use)
         self.retry_pull_after = retry_pull_after  # (for the log line of a failed rename)
         self.done: list[puller.Job] = []  # complete temp files waiting for `commit`
@@ -59,8 +64,8 @@ class Committer:
         # to resume): deleted once the name is no longer needed, not at the next restart
         self.leftover_temps: set[str] = set()
 
-    def commit(self, index: FolderIndex) -> Committed:
-        """Steps 1 to 5 (above) for everything waiting."""
+    def commit(self, index: FolderIndex, wall: float) -> Committed:
+        """Steps 1 to 5 (above) for everything waiting; `wall` stamps the versions kept."""
         jobs, self.done = self.done, []
         result = Committed()
         if jobs:
@@ -72,9 +77,10 @@ class Committer:
                 if job.name not in lost:
                     by_dir.setdefault(job.name.rpartition("/")[0], []).append(job)
             for parent, group in by_dir.items():
-                if self._commit_dir(parent, group, result):
+                if self._commit_dir(parent, group, result, wall):
                     self.dirty_dirs.add(parent)
         # 4. every directory that changed is durable before the index says so
+        self.versions.make_durable()
         dirty, self.dirty_dirs = sorted(self.dirty_dirs), set()
         for d in dirty:
             try:
@@ -85,10 +91,11 @@ class Committer:
                 log.warning("cannot sync directory %r to disk: %s", d, exc)
                 result.rescan.append(d)
         result.records, self.records = self.records, []
+        self.versions.flush_notes()
         index.update_local(result.records)
         return result
 
-    def _commit_dir(self, parent: str, jobs: list[puller.Job], result: Committed) -> bool:
+    def _commit_dir(self, parent: str, jobs: list[puller.Job], result: Committed, wall: float) -> bool:
         """Steps 2 and 3 for the finished files of one directory, walked once; True if anything
         was renamed. A name whose temp file is not the one we wrote (its directory was replaced or
         became a symlink while we fetched), or whose target changed locally, is not committed: it
@@ -100,23 +107,14 @@ class Committer:
             return False
         moved = False
         try:
-            for job in jobs:
+            ready = [job for job in jobs if self._ready(dfd, job, result, wall)]
+            if ready:
+                self.versions.make_durable()  # a version is on disk before the rename that needs it
+            for job in ready:
                 try:
-                    tmp = self.fs.lstat_at(dfd, temp_name_for(job.name))
-                    if tmp is None or (tmp.st_dev, tmp.st_ino, tmp.st_ctime_ns) != job.temp_id:
-                        result.rescan.append(job.name)
-                        continue
-                    if not puller.unchanged(self.fs.lstat_at(dfd, job.name.rpartition("/")[2]), job.expected):
-                        result.rescan.append(job.name)
-                        self.leftover_temps.add(job.name)  # the rescan decides whether it is still wanted
-                        continue
                     st = self.fs.commit_temp_at(dfd, job.name)
                 except OSError as exc:
-                    # e.g. a directory holds the name now: retried later, not on every step
-                    log.warning(
-                        "cannot put %r in place (trying again in %.0f s): %s", job.name, self.retry_pull_after, exc
-                    )
-                    result.failed.append(job.name)
+                    self._failed(job.name, exc, result)
                     continue
                 moved = True
                 self.wrote(job.name, st)
@@ -124,6 +122,30 @@ class Committer:
         finally:
             os.close(dfd)
         return moved
+
+    def _ready(self, dfd: int, job: puller.Job, result: Committed, wall: float) -> bool:
+        """Step 2 for one job: True if its temp file may be renamed over its target now."""
+        try:
+            tmp = self.fs.lstat_at(dfd, temp_name_for(job.name))
+            if tmp is None or (tmp.st_dev, tmp.st_ino, tmp.st_ctime_ns) != job.temp_id:
+                result.rescan.append(job.name)
+                return False
+            if not puller.unchanged(self.fs.lstat_at(dfd, job.name.rpartition("/")[2]), job.expected):
+                result.rescan.append(job.name)
+                self.leftover_temps.add(job.name)  # the rescan decides whether it is still wanted
+                return False
+            old = job.expected
+            if old is not None and not old.deleted and old.type is FileType.FILE:
+                self.versions.keep(job.name, job.target.modified_by, wall, replaced=True)
+        except OSError as exc:
+            self._failed(job.name, exc, result)
+            return False
+        return True
+
+    def _failed(self, name: str, exc: OSError, result: Committed) -> None:
+        # e.g. a directory holds the name now: retried later, not on every step
+        log.warning("cannot put %r in place (trying again in %.0f s): %s", name, self.retry_pull_after, exc)
+        result.failed.append(name)
 
     def set_metadata(self, target: FileInfo) -> None:
         """Give our file `target`'s exec bit and mtime, and record it (a metadata-only change)."""

@@ -44,10 +44,11 @@ class Deletions:
         self.pending: set[str] = set()  # names a peer deleted, not applied yet
         self.kept_dirs: set[str] = set()  # directories a peer deleted that still held files here
 
-    def apply(self, under: str | None = None) -> None:
-        """Apply the pending deletions (only those inside directory `under`, if given)."""
+    def apply(self, wall: float, under: str | None = None) -> None:
+        """Apply the pending deletions (only those inside directory `under`, if given); `wall`
+        stamps the versions kept."""
         for _ in range(MAX_DEPTH_PASSES):
-            deleted = self._apply_once(under)
+            deleted = self._apply_once(wall, under)
             # A directory's deletion that found it still full is tried again once deletions inside
             # it were applied: a large tree's records come over several messages, the directory's
             # (lowest sequence) first, so its files may only have gone in this later pass.
@@ -59,7 +60,7 @@ class Deletions:
             if under is not None:
                 return  # the caller goes on with its own name; the rest waits for the next pump
 
-    def _apply_once(self, under: str | None) -> list[str]:
+    def _apply_once(self, wall: float, under: str | None) -> list[str]:
         """One pass of `apply`; the names it deleted from the disk."""
         deleted: list[str] = []
         names = set(self.pending) if under is None else {n for n in self.pending if n.startswith(under + "/")}
@@ -93,7 +94,7 @@ class Deletions:
                                 self.kept_dirs.add(name)
                             continue
                     else:
-                        self.fs.unlink(name)
+                        self._delete_file(name, d.target.modified_by, wall)
                 except OSError as exc:
                     log.warning("cannot delete %r: %s", name, exc)
                     continue
@@ -101,6 +102,11 @@ class Deletions:
                 deleted.append(name)
             self.committer.records.append(d.target)
         return deleted
+
+    def _delete_file(self, name: str, by: str, wall: float) -> None:
+        """Move file `name` into the kept versions (or unlink it, when the folder keeps none)."""
+        if self.committer.versions.keep(name, by, wall, replaced=False) is None:
+            self.fs.unlink(name)
 
     def clear(self) -> None:
         """Forget everything (the folder stopped)."""

@@ -66,6 +66,8 @@ from agent.sync.scanner import Scanner, ScanResult, load_ignore
 from agent.sync.scheduler import REQUEST_ID_MASK, STALL_TIMEOUT, Outgoing, RequestScheduler
 from agent.sync.server import serve_block
 from agent.sync.vectors import Vector
+from agent.sync.versioning import DEFAULT_VERSIONING, Versioning
+from agent.sync.versions import Kept, Versions
 
 __all__ = [
     "INDEX_WINDOW", "RECHECK_FIRST", "RECHECK_MAX", "RETRY_PULL_AFTER", "ROOT_RECHECK", "STALL_TIMEOUT",
@@ -83,6 +85,9 @@ MAX_FAILED = 10_000  # names remembered for a retry; past that the periodic full
 # (no watcher runs yet while the agent starts), backing off to RECHECK_MAX while it keeps changing.
 RECHECK_FIRST = 1.0
 RECHECK_MAX = 16.0
+CLEANUP_AFTER_START = 300.0  # the first clean-up pass of kept versions waits for the start's work
+CLEANUP_EVERY = 3600.0  # a clean-up pass over the kept versions starts this often
+CLEANUP_STEP_EVERY = 0.5  # and takes a step this often while it goes on
 T = TypeVar("T")
 
 
@@ -99,6 +104,7 @@ class FolderStatus:
     error: str = ""  # why the folder is stopped (state 'error')
     failed_files: int = 0  # names we could not write (full disk, a directory in the way), retried every 60 s
     blocks_requested: int = 0  # block requests we sent (`requested_blocks`)
+    versions_evicted: int = 0  # kept versions removed early because the disk was short of space
 
 
 class _Part(Generic[T]):
@@ -126,7 +132,7 @@ class SyncEngine:
         max_remote_bytes: int = MAX_REMOTE_BYTES, request_id_mask: int = REQUEST_ID_MASK,
         max_files_per_message: int = MAX_FILES_PER_MESSAGE, index_window: int = INDEX_WINDOW,
         stall_timeout: float = STALL_TIMEOUT, retry_pull_after: float = RETRY_PULL_AFTER,
-        min_free_fraction: float = MIN_FREE_FRACTION,
+        min_free_fraction: float = MIN_FREE_FRACTION, versioning: Versioning = DEFAULT_VERSIONING,
     ) -> None:  # fmt: skip
         self.folder_id = folder_id
         self.index = index
@@ -142,7 +148,8 @@ class SyncEngine:
             folder_id, self.peers, self.jobs, max_inflight_bytes=max_inflight_bytes,
             request_id_base=request_id_base, request_id_mask=request_id_mask, stall_timeout=stall_timeout,
         )  # fmt: skip
-        self.committer = Committer(self.fs, self.jobs, retry_pull_after=retry_pull_after)
+        self.versions = Versions(self.fs, index, versioning)
+        self.committer = Committer(self.fs, self.jobs, self.versions, retry_pull_after=retry_pull_after)
         self.deletions = Deletions(
             self.fs, index, self.committer, need=self.need, queue=self.queue, jobs=self.jobs,
             reconsider=lambda names: self.exchange.reconsider(names),
@@ -163,6 +170,7 @@ class SyncEngine:
         self.retry_pull_after = retry_pull_after
         self.min_free_fraction = min_free_fraction
         self.next_scan = 0.0  # when the next full scan is due (monotonic, as every timer here)
+        self.next_cleanup = 0.0  # when the next step of kept versions' clean-up is due
         self.flush_due = False  # a batch is complete and waits for the next `pump` (call it soon)
         self.state = "idle"
         self.halted: str | None = None  # why the folder is stopped: its root or marker is missing
@@ -205,6 +213,7 @@ class SyncEngine:
                 self.fs.make_marker()
             except OSError as exc:
                 log.error("folder %r: cannot create %s: %s", self.folder_id, self.fs.root / MARKER, exc)
+        self.next_cleanup = now.mono + CLEANUP_AFTER_START
         if not self._root_ok(now):
             return
         temps = self._scan(now, None)
@@ -375,7 +384,10 @@ class SyncEngine:
         """When `handle_timer` wants to run next, on the monotonic clock (`Now.mono`)."""
         if self.halted is not None:
             return self.next_check
-        return min([self.next_scan, *self.failed.values(), *self.recheck.values(), *self.scheduler.stall_times()])
+        return min([
+            self.next_scan, self.next_cleanup, *self.failed.values(), *self.recheck.values(),
+            *self.scheduler.stall_times(),
+        ])  # fmt: skip
 
     def handle_timer(self, now: Now) -> list[Outgoing]:
         """Periodic full rescan (the safety net under file-system events) and batch flush."""
@@ -384,6 +396,9 @@ class SyncEngine:
                 return self._resume(now) if now.mono >= self.next_check else []
             if now.mono >= self.next_scan and self._scan_chunks is None:
                 self._scan_later(now, [""])
+            if now.mono >= self.next_cleanup:
+                more = self.versions.cleanup_step(now.wall)  # a bounded step: sync never waits for it
+                self.next_cleanup = now.mono + (CLEANUP_STEP_EVERY if more else CLEANUP_EVERY)
             unsettled = [name for name, when in self.recheck.items() if when <= now.mono]
             for name in unsettled:
                 del self.recheck[name]
@@ -409,7 +424,7 @@ class SyncEngine:
         if self._scan_chunks is not None:
             return self.exchange.announce()  # commits wait for the scan in progress (see `_pump`)
         self.flush_due = False
-        done = self.committer.commit(self.index)  # steps 1 to 5 of docs/SYNC.md, "Durability batching"
+        done = self.committer.commit(self.index, now.wall)  # steps 1 to 5 of docs/SYNC.md, "Durability batching"
         for name in done.failed:
             self._give_up(name, now)
         if any(r.name == IGNORE_FILE for r in done.records):
@@ -493,8 +508,32 @@ class SyncEngine:
         peers = {p: s.progress for p, s in self.peers.items()}
         return FolderStatus(
             state, files, size, len(self.need), need_bytes, peers, self.halted or "", len(self.failed),
-            self.scheduler.requested_blocks,
+            self.scheduler.requested_blocks, self.versions.evicted,
         )  # fmt: skip
+
+    # -- kept versions -------------------------------------------------------------------------
+
+    def list_versions(self, name: str = "") -> list[Kept]:
+        """The kept versions of file `name`, or of everything under directory `name`, newest first."""
+        with self.fs.batch():
+            return self.versions.listing(name)
+
+    def restore(self, name: str, at: float | None, now: Now) -> tuple[Kept, list[Outgoing]]:
+        """Put back the version of `name` kept at or before wall time `at` (None: the newest) as a
+        local change, keeping what it replaces as a version too; (the version, messages to send).
+
+        :raises LookupError: no such version, or `name` is being synced right now.
+        """
+        with self.fs.batch():
+            kept = self.versions.pick(name, at)
+            if kept is None:
+                raise LookupError(f"no kept version of {name!r}" + (" at or before that time" if at else ""))
+            if name in self.jobs or name in self.need or self.halted is not None or self._scan_chunks is not None:
+                raise LookupError(f"{name!r} is being synced right now; try again in a moment")
+            self.versions.restore(kept, self.device_id, now.wall)
+            self.versions.flush_notes()
+            self._scan(now, [name])
+            return kept, self.exchange.announce()
 
     # -- scanning ------------------------------------------------------------------------------
 
@@ -600,7 +639,7 @@ class SyncEngine:
                 self.flush_due = False
                 out += self.flush(now)
         if self.deletions.pending and not self.jobs and not self.queue and not self.committer.done:
-            self.deletions.apply()
+            self.deletions.apply(now.wall)
             if self.queue:
                 while self.queue and len(self.jobs) < self.max_jobs:
                     self._start(self.queue.popleft(), now)
@@ -651,7 +690,9 @@ class SyncEngine:
                 local = None
             if d.action is Action.MKDIR:
                 if local is not None and not local.deleted and local.type is FileType.FILE:
-                    self.fs.unlink(name)  # a directory replaces our (unchanged) file
+                    # a directory replaces our (unchanged) file: kept as a version
+                    if self.versions.keep(name, d.target.modified_by, now.wall, replaced=False) is None:
+                        self.fs.unlink(name)
                 st = self.fs.mkdir(name)
                 self.committer.records.append(d.target.replace(inode=st.st_ino))
                 self.committer.dirty_dirs.add(name.rpartition("/")[0])
@@ -699,9 +740,9 @@ class SyncEngine:
         the file system at least `min_free_fraction` free; a full disk hurts the whole machine.
         The free space is read at most once a second; pulls started meanwhile are subtracted."""
         if now.mono - self._space_at >= 1.0 or now.mono < self._space_at:
-            free, total = self.fs.free_space()
-            coming = sum((len(j.fetch) + len(j.outstanding)) * j.target.block_size for j in self.jobs.values())
-            self._space, self._space_at = free - coming - int(total * self.min_free_fraction), now.mono
+            self._read_space(now)
+        if self._space < size and self.versions.evict(size - self._space):
+            self._read_space(now)  # short of room: the oldest kept versions went first (see `status`)
         if self._space >= size:
             self._space -= size
             self._space_warned = False
@@ -714,6 +755,11 @@ class SyncEngine:
                 self.retry_pull_after,
             )  # fmt: skip
         return False
+
+    def _read_space(self, now: Now) -> None:
+        free, total = self.fs.free_space()
+        coming = sum((len(j.fetch) + len(j.outstanding)) * j.target.block_size for j in self.jobs.values())
+        self._space, self._space_at = free - coming - int(total * self.min_free_fraction), now.mono
 
     def _give_up(self, name: str, now: Now) -> None:
         """Stop working on `name` (its temp file stays for resuming) and try it again later."""
@@ -728,7 +774,7 @@ class SyncEngine:
         ignored ones), rename it to a conflict copy instead, rescan both names and return False:
         the rescan decides the name afresh."""
         name = local.name
-        self.deletions.apply(under=name)
+        self.deletions.apply(now.wall, under=name)
         self.fs.remove_temps(name, keep=self.committer.temps_in_use(name))
         if self.fs.rmdir(name):
             self.committer.dirty_dirs.add(name.rpartition("/")[0])

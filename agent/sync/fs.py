@@ -353,6 +353,29 @@ class FolderFS:
         finally:
             os.close(sfd)
 
+    def link(self, old: str, new: str) -> None:
+        """Give file `old` a second name `new` (same folder; parents made), without following
+        symlinks; where the file system has no hard links, `new` is a durable copy instead.
+
+        :raises FileExistsError: `new` exists.
+        """
+        op, ob = split_name(old)
+        np_, nb = split_name(new)
+        sfd = self.open_dir(op)
+        try:
+            dfd = self.open_dir(np_, create=True)
+            try:
+                try:
+                    os.link(ob, nb, src_dir_fd=sfd, dst_dir_fd=dfd, follow_symlinks=False)
+                except OSError as exc:
+                    if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+                        raise
+                    _copy_at(sfd, ob, dfd, nb)
+            finally:
+                os.close(dfd)
+        finally:
+            os.close(sfd)
+
     def rmdir(self, name: str) -> bool:
         """Remove empty directory `name`; False if it is not empty."""
         parent, base = split_name(name)
@@ -429,3 +452,25 @@ class FolderFS:
 
     def _open_existing_temp(self, name: str) -> int:
         return self._open_regular(split_name(name)[0], temp_name_for(name), f"temp file for {name}")
+
+
+def _copy_at(sfd: int, src: str, dfd: int, dst: str) -> None:
+    """Copy regular file `src` (in directory `sfd`) to new file `dst` (in `dfd`), flushed to disk."""
+    fd_in = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=sfd)
+    try:
+        st = os.fstat(fd_in)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, f"{src} is not a regular file")
+        fd_out = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, st.st_mode & 0o777, dir_fd=dfd)
+        try:
+            left = st.st_size
+            while left > 0:
+                n = os.copy_file_range(fd_in, fd_out, min(left, 1 << 30))
+                if n == 0:
+                    break
+                left -= n
+            os.fsync(fd_out)
+        finally:
+            os.close(fd_out)
+    finally:
+        os.close(fd_in)

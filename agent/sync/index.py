@@ -39,6 +39,10 @@ CREATE INDEX IF NOT EXISTS blocks_by_name ON blocks (name);
 CREATE TABLE IF NOT EXISTS peers (
     device TEXT PRIMARY KEY, index_id BLOB NOT NULL, max_sequence INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS versions (
+    path TEXT PRIMARY KEY, name TEXT NOT NULL, by TEXT NOT NULL, kept_at REAL NOT NULL, size INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS versions_by_age ON versions (kept_at);
 """
 _COLUMNS = "name, type, size, mtime_ns, executable, deleted, version, sequence, block_size, hashes, modified_by, inode"
 _LOCAL = ""  # the device column of our own rows
@@ -246,6 +250,34 @@ class FolderIndex:
     def _get(self, device: str, name: str) -> FileInfo | None:
         r = self._db.execute(f"SELECT {_COLUMNS} FROM files WHERE device=? AND name=?", (device, name)).fetchone()
         return None if r is None else _from_row(r)
+
+    # -- kept versions (agent.sync.versions) --------------------------------------------------------
+    # The catalogue of `.tofu-versions`: who replaced each version and how large it is. The
+    # directory is the truth (a crash between a move and its note leaves a version without one).
+
+    def note_versions(self, notes: Iterable[tuple[str, str, str, float, int]]) -> None:
+        """Record kept versions: (path, name, device that replaced it, wall time kept, size)."""
+        with self._transaction():
+            self._db.executemany("INSERT OR REPLACE INTO versions VALUES (?, ?, ?, ?, ?)", list(notes))
+
+    def version_notes(self, paths: Iterable[str]) -> dict[str, tuple[str, float, int]]:
+        """path -> (device that replaced it, wall time kept, size) for the noted `paths`."""
+        todo = list(paths)
+        found: dict[str, tuple[str, float, int]] = {}
+        for i in range(0, len(todo), _CHUNK):
+            chunk = todo[i : i + _CHUNK]
+            q = f"SELECT path, by, kept_at, size FROM versions WHERE path IN ({_qs(len(chunk))})"
+            found.update({r[0]: (r[1], r[2], r[3]) for r in self._db.execute(q, chunk)})
+        return found
+
+    def oldest_versions(self, limit: int) -> list[tuple[str, int]]:
+        """(path, size) of the `limit` oldest noted versions."""
+        return list(self._db.execute("SELECT path, size FROM versions ORDER BY kept_at, path LIMIT ?", (limit,)))
+
+    def forget_versions(self, paths: Iterable[str]) -> None:
+        """Drop the notes of versions that were removed."""
+        with self._transaction():
+            self._db.executemany("DELETE FROM versions WHERE path=?", [(p,) for p in paths])
 
     def _get_many(self, device: str, names: Iterable[str]) -> dict[str, FileInfo]:
         return {r[0]: _from_row(r) for r in self._rows_named(device, names, _COLUMNS)}

@@ -30,6 +30,7 @@ from agent.sync.index import FolderIndex, under
 from agent.sync.model import FileInfo, FileType
 from agent.sync.names import IGNORE_FILE, MARKER, is_temp_name, is_valid_name
 from agent.sync.vectors import Vector
+from agent.sync.versioning import VERSIONS_DIR
 
 log = logging.getLogger(__name__)
 MAX_IGNORE_FILE = 1024 * 1024
@@ -160,8 +161,8 @@ class Scanner:
                 if is_temp_name(entry.name):
                     result.temp_files.append(name)
                     continue
-                if not rel and entry.name == MARKER:
-                    continue
+                if not rel and entry.name in (MARKER, VERSIONS_DIR):
+                    continue  # ours, never synced
                 if not is_valid_name(name) or unicodedata.normalize("NFC", name) != name:
                     log.warning("not syncing %r: the name cannot be synced", name)
                     continue

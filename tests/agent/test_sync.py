@@ -103,7 +103,7 @@ def snapshot(root: Path) -> dict[str, tuple[str, int, int | None, str | None]]:
         for name in dirs + files:
             path = Path(dirpath) / name
             rel = str(path.relative_to(root))
-            if name.startswith(".tofu-tmp-") or rel == ".tofu-folder":  # ours, never synced
+            if name.startswith(".tofu-tmp-") or rel.split("/")[0] in (".tofu-folder", ".tofu-versions"):  # ours
                 continue
             st = path.lstat()
             if path.is_symlink():

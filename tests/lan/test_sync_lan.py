@@ -22,7 +22,7 @@ def tree(root: Path) -> dict[str, str | None]:
     out: dict[str, str | None] = {}
     for dirpath, dirs, files in os.walk(root):
         if Path(dirpath) == root:
-            dirs[:] = [d for d in dirs if d != ".tofu-folder"]  # the folder marker is never synced
+            dirs[:] = [d for d in dirs if not d.startswith(".tofu-")]  # marker, kept versions: never synced
         for d in dirs:
             out[str((Path(dirpath) / d).relative_to(root))] = None
         for f in files:

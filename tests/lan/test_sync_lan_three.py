@@ -53,7 +53,7 @@ def _files(root: Path) -> set[str]:
     out: set[str] = set()
     for dirpath, dirs, files in os.walk(root):
         if Path(dirpath) == root:
-            dirs[:] = [d for d in dirs if d != ".tofu-folder"]
+            dirs[:] = [d for d in dirs if not d.startswith(".tofu-")]  # marker, kept versions
         out.update(str((Path(dirpath) / f).relative_to(root)) for f in files if not f.startswith(".tofu-tmp-"))
     return out
 

@@ -51,6 +51,7 @@ from tests.soak.history import (
 ROOT = Path(__file__).resolve().parents[2]
 MiB = 1024 * 1024
 MARKER = ".tofu-folder"
+VERSIONS = ".tofu-versions"  # each machine's own kept versions
 TEMP_PREFIX = ".tofu-tmp-"
 NETNS_PORT = 39001
 
@@ -279,7 +280,7 @@ class Snapshotter:
         for dirpath, dirs, files in os.walk(root):
             rel_dir = os.path.relpath(dirpath, root)
             if rel_dir == ".":
-                dirs[:] = [d for d in dirs if d != MARKER]
+                dirs[:] = [d for d in dirs if d not in (MARKER, VERSIONS)]  # never synced
             for name in dirs + files:
                 full = os.path.join(dirpath, name)
                 rel = os.path.normpath(os.path.join(rel_dir, name))
