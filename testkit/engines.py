@@ -8,6 +8,7 @@ from pathlib import Path
 
 from agent.sync.clock import Now
 from agent.sync.engine import Outgoing, SyncEngine
+from agent.sync.folder_type import FolderType
 from agent.sync.index import FolderIndex
 from agent.sync.messages import MAX_FILES_PER_MESSAGE, Index, Request, SyncMessage
 from agent.sync.scheduler import REQUEST_ID_MASK
@@ -33,9 +34,10 @@ class Net:
 
     def __init__(
         self, tmp: Path, ids: list[str], *, max_files_per_message: int = MAX_FILES_PER_MESSAGE,
-        request_id_mask: int = REQUEST_ID_MASK,
+        request_id_mask: int = REQUEST_ID_MASK, types: dict[str, FolderType] | None = None,
     ) -> None:  # fmt: skip
         self.tmp = tmp
+        self.types = types or {}  # a device's folder type, if not send-receive
         # engine limits a test makes small (constructor parameters, not patched module globals)
         self.max_files_per_message = max_files_per_message
         self.request_id_mask = request_id_mask
@@ -68,7 +70,7 @@ class Net:
         index = FolderIndex(self.tmp / f"{dev[:1]}.db")
         eng = SyncEngine(
             "default", self.root(dev), index, dev, batch_files=50, max_files_per_message=self.max_files_per_message,
-            request_id_mask=self.request_id_mask,
+            request_id_mask=self.request_id_mask, folder_type=self.types.get(dev, FolderType.SENDRECEIVE),
         )  # fmt: skip
         eng.start(self.now)
         self.engines[dev] = eng

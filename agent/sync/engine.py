@@ -46,6 +46,7 @@ from agent.sync.clock import Now
 from agent.sync.committer import Committer
 from agent.sync.deletions import Deletions
 from agent.sync.exchange import INDEX_WINDOW, MAX_REMOTE_BYTES, MAX_REMOTE_RECORDS, IndexExchange, Need, Peer
+from agent.sync.folder_type import FolderType, TypeRules
 from agent.sync.fs import FolderFS, temp_name_for
 from agent.sync.index import FolderIndex
 from agent.sync.messages import (
@@ -105,6 +106,9 @@ class FolderStatus:
     failed_files: int = 0  # names we could not write (full disk, a directory in the way), retried every 60 s
     blocks_requested: int = 0  # block requests we sent (`requested_blocks`)
     versions_evicted: int = 0  # kept versions removed early because the disk was short of space
+    type: str = "sendreceive"
+    remote_differs: int = 0  # send-only: names a peer changed that we do not apply
+    locally_changed: int = 0  # receive-only: our changes, not sent
 
 
 class _Part(Generic[T]):
@@ -133,6 +137,7 @@ class SyncEngine:
         max_files_per_message: int = MAX_FILES_PER_MESSAGE, index_window: int = INDEX_WINDOW,
         stall_timeout: float = STALL_TIMEOUT, retry_pull_after: float = RETRY_PULL_AFTER,
         min_free_fraction: float = MIN_FREE_FRACTION, versioning: Versioning = DEFAULT_VERSIONING,
+        folder_type: FolderType = FolderType.SENDRECEIVE,
     ) -> None:  # fmt: skip
         self.folder_id = folder_id
         self.index = index
@@ -150,6 +155,7 @@ class SyncEngine:
         )  # fmt: skip
         self.versions = Versions(self.fs, index, versioning)
         self.committer = Committer(self.fs, self.jobs, self.versions, retry_pull_after=retry_pull_after)
+        self.rules = TypeRules(folder_type, self.fs, index, self.versions, device_id)
         self.deletions = Deletions(
             self.fs, index, self.committer, need=self.need, queue=self.queue, jobs=self.jobs,
             reconsider=lambda names: self.exchange.reconsider(names),
@@ -157,6 +163,7 @@ class SyncEngine:
         self.exchange = IndexExchange(
             folder_id, index, self.scanner, peers=self.peers, need=self.need, queue=self.queue,
             deletes=self.deletions.pending, drop_job=self._drop_job, max_remote_records=max_remote_records,
+            hold=self.rules.differs if self.rules.send_only else None,
             max_remote_bytes=max_remote_bytes, index_window=index_window, max_files_per_message=max_files_per_message,
         )  # fmt: skip
         self.failed: dict[str, float] = {}  # name -> when to try it again (a write or rename failed)
@@ -508,8 +515,34 @@ class SyncEngine:
         peers = {p: s.progress for p, s in self.peers.items()}
         return FolderStatus(
             state, files, size, len(self.need), need_bytes, peers, self.halted or "", len(self.failed),
-            self.scheduler.requested_blocks, self.versions.evicted,
+            self.scheduler.requested_blocks, self.versions.evicted, self.rules.kind.value,
+            len(self.rules.differs), len(self.rules.local_changes),
         )  # fmt: skip
+
+    # -- folder types --------------------------------------------------------------------------
+
+    def override(self, now: Now) -> list[Outgoing]:
+        """Send-only: make our state win everywhere for the names a peer changed."""
+        with self.fs.batch():
+            if not self.rules.send_only:
+                raise LookupError(f"folder {self.folder_id!r} is not send-only")
+            peers = self.index.peers()
+
+            def theirs(name: str) -> list[FileInfo]:
+                return [r for p in peers if (r := self.index.remote(p, name)) is not None]
+
+            self.index.update_local(self.rules.override(now.wall, theirs))
+            return self.exchange.announce()
+
+    def revert(self, now: Now) -> list[Outgoing]:
+        """Receive-only: undo our local changes (kept as versions); the peers' content comes back."""
+        with self.fs.batch():
+            if not self.rules.receive_only:
+                raise LookupError(f"folder {self.folder_id!r} is not receive-only")
+            names = self.rules.revert(now.wall)
+            self.versions.flush_notes()
+            self.exchange.reconsider(names)
+            return self._pump(now, force_flush=True)
 
     # -- kept versions -------------------------------------------------------------------------
 
@@ -556,7 +589,7 @@ class SyncEngine:
         for name, ino, mtime in result.refreshed:
             self.index.set_inode(name, ino, mtime)
             self._recheck_tries.pop(name, None)
-        result.changed = self._adopt_remote_versions(result.changed)
+        result.changed = self.rules.hold_back(self._adopt_remote_versions(result.changed))
         self.index.update_local(result.changed)
         for f in result.changed:
             self._recheck_tries.pop(f.name, None)
@@ -655,6 +688,10 @@ class SyncEngine:
         if n is None or name in self.jobs:
             return
         local = self.index.local(name)
+        if self.rules.receive_only and not puller.unchanged(self.fs.lstat(name), local):
+            # a peer's change wins over a local one in a receive-only folder: ours is kept as a version
+            if self.rules.drop_local_change(name, now.wall):
+                local = None
         d = decide(local, n.target)
         if d.action is Action.NONE or d.target is None:
             del self.need[name]

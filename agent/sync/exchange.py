@@ -64,7 +64,7 @@ class IndexExchange:
     def __init__(
         self, folder_id: str, index: FolderIndex, scanner: Scanner, *,
         peers: dict[str, Peer], need: dict[str, Need], queue: deque[str], deletes: set[str],
-        drop_job: Callable[[str], None],
+        drop_job: Callable[[str], None], hold: set[str] | None = None,
         max_remote_records: int = MAX_REMOTE_RECORDS, max_remote_bytes: int = MAX_REMOTE_BYTES,
         index_window: int = INDEX_WINDOW, max_files_per_message: int = MAX_FILES_PER_MESSAGE,
     ) -> None:  # fmt: skip
@@ -73,6 +73,7 @@ class IndexExchange:
         self.scanner = scanner  # for its current `.tofuignore`
         self.peers, self.need, self.queue, self.deletes = peers, need, queue, deletes  # the engine's
         self._drop_job = drop_job  # the engine stops a pull whose version is superseded
+        self.hold = hold  # a send-only folder's: names we would apply, held back instead (None: apply)
         self.max_remote_records = max_remote_records
         self.max_remote_bytes = max_remote_bytes
         self.index_window = index_window
@@ -173,7 +174,15 @@ class IndexExchange:
         for remote in files:
             if self.scanner.ignore.matches(remote.name, remote.type is FileType.DIR):
                 continue
-            if decide(local.get(remote.name), remote).action is Action.NONE:
+            action = decide(local.get(remote.name), remote).action
+            if action is Action.NONE:
+                if self.hold is not None:
+                    self.hold.discard(remote.name)
+                continue
+            if self.hold is not None and action is not Action.RECORD:
+                # send-only: never applied (`status` counts them); adopting a record that changes
+                # nothing on disk (same content and mtime, a deletion of what we lack) is harmless
+                self.hold.add(remote.name)
                 continue
             cur = self.need.get(remote.name)
             if cur is not None:

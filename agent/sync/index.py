@@ -159,6 +159,15 @@ class FolderIndex:
             self._db.execute("UPDATE meta SET value=? WHERE key='sequence'", (first + len(files) - 1,))
         self.sequence = first + len(files) - 1
 
+    def forget_local(self, names: Iterable[str]) -> None:
+        """Drop our records of `names` without a new sequence: peers are not told (a receive-only
+        folder's revert, which then asks the peers' records again)."""
+        todo = [(_LOCAL, n) for n in names]
+        if todo:
+            with self._transaction():
+                self._db.executemany("DELETE FROM files WHERE device=? AND name=?", todo)
+                self._db.executemany("DELETE FROM blocks WHERE name=?", [(n,) for _, n in todo])
+
     def set_inode(self, name: str, inode: int, mtime_ns: int) -> None:
         """Refresh the scan state of a file whose content is unchanged (no new version)."""
         self._db.execute(

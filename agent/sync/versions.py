@@ -191,9 +191,7 @@ class Versions:
             for path, name, when, _ in found:
                 by_name.setdefault(name, []).append((path, when))
             gone = [
-                group[i][0]
-                for group in by_name.values()
-                for i in expired([w for _, w in group], self.policy, now_wall)
+                group[i][0] for group in by_name.values() for i in expired([w for _, w in group], self.policy, now_wall)
             ]
             self._remove(gone)
             if d != VERSIONS_DIR and len(gone) == len(found) and not subdirs:
