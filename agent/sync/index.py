@@ -142,6 +142,11 @@ class FolderIndex:
         files = list(files)
         if not files:
             return
+        # One name twice in a batch (a conflict copy's record, then a pull's): the last record is
+        # the one kept, and only its blocks may be listed, or a stale block entry would let a pull
+        # copy "trusted" bytes from a file that no longer holds them.
+        last = {f.name: i for i, f in enumerate(files)}
+        files = [f for i, f in enumerate(files) if last[f.name] == i]
         with self._transaction():
             first = self.sequence + 1
             rows = [(_LOCAL, *_to_row(f, sequence=first + i)) for i, f in enumerate(files)]
