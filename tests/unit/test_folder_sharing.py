@@ -24,7 +24,8 @@ from agent.identity.keys import Identity
 from agent.net.link import PeerLink
 from agent.sync.messages import BlockError, FolderHello, Index, IndexUpdate, Progress, Request, Response, SyncMessage
 from agent.sync.offers import MAX_OFFERS, load_offers, offers_path
-from agent.sync.service import SyncService, _Folder, _Link
+from agent.sync.service import SyncService
+from agent.sync.state import _Folder, _Link
 from agent.trust.model import DeviceRecord, TrustLevel
 from testkit.engines import A_ID, B_ID, C_ID, wire, write
 

@@ -25,7 +25,8 @@ from agent.net.link import PeerLink
 from agent.sync import service as service_module
 from agent.sync.engine import STALL_TIMEOUT
 from agent.sync.messages import Index, Response, SyncMessage
-from agent.sync.service import RESCAN_INTERVAL, InboxKind, SyncService, _Folder, _Link
+from agent.sync.service import RESCAN_INTERVAL, SyncService
+from agent.sync.state import InboxKind, _Folder, _Link
 from testkit.engines import A_ID, B_ID, tree, wire, write
 
 HOUR = 3600.0

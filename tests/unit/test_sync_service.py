@@ -8,7 +8,8 @@ import pytest
 
 from agent.net.link import PeerLink
 from agent.sync.messages import IndexUpdate, Progress, Request, Response, SyncMessage
-from agent.sync.service import SEND_BATCH_BYTES, SyncService, _Link
+from agent.sync.sender import SEND_BATCH_BYTES, send_group
+from agent.sync.state import _Link
 
 
 class _Writes:
@@ -21,12 +22,6 @@ class _Writes:
         self.writes.append(list(messages))
 
 
-def _service() -> SyncService:
-    svc = SyncService.__new__(SyncService)
-    svc.by_id = {}
-    return svc
-
-
 @pytest.mark.anyio
 async def test_small_messages_share_writes_in_order_and_big_ones_go_alone() -> None:
     link = _Writes()
@@ -35,7 +30,7 @@ async def test_small_messages_share_writes_in_order_and_big_ones_go_alone() -> N
     blocks = [Response(i, bytes(1024 * 1024)) for i in range(3)]
     small = [Response(i, bytes(4096)) for i in range(200)]
     messages: list[SyncMessage] = [*requests, *blocks, *small, IndexUpdate("default", ()), Progress("default", 0, 0)]
-    await _service()._send_group(ls, messages)
+    await send_group(ls, messages, {})
     assert [m for w in link.writes for m in w] == messages  # nothing lost, nothing reordered
     assert len(link.writes) < 20, "3,000 small requests should share a few writes"
     for w in link.writes:
