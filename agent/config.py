@@ -17,6 +17,8 @@ DEFAULT_PORT = 39001
 DEFAULT_UI_PORT = 39080
 HOUSEHOLD = "household"  # `devices = "household"`: every `tofu`/`verified` device
 MIN_PREFIX = 8  # a device id prefix in a folder's `devices` names one device only from 8 characters
+FOLDER_TYPES = ("sendreceive", "sendonly", "receiveonly")
+VERSIONING = ("trash", "simple", "staggered", "off")  # agent.sync.versioning.Kind's values
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +30,11 @@ class FolderConfig:
     id: str
     path: Path
     devices: tuple[str, ...] | None = None
+    type: str = "sendreceive"  # sendonly: remote changes not applied; receiveonly: local ones not sent
+    versioning: str = "trash"  # what a peer's change deletes or replaces is kept (agent.sync.versioning)
+    keep_days: float = 30.0  # trash: days a version is kept
+    keep: int = 5  # simple: versions kept of each file
+    paused: bool = False  # no data moves; connections and trust stay
 
 
 def resolve_devices(entries: Iterable[str], records: Iterable[DeviceRecord]) -> frozenset[str]:
@@ -62,6 +69,7 @@ class Config:
     mdns: bool = True
     trust_policy: TrustPolicy = TrustPolicy.WINDOW
     folders: tuple[FolderConfig, ...] = ()
+    paused_devices: frozenset[str] = frozenset()  # device ids no folder data moves with (trust stays)
     anomaly: AnomalyConfig = field(default_factory=AnomalyConfig)
     keepalive_idle: float = 15.0
     keepalive_timeout: float = 10.0
@@ -121,6 +129,7 @@ def from_mapping(data: Mapping[str, Any], base_dir: Path, default_folder: Path) 
         "mdns",
         "trust_policy",
         "folder",
+        "paused_devices",
         "anomaly",
         "keepalive_idle",
         "keepalive_timeout",
@@ -167,6 +176,11 @@ def from_mapping(data: Mapping[str, Any], base_dir: Path, default_folder: Path) 
         _only(notify, {"enabled"}, "config.toml [notify]")
         if "enabled" in notify:
             changes["notify_enabled"] = _expect(notify, "enabled", bool, "config.toml [notify]")
+    if "paused_devices" in data:
+        ids = _expect(data, "paused_devices", list, where)
+        if not all(isinstance(d, str) and is_device_id(d) for d in ids):
+            raise ConfigError(f"{where}: `paused_devices` must be a list of device ids")
+        changes["paused_devices"] = frozenset(ids)
     if "folder" in data:
         changes["folders"] = _folders(_expect(data, "folder", list, where), base_dir)
     else:
@@ -225,7 +239,7 @@ def _folders(items: list[Any], base_dir: Path) -> tuple[FolderConfig, ...]:
         if folder_id in seen:
             raise ConfigError(f"{where}: folder id {folder_id!r} is used twice")
         seen.add(folder_id)
-        unknown = sorted(set(item) - {"id", "path", "devices"})
+        unknown = sorted(set(item) - {"id", "path", "devices", "type", "versioning", "keep_days", "keep", "paused"})
         if unknown:
             raise ConfigError(f"{where}: unknown setting(s): {', '.join(unknown)}")
         text = _expect(item, "path", str, where)
@@ -233,8 +247,33 @@ def _folders(items: list[Any], base_dir: Path) -> tuple[FolderConfig, ...]:
             raise ConfigError(f"{where}: `path` is empty")
         path = Path(text).expanduser()
         devices = _devices(item["devices"], where) if "devices" in item else None
-        folders.append(FolderConfig(folder_id, path if path.is_absolute() else base_dir / path, devices))
+        folder = FolderConfig(folder_id, path if path.is_absolute() else base_dir / path, devices)
+        folders.append(_folder_options(folder, item, where))
     return tuple(folders)
+
+
+def _folder_options(folder: FolderConfig, item: Mapping[str, Any], where: str) -> FolderConfig:
+    """`folder` with its type, versioning and pause settings from `item`, checked."""
+    changes: dict[str, Any] = {}
+    for key, allowed in (("type", FOLDER_TYPES), ("versioning", VERSIONING)):
+        if key in item:
+            value = _expect(item, key, str, where)
+            if value not in allowed:
+                raise ConfigError(f"{where}: `{key}` must be one of {', '.join(allowed)}, got {value!r}")
+            changes[key] = value
+    if "keep_days" in item:
+        days = _expect(item, "keep_days", (int, float), where)
+        if not 0 < days <= 36500:
+            raise ConfigError(f"{where}: `keep_days` must be a positive number of days, at most 36500")
+        changes["keep_days"] = float(days)
+    if "keep" in item:
+        keep = _expect(item, "keep", int, where)
+        if not 1 <= keep <= 1000:
+            raise ConfigError(f"{where}: `keep` must be a number of versions from 1 to 1000")
+        changes["keep"] = keep
+    if "paused" in item:
+        changes["paused"] = _expect(item, "paused", bool, where)
+    return replace(folder, **changes)
 
 
 def _devices(value: object, where: str) -> tuple[str, ...] | None:

@@ -35,6 +35,7 @@ from anyio.streams.tls import TLSStream
 from agent import config as config_file
 from agent.app import admission, control, ui_tasks
 from agent.app.dialling import Dialler, Target
+from agent.app.folder_requests import folder_request
 from agent.app.introductions import Introductions
 from agent.app.page_pairing import PagePairing
 from agent.app.peers import PeerView, live_connections
@@ -444,6 +445,10 @@ class Agent:
                 return await self.rotate_key()
             case "folders_changed":
                 return await self.folders_changed()
+            case "versions" | "restore" | "folder_override" | "folder_revert":
+                if self.sync is None:
+                    raise UserError("this agent syncs no folders")
+                return await folder_request(self.sync, cmd, args)
             case "ui":
                 if self.ui is None:
                     raise UserError("the web page is off ([ui] enabled = false, or its port was taken: see the log)")

@@ -160,6 +160,33 @@ def unshare(paths: Paths, folder_id: str, device: DeviceRecord, records: Sequenc
     return change_devices(paths, folder_id, without)
 
 
+def set_paused(paths: Paths, folder_id: str, paused: bool) -> config.FolderConfig:
+    """Pause (no data moves) or resume folder `folder_id` (`paused = true` in its table)."""
+    doc = _read(paths)
+    table = _find(_tables(paths, doc), folder_id)
+    if table is None:
+        raise UserError(f"no folder {folder_id!r} in {paths.config_file} (see `tofu-agent folders`)")
+    if paused:
+        table["paused"] = True
+    elif "paused" in table:
+        del table["paused"]
+    cfg = _write(paths, doc)
+    return next(f for f in cfg.folders if f.id == folder_id)
+
+
+def set_device_paused(paths: Paths, device_id: str, paused: bool) -> config.Config:
+    """Pause (no folder data moves; the connection and trust stay) or resume a device."""
+    doc = _read(paths)
+    current = doc.get("paused_devices")
+    ids = [str(d) for d in current] if isinstance(current, list) else []
+    ids = [d for d in ids if d != device_id] + ([device_id] if paused else [])
+    if ids:
+        doc["paused_devices"] = _array(ids)
+    elif "paused_devices" in doc:
+        del doc["paused_devices"]
+    return _write(paths, doc)
+
+
 def devices_text(devices: tuple[str, ...] | list[str] | str | None, records: Sequence[DeviceRecord]) -> str:
     """A folder's device list for people: names beside ids."""
     if devices is None or devices == config.HOUSEHOLD:

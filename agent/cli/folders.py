@@ -1,4 +1,5 @@
-"""`tofu-agent folders` and `folder accept|share|unshare`: which folders sync, with whom, and offers."""
+"""`tofu-agent folders`, `folder accept|share|unshare|pause|resume|override|revert`, `trust
+pause|resume`: which folders sync, with whom, which way, and offers."""
 
 from __future__ import annotations
 
@@ -130,12 +131,47 @@ def cmd_unshare(ctx: Ctx) -> int:
     return _apply(ctx, folder, f"folder {folder.id!r} is no longer shared with {record.name}")
 
 
+def cmd_pause(ctx: Ctx) -> int:
+    paused = ctx.args.folder_action == "pause"
+    folder = edit.set_paused(ctx.paths, ctx.args.folder_id, paused)
+    return _apply(ctx, folder, f"folder {folder.id!r} is {'paused: no data moves' if paused else 'syncing again'}")
+
+
+def cmd_override_revert(ctx: Ctx) -> int:
+    action = ctx.args.folder_action
+    result = control.request(ctx.paths.control_socket, f"folder_{action}", {"folder": ctx.args.folder_id}, 60.0)
+    if action == "override":
+        text = f"folder {ctx.args.folder_id!r}: our state now wins on every peer ({result['overridden']} names)"
+    else:
+        text = f"folder {ctx.args.folder_id!r}: {result['reverted']} local changes undone (kept as versions)"
+    ctx.out(result, text)
+    return EXIT_OK
+
+
+def cmd_device_pause(ctx: Ctx) -> int:
+    paused = ctx.args.trust_command == "pause"
+    with ctx.store() as store:
+        record = _device(store, ctx.args.device)
+    edit.set_device_paused(ctx.paths, record.device_id, paused)
+    try:
+        control.request(ctx.paths.control_socket, "folders_changed", {})
+        applied = "the running agent applied it"
+    except control.AgentNotRunning:
+        applied = "(no agent is running: it applies this when it starts)"
+    what = "paused: no folder data moves (the connection and trust stay)" if paused else "syncing again"
+    text = f"{record.name} ({record.device_id[:8]}) is {what}\n{applied}"
+    ctx.out({"device_id": record.device_id, "paused": paused}, text)
+    return EXIT_OK
+
+
 def register(sub: argparse._SubParsersAction[Any], common: argparse.ArgumentParser) -> None:
     """Add `folders` and `folder accept|share|unshare` to the `tofu-agent` parser."""
     p = sub.add_parser("folders", parents=[common], help="configured folders, who gets them, and offers")
     p.set_defaults(func=cmd_folders)
     f = sub.add_parser("folder", parents=[common], help="accept an offered folder, share or unshare one")
-    fsub = f.add_subparsers(dest="folder_action", required=True, metavar="accept|share|unshare")
+    fsub = f.add_subparsers(
+        dest="folder_action", required=True, metavar="accept|share|unshare|pause|resume|override|revert"
+    )
     a = fsub.add_parser("accept", parents=[common], help="sync a folder a peer offers")
     a.add_argument("folder_id", metavar="ID")
     a.add_argument("path", nargs="?", metavar="PATH", help="where (default ~/TofuSync-ID, or HOME/ID with --home)")
@@ -149,3 +185,14 @@ def register(sub: argparse._SubParsersAction[Any], common: argparse.ArgumentPars
     u.add_argument("folder_id", metavar="ID")
     u.add_argument("device", metavar="DEVICE")
     u.set_defaults(func=cmd_unshare)
+    for action, text in (("pause", "stop moving data for a folder"), ("resume", "sync a paused folder again")):
+        pp = fsub.add_parser(action, parents=[common], help=text)
+        pp.add_argument("folder_id", metavar="ID")
+        pp.set_defaults(func=cmd_pause)
+    for action, text in (
+        ("override", "send-only folder: make our state win on every peer"),
+        ("revert", "receive-only folder: undo local changes (kept as versions)"),
+    ):
+        op = fsub.add_parser(action, parents=[common], help=text)
+        op.add_argument("folder_id", metavar="ID")
+        op.set_defaults(func=cmd_override_revert)

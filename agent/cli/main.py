@@ -397,6 +397,11 @@ def build_parser() -> argparse.ArgumentParser:
         a = tsub.add_parser(action, parents=[common], help=text)
         a.add_argument("device", metavar="DEVICE", help="device id or a unique prefix of one")
         a.set_defaults(func=cmd_trust_change)
+    for action, text in (("pause", "move no folder data with a device (trust and connection stay)"),
+                         ("resume", "sync with a paused device again")):  # fmt: skip
+        a = tsub.add_parser(action, parents=[common], help=text)
+        a.add_argument("device", metavar="DEVICE", help="device id, a unique prefix of one, or its name")
+        a.set_defaults(func=_device_pause)
     it = tsub.add_parser(
         "introducer", parents=[common], help="apply (on) or ignore (off) the devices this device introduces"
     )
@@ -438,17 +443,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _device_pause(ctx: Ctx) -> int:
+    from agent.cli import folders as cli_folders
+
+    return cli_folders.cmd_device_pause(ctx)
+
+
 def _add_extensions(sub: argparse._SubParsersAction[_Parser], common: _Parser) -> None:
     """Commands that live in their own modules register here."""
     from agent.cli import consent as cli_consent
     from agent.cli import folders as cli_folders
     from agent.cli import keys as cli_keys
     from agent.cli import pair as cli_pairing
+    from agent.cli import versions as cli_versions
 
     cli_keys.register(sub, common)  # anomalies, rotate-key
     cli_pairing.register(sub, common)  # verify, pair
     cli_consent.register(sub, common)  # window, pending
-    cli_folders.register(sub, common)  # folders, folder accept|share|unshare
+    cli_folders.register(sub, common)  # folders, folder accept|share|unshare|pause|resume|override|revert
+    cli_versions.register(sub, common)  # versions, restore
 
 
 def _positive_int(text: str) -> int:

@@ -30,28 +30,31 @@ loop), `watcher` (file-system events) and `sharing` (which folders each peer is 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
 import sqlite3
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import anyio.abc
 import anyio.to_thread
 
 from agent.config import Config, FolderConfig
-from agent.errors import ErrorCode, RemoteProtocolError
+from agent.errors import ErrorCode, RemoteProtocolError, UserError
 from agent.host.memtrim import TRIM_AFTER_BYTES, trim
 from agent.host.paths import Paths
 from agent.identity.crypto import Identity
 from agent.net.link import PeerLink
 from agent.sync.clock import Now
 from agent.sync.engine import Outgoing, SyncEngine
+from agent.sync.folder_type import FolderType
 from agent.sync.index import FolderIndex
 from agent.sync.messages import (
     BlockError,
@@ -68,11 +71,13 @@ from agent.sync.sender import send_loop
 from agent.sync.server import BlockServer
 from agent.sync.sharing import DeviceResolver, keep_offer, reshare, satisfied_offers, shared_with
 from agent.sync.state import InboxKind, _Folder, _Link
+from agent.sync.versioning import Kind, Versioning
 from agent.sync.watcher import watch
 from agent.wire.messages import WireMessage, clean_reason
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
 RESCAN_INTERVAL = 300.0  # the safety net under file-system events
 WATCH_READY_TIMEOUT = 10.0  # longest a folder's first scan waits for its watch to be in place
 START_RETRY = 60.0  # seconds before starting a folder again whose start failed (disk, database)
@@ -95,6 +100,11 @@ SCAN_DELAY_ENV = "TOFU_AGENT_TEST_SCAN_DELAY"
 def _now() -> Now:
     """Both clocks, read once for a batch: timers run on the monotonic one (see `agent.sync.clock`)."""
     return Now(time.monotonic(), time.time())
+
+
+def versioning_of(cfg: FolderConfig) -> Versioning:
+    """A folder's versioning settings as the engine takes them."""
+    return Versioning(Kind(cfg.versioning), cfg.keep_days, cfg.keep)
 
 
 def index_path(paths: Paths, folder_id: str) -> str:
@@ -156,7 +166,7 @@ class SyncService:
             engine = SyncEngine(
                 cfg.id, root, index, self.identity.device_id, executor=self._executor,
                 max_inflight_bytes=MAX_INFLIGHT_BYTES, rescan_interval=RESCAN_INTERVAL,
-                request_id_base=number << 24,
+                request_id_base=number << 24, versioning=versioning_of(cfg), folder_type=FolderType(cfg.type),
             )  # fmt: skip
             server = BlockServer(cfg.id, root, index_path(self.paths, cfg.id))
         except (OSError, sqlite3.Error) as exc:
@@ -190,6 +200,11 @@ class SyncService:
             if self._executor is not None:
                 self._executor.shutdown(wait=False)
 
+    @staticmethod
+    def _set_versioning(f: _Folder) -> None:
+        with f.lock:
+            f.engine.versions.policy = versioning_of(f.config)
+
     def _close_folder(self, f: _Folder) -> None:
         with f.lock:
             try:
@@ -215,8 +230,9 @@ class SyncService:
         while generation != self._generation:  # the sharing changed while we resolved: again
             generation = self._generation
             ls.shared = await anyio.to_thread.run_sync(
-                shared_with, device_id, [f.config for f in self.folders], self.resolve_devices
-            )
+                shared_with, device_id, [f.config for f in self.folders], self.resolve_devices,
+                self.config.paused_devices,
+            )  # fmt: skip
         self.links[device_id] = ls
         self._by_link[link] = ls
         self._tg.start_soon(send_loop, ls, self.by_id)
@@ -245,9 +261,14 @@ class SyncService:
                 restart.append({"id": f.config.id, "why": "it left the config: shared with nobody until a restart"})
             elif cfg.path.absolute() != f.config.path.absolute():
                 restart.append({"id": cfg.id, "why": f"its path changed to {cfg.path}: a restart moves it"})
-            elif cfg.devices != f.config.devices:
-                f.config = replace(f.config, devices=cfg.devices)
-                changed.append(cfg.id)
+            elif cfg != f.config:  # who gets it, pause, versioning: applied now; the type at a restart
+                if cfg.type != f.config.type:
+                    restart.append({"id": cfg.id, "why": f"its type changed to {cfg.type}: a restart applies it"})
+                    cfg = replace(cfg, type=f.config.type)
+                if cfg != f.config:
+                    f.config = cfg
+                    await anyio.to_thread.run_sync(self._set_versioning, f)
+                    changed.append(cfg.id)
         for cfg in config.folders:
             if cfg.id in self.by_id:
                 continue
@@ -265,10 +286,15 @@ class SyncService:
             self._tg.start_soon(self._run_folder, new)
             self._tg.start_soon(watch, new, RESCAN_INTERVAL)
             added.append(cfg.id)
+        if config.paused_devices != self.config.paused_devices:
+            self.config = replace(self.config, paused_devices=config.paused_devices)
+            changed.append("(paused devices)")
         self._generation += 1
         configs = [f.config for f in self.folders]
         for ls in list(self.links.values()):
-            shared = await anyio.to_thread.run_sync(shared_with, ls.device_id, configs, self.resolve_devices)
+            shared = await anyio.to_thread.run_sync(
+                shared_with, ls.device_id, configs, self.resolve_devices, self.config.paused_devices
+            )
             if not ls.closed:
                 reshare(ls, shared, self.by_id)
         done = await anyio.to_thread.run_sync(satisfied_offers, self.offers, configs, self.resolve_devices)
@@ -512,6 +538,77 @@ class SyncService:
                 out.append((peer, Progress(f.config.id, *mine)))
         return out
 
+    # -- a person's requests: versions, restore, override, revert -------------------------------
+
+    async def versions(self, folder_id: str | None, name: str = "") -> list[dict[str, Any]]:
+        """The kept versions of `name` (a file, or everything under a directory) in one folder
+        (None: every folder), newest first."""
+        folders = [self._folder(folder_id)] if folder_id is not None else list(self.folders)
+        result: list[dict[str, Any]] = []
+        for f in folders:
+
+            def listing(eng: SyncEngine, now: Now, f: _Folder = f) -> tuple[list[dict[str, Any]], list[Outgoing]]:
+                kept = eng.list_versions(name)
+                return [{"folder": f.config.id, **dataclasses.asdict(k)} for k in kept], []
+
+            result.extend(await self._engine_op(f, listing))
+        return result
+
+    async def restore(self, folder_id: str, name: str, at: float | None) -> dict[str, Any]:
+        """Put a kept version back as a local change (it then syncs to the peers)."""
+
+        def op(eng: SyncEngine, now: Now) -> tuple[dict[str, Any], list[Outgoing]]:
+            kept, out = eng.restore(name, at, now)
+            return {"folder": folder_id, **dataclasses.asdict(kept)}, out
+
+        return await self._engine_op(self._folder(folder_id), op)
+
+    async def override(self, folder_id: str) -> dict[str, Any]:
+        """A send-only folder's state wins on every peer."""
+        f = self._folder(folder_id)
+        differs = f.snapshot.remote_differs
+        await self._engine_op(f, lambda eng, now: (None, eng.override(now)))
+        return {"folder": folder_id, "overridden": differs}
+
+    async def revert(self, folder_id: str) -> dict[str, Any]:
+        """A receive-only folder's local changes are undone (kept as versions)."""
+        f = self._folder(folder_id)
+        changed = f.snapshot.locally_changed
+        await self._engine_op(f, lambda eng, now: (None, eng.revert(now)))
+        return {"folder": folder_id, "reverted": changed}
+
+    def _folder(self, folder_id: str | None) -> _Folder:
+        f = self.by_id.get(folder_id or "")
+        if f is None:
+            raise UserError(f"no folder {folder_id!r} is synced (see `tofu-agent folders`)")
+        return f
+
+    async def _engine_op(self, f: _Folder, op: Callable[[SyncEngine, Now], tuple[T, list[Outgoing]]]) -> T:
+        """Run `op` on the folder's engine in a worker thread, under its lock; send what it returns.
+
+        :raises UserError: the engine refused (LookupError: no such version, wrong folder type).
+        """
+        await f.started.wait()
+
+        def run() -> tuple[T, list[tuple[_Link, SyncMessage]]]:
+            with f.lock:
+                now = _now()
+                result, out = op(f.engine, now)
+                # resolved under the lock, as `_work` does: `current` is the worker's view
+                routed = [(ls, msg) for peer, msg in out + self._publish(f, now) if (ls := f.current.get(peer))]
+                return result, routed
+
+        try:
+            result, routed = await anyio.to_thread.run_sync(run)
+        except LookupError as exc:
+            raise UserError(str(exc.args[0]) if exc.args else str(exc)) from None
+        except OSError as exc:
+            raise UserError(f"folder {f.config.id!r}: {exc}") from None
+        for ls, msg in routed:
+            ls.push(msg)
+        f.wake.set()
+        return result
+
     # -- status ----------------------------------------------------------------------------------
 
     def status(self) -> list[dict[str, Any]]:
@@ -520,7 +617,7 @@ class SyncService:
         result: list[dict[str, Any]] = []
         for f in self.folders:
             snap = f.snapshot  # one read: the worker swaps in a whole new object
-            state = snap.state
+            state = "paused" if f.config.paused and snap.state == "idle" else snap.state
             peers = []
             for device_id, progress in sorted(snap.peers.items()):
                 need_files, need_bytes = progress if progress is not None else (0, 0)
@@ -554,6 +651,12 @@ class SyncService:
                     "blocks_received": f.blocks_received,
                     "bytes_received": f.bytes_received,
                     "blocks_requested": snap.blocks_requested,
+                    "type": f.config.type,
+                    "paused": f.config.paused,
+                    "versioning": f.config.versioning,
+                    "remote_differs": snap.remote_differs,
+                    "locally_changed": snap.locally_changed,
+                    "versions_evicted": snap.versions_evicted,
                 }
             )
         return result

@@ -34,11 +34,19 @@ MAX_HELLOS_PER_LINK = 64  # FolderHellos of folders we do not share, kept per li
 DeviceResolver = Callable[[tuple[str, ...]], frozenset[str]]
 
 
-def shared_with(device_id: str, folders: Sequence[FolderConfig], resolve_devices: DeviceResolver) -> frozenset[str]:
-    """The ids of `folders` shared with `device_id` (in a worker thread: may read the trust store)."""
+def shared_with(
+    device_id: str, folders: Sequence[FolderConfig], resolve_devices: DeviceResolver,
+    paused_devices: frozenset[str] = frozenset(),
+) -> frozenset[str]:  # fmt: skip
+    """The ids of `folders` shared with `device_id` (in a worker thread: may read the trust store).
+    A paused folder, or a paused device, shares nothing: no data moves, the link and trust stay."""
     shared: set[str] = set()
     resolved: dict[tuple[str, ...], frozenset[str]] = {}
+    if device_id in paused_devices:
+        return frozenset()
     for cfg in folders:
+        if cfg.paused:
+            continue
         if cfg.devices is None:
             shared.add(cfg.id)  # household: every trusted device, and only those get a link
             continue
