@@ -23,7 +23,10 @@ As soon as the receiver starts receiving, it is SIGKILLed 0-`--window` s later, 
 
 - `PRAGMA integrity_check` on every database under its home;
 - torn: a file in its folder whose bytes are no version the sender ever had;
-- stray: a name the sender never had (`.tofu-tmp-*` files are allowed while it is down).
+- stray: a name the sender never had (`.tofu-tmp-*` files are allowed while it is down);
+- lost: a file the receiver held at its last convergence that is neither at its name with the
+  same bytes nor kept in `.tofu-versions` (the sender's change replaced or deleted it, and a kill
+  while the version was moved must leave the file or its version, never neither).
 
 Then it restarts and must converge (same names and bytes as the sender, folder `idle`,
 `need_files` 0) with no `.tofu-tmp-*` file left; integrity is checked again on both agents.
@@ -76,6 +79,7 @@ from testkit.wait import seconds_until  # noqa: E402
 MiB = 1024 * 1024
 TEMP_PREFIX = ".tofu-tmp-"
 MARKER = ".tofu-folder"
+VERSIONS = ".tofu-versions"
 
 
 def integrity(home: Path) -> dict[str, str]:
@@ -104,6 +108,7 @@ class ModeResult:
     mid_transfer: int = 0
     torn: int = 0
     stray: int = 0
+    lost: int = 0  # sync: files replaced or deleted by the sender, neither in place nor kept as a version
     temps_left: int = 0
     key_changed: int = 0
     rotations: int = 0
@@ -137,7 +142,7 @@ def tree(root: Path) -> dict[str, str]:
         for name in dirs + files:
             path = Path(dirpath) / name
             rel = str(path.relative_to(root))
-            if name.startswith(TEMP_PREFIX) or rel == MARKER:  # the agent's own, never synced
+            if name.startswith(TEMP_PREFIX) or rel.split("/")[0] in (MARKER, VERSIONS):  # ours, never synced
                 continue
             if path.is_dir():
                 out[rel] = "dir"
@@ -147,6 +152,23 @@ def tree(root: Path) -> dict[str, str]:
                 except FileNotFoundError:  # deleted under us by the running agent
                     continue
     return out
+
+
+def kept_digests(root: Path) -> set[str]:
+    """sha256 hex of every kept version in the folder's `.tofu-versions`."""
+    out: set[str] = set()
+    for path in (root / VERSIONS).rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            out.add(hashlib.sha256(path.read_bytes()).hexdigest())
+    return out
+
+
+def lost_versions(held: dict[str, str], root: Path) -> list[str]:
+    """Files the receiver held that are neither at their name (same bytes) nor kept as a version."""
+    now = tree(root)
+    gone = {n: d for n, d in held.items() if d != "dir" and now.get(n) != d}
+    kept = kept_digests(root) if gone else set()
+    return sorted(n for n, d in gone.items() if d not in kept)
 
 
 def differing(a: Path, b: Path) -> list[str]:
@@ -324,6 +346,7 @@ def sync_loop(
         if seconds_until(lambda: paired(s, ids, r, idr), 20) is None:
             raise SystemExit("the agents did not pair")
         t_start = time.monotonic()
+        held: dict[str, str] = {}  # the receiver's folder at its last convergence
         for n in range(1, kills + 1):
             content.change(n, rng)
             seconds_until(lambda: receiving(r, fr), 10)  # the sender has announced the change: the transfer starts
@@ -338,6 +361,11 @@ def sync_loop(
             res.stray += len(stray)
             if torn or stray:
                 res.failures.append(f"round {n}: torn {torn[:5]} stray {stray[:5]}")
+            # a kill while a version was being moved leaves the file or its version, never neither
+            lost = lost_versions(held, fr)
+            res.lost += len(lost)
+            if lost:
+                res.failures.append(f"round {n}: neither the file nor a kept version of {lost[:5]}")
             left = len(temps(fr))
             t_restart = time.monotonic()
             r.start("--folder", str(fr), peers=[s])
@@ -353,10 +381,11 @@ def sync_loop(
             else:
                 res.converged += 1
                 res.times.append(time.monotonic() - t_restart)
+                held = tree(fr)
             res.check_integrity(n, r.home, s.home)
             print(
                 f"sync   {n:>3}: killed receiver {'mid-transfer' if busy else 'while idle  '} "
-                f"({left} temp files), torn {len(torn)}, stray {len(stray)}, "
+                f"({left} temp files), torn {len(torn)}, stray {len(stray)}, lost {len(lost)}, "
                 f"converged in {res.times[-1] if took is not None else float('nan'):.2f} s",
                 flush=True,
             )
@@ -577,15 +606,16 @@ def main() -> int:
     print()
     print(
         "| mode | kills | mid-transfer | integrity checks | failed | converged | restart to converged: median / max s "
-        "| torn files | stray files | temp files left | rotations | key_changed |"
+        "| torn files | stray files | lost versions | temp files left | rotations | key_changed |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         mid = str(r.mid_transfer) if r.mode == "sync" else "-"
         rot = str(r.rotations) if r.mode == "rotate" else "-"
         print(
             f"| {r.mode} | {r.kills} | {mid} | {r.integrity_checks} | {r.integrity_failed} | {r.converged} | "
-            f"{fmt_times(r.times)} | {r.torn} | {r.stray} | {r.temps_left} | {rot} | {r.key_changed} |"
+            f"{fmt_times(r.times)} | {r.torn} | {r.stray} | {r.lost if r.mode == 'sync' else '-'} | {r.temps_left} | "
+            f"{rot} | {r.key_changed} |"
         )
     if strangers is not None:
         lost = len([f for r in results if r.mode == "trust" for f in r.failures if "lost" in f])
