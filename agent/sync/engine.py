@@ -20,20 +20,22 @@ can still copy their blocks from the old name). Finished files wait in a batch; 
 their data durable (one syncfs for many files), checks each target is still what we planned
 against (else rescans: a local edit becomes a conflict), renames them into place, fsyncs each
 touched directory once, then records them in the index in one transaction and announces them.
-The engine is the coordinator of four parts, each with its own state: `scheduler` (pure: which
-blocks to ask of which peer, request ids, stalls), `exchange` (hello, index messages in and out,
-what we need), `committer` (finished pulls to disk and into the index), `deletions` (remote
-deletions). The engine owns what they share (peers, needed names, the pull queue, running pulls)
-and hands each the containers it reads or fills; it keeps scanning, the folder root, pulls and
-the timers.
+The engine is the coordinator of its parts, each with its own state: `root` (the folder root
+guard: a missing root or marker stops the folder, `halted`), `scanning` (one-go and chunked
+scans recorded in the index, names to look at again), `exchange` (hello, index messages in and
+out, what we need), `pulls` (each needed name decided afresh and started, given up names retried
+later), `scheduler` (pure: which blocks to ask of which peer, request ids, stalls), `committer`
+(finished pulls to disk and into the index), `deletions` (remote deletions), `versions` (what a
+change replaces is kept) and `rules` (what the folder type sends and applies). The engine owns
+what they share (peers, needed names, the pull queue, running pulls) and hands each the
+containers it reads or fills and the callbacks it needs; it keeps the inputs, the pump (what runs
+when), the timers, stopping everything when the root goes, and status.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from collections import deque
-from collections.abc import Iterator
 from concurrent.futures import Executor
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -47,7 +49,7 @@ from agent.sync.committer import Committer
 from agent.sync.deletions import Deletions
 from agent.sync.exchange import INDEX_WINDOW, MAX_REMOTE_BYTES, MAX_REMOTE_RECORDS, IndexExchange, Need, Peer
 from agent.sync.folder_type import FolderType, TypeRules
-from agent.sync.fs import FolderFS, temp_name_for
+from agent.sync.fs import FolderFS
 from agent.sync.index import FolderIndex
 from agent.sync.messages import (
     MAX_FILES_PER_MESSAGE,
@@ -60,32 +62,23 @@ from agent.sync.messages import (
     Response,
     SyncMessage,
 )  # fmt: skip
-from agent.sync.model import FileInfo, FileType
-from agent.sync.names import IGNORE_FILE, MARKER
-from agent.sync.planner import MAX_CONFLICT_ATTEMPT, Action, conflict_name, decide
-from agent.sync.scanner import Scanner, ScanResult, load_ignore
+from agent.sync.model import FileInfo
+from agent.sync.names import IGNORE_FILE
+from agent.sync.pulls import MIN_FREE_FRACTION, RETRY_PULL_AFTER, Pulls
+from agent.sync.root import ROOT_RECHECK, FolderRoot
+from agent.sync.scanner import Scanner
+from agent.sync.scanning import MAX_EVENT_NAMES, RECHECK_FIRST, RECHECK_MAX, RETRY_SCAN_AFTER, Scanning, temp_of
 from agent.sync.scheduler import REQUEST_ID_MASK, STALL_TIMEOUT, Outgoing, RequestScheduler
 from agent.sync.server import serve_block
-from agent.sync.vectors import Vector
 from agent.sync.versioning import DEFAULT_VERSIONING, Versioning
 from agent.sync.versions import Kept, Versions
 
 __all__ = [
-    "INDEX_WINDOW", "RECHECK_FIRST", "RECHECK_MAX", "RETRY_PULL_AFTER", "ROOT_RECHECK", "STALL_TIMEOUT",
-    "FolderStatus", "Need", "Outgoing", "Peer", "SyncEngine",
+    "INDEX_WINDOW", "MAX_EVENT_NAMES", "MIN_FREE_FRACTION", "RECHECK_FIRST", "RECHECK_MAX", "RETRY_PULL_AFTER",
+    "RETRY_SCAN_AFTER", "ROOT_RECHECK", "STALL_TIMEOUT", "FolderStatus", "Need", "Outgoing", "Peer", "SyncEngine",
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)
-MAX_EVENT_NAMES = 256  # more changed names than this at once (after our own writes): one full scan
-RETRY_SCAN_AFTER = 60.0  # a scan that failed on a disk or database error is retried (in full) this soon
-RETRY_PULL_AFTER = 60.0  # a name we could not write (full disk, read-only directory) is tried again this soon
-MIN_FREE_FRACTION = 0.01  # as Syncthing's minDiskFree: pulls never fill the disk past 99 %
-ROOT_RECHECK = 10.0  # a folder stopped for a missing root or marker looks for it again this often
-MAX_FAILED = 10_000  # names remembered for a retry; past that the periodic full rescan is the retry
-# A file a scan skipped because it was being written is looked at again this soon, event or not
-# (no watcher runs yet while the agent starts), backing off to RECHECK_MAX while it keeps changing.
-RECHECK_FIRST = 1.0
-RECHECK_MAX = 16.0
 CLEANUP_AFTER_START = 300.0  # the first clean-up pass of kept versions waits for the start's work
 CLEANUP_EVERY = 3600.0  # a clean-up pass over the kept versions starts this often
 CLEANUP_STEP_EVERY = 0.5  # and takes a step this often while it goes on
@@ -142,7 +135,7 @@ class SyncEngine:
         self.folder_id = folder_id
         self.index = index
         self.device_id = device_id
-        self.fs = FolderFS(root, need_root=False)  # a missing root stops the folder (see `_root_ok`)
+        self.fs = FolderFS(root, need_root=False)  # a missing root stops the folder (see `FolderRoot`)
         self.scanner = Scanner(self.fs, index, device_id, executor)
         # What the parts share, owned here (never replaced, only changed in place):
         self.peers: dict[str, Peer] = {}
@@ -160,32 +153,28 @@ class SyncEngine:
             self.fs, index, self.committer, need=self.need, queue=self.queue, jobs=self.jobs,
             reconsider=lambda names: self.exchange.reconsider(names),
         )  # fmt: skip
+        self.root = FolderRoot(folder_id, self.fs, on_halt=self._halt)
+        self.pulls = Pulls(
+            folder_id, self.fs, index, self.scanner, device_id, self.root, peers=self.peers, need=self.need,
+            jobs=self.jobs, scheduler=self.scheduler, committer=self.committer, versions=self.versions,
+            rules=self.rules, deletions=self.deletions, scan=lambda now, names: self.scanning.scan(now, names),
+            reconsider=lambda names: self.exchange.reconsider(names), retry_pull_after=retry_pull_after,
+            min_free_fraction=min_free_fraction,
+        )  # fmt: skip
         self.exchange = IndexExchange(
             folder_id, index, self.scanner, peers=self.peers, need=self.need, queue=self.queue,
-            deletes=self.deletions.pending, drop_job=self._drop_job, max_remote_records=max_remote_records,
+            deletes=self.deletions.pending, drop_job=self.pulls.drop, max_remote_records=max_remote_records,
             hold=self.rules.differs if self.rules.send_only else None,
             max_remote_bytes=max_remote_bytes, index_window=index_window, max_files_per_message=max_files_per_message,
         )  # fmt: skip
-        self.failed: dict[str, float] = {}  # name -> when to try it again (a write or rename failed)
-        self.recheck: dict[str, float] = {}  # name -> when to scan it again (it was changing when scanned)
-        self._recheck_tries: dict[str, int] = {}  # name -> scans that found it changing in a row
-        self._space, self._space_at = 0, -1e18  # free bytes left for new pulls, and when they were read
-        self._space_warned = False  # the lack of space was logged (until a pull fits again)
+        self.scanning = Scanning(
+            folder_id, self.scanner, index, self.fs, self.root, self.rules, self.exchange, self.committer,
+            need=self.need, jobs=self.jobs, drop_job=self.pulls.drop, rescan_interval=rescan_interval,
+        )  # fmt: skip
         self.max_jobs = max_jobs
         self.batch_files = batch_files
-        self.rescan_interval = rescan_interval
-        self.retry_pull_after = retry_pull_after
-        self.min_free_fraction = min_free_fraction
-        self.next_scan = 0.0  # when the next full scan is due (monotonic, as every timer here)
         self.next_cleanup = 0.0  # when the next step of kept versions' clean-up is due
         self.flush_due = False  # a batch is complete and waits for the next `pump` (call it soon)
-        self.state = "idle"
-        self.halted: str | None = None  # why the folder is stopped: its root or marker is missing
-        self.next_check = 0.0  # when a stopped folder looks for its root again
-        self._scan_chunks: Iterator[ScanResult] | None = None  # the scan in progress
-        self._scan_full = False  # it is a full scan (the timer's next run is set when it ends)
-        self._scan_next: set[str] = set()  # names changed meanwhile: scanned when it ends ('' = all)
-        self._ignore_lines = self.scanner.ignore.lines  # the `.tofuignore` the last recorded scan used
 
     # -- the parts' state, as tests and the shell read and tune it ---------------------------
 
@@ -202,6 +191,15 @@ class SyncEngine:
     max_inflight_bytes = _Part[int]("scheduler", "max_inflight_bytes")
     max_remote_records = _Part[int]("exchange", "max_remote_records")
     max_remote_bytes = _Part[int]("exchange", "max_remote_bytes")
+    halted = _Part[str | None]("root", "halted")  # why the folder is stopped: its root or marker is missing
+    next_check = _Part[float]("root", "next_check")  # when a stopped folder looks for its root again
+    state = _Part[str]("scanning", "state")  # idle, scanning
+    next_scan = _Part[float]("scanning", "next_scan")  # when the next full scan is due (monotonic)
+    recheck = _Part[dict[str, float]]("scanning", "recheck")  # name -> when to scan it again
+    rescan_interval = _Part[float]("scanning", "rescan_interval")
+    failed = _Part[dict[str, float]]("pulls", "failed")  # name -> when to try it again
+    retry_pull_after = _Part[float]("pulls", "retry_pull_after")
+    min_free_fraction = _Part[float]("pulls", "min_free_fraction")
 
     def _new_request_id(self) -> int:
         return self.scheduler.new_request_id()
@@ -216,19 +214,16 @@ class SyncEngine:
         mounted is what the marker prevents.
         """
         if self.index.sequence == 0 and not self.fs.refresh():
-            try:
-                self.fs.make_marker()
-            except OSError as exc:
-                log.error("folder %r: cannot create %s: %s", self.folder_id, self.fs.root / MARKER, exc)
+            self.root.make()
         self.next_cleanup = now.mono + CLEANUP_AFTER_START
-        if not self._root_ok(now):
+        if not self.root.ok(now):
             return
-        temps = self._scan(now, None)
+        temps = self.scanning.scan(now, None)
         if self.halted is not None:
             return
         for peer in self.index.peers():
             self.exchange.consider(list(self.index.differing(peer)), peer)
-        wanted = {self._temp_of(name): name for name in self.need}
+        wanted = {temp_of(name): name for name in self.need}
         for t in temps:
             if t not in wanted:
                 self.fs.unlink(t)
@@ -303,89 +298,20 @@ class SyncEngine:
         with self.fs.batch():
             names = [n for n in names if not self.committer.own_write(n)]
             if names:
-                self._scan_later(now, [""] if len(names) > MAX_EVENT_NAMES else names)
+                self.scanning.later(now, [""] if len(names) > MAX_EVENT_NAMES else names)
             return self._pump(now)
 
     @property
     def scan_pending(self) -> bool:
         """A chunked scan has more to do: call `continue_scan` soon."""
-        return self._scan_chunks is not None
+        return self.scanning.pending
 
     def continue_scan(self, now: Now) -> list[Outgoing]:
         """Record and announce the next chunk of the scan in progress."""
         with self.fs.batch():
-            if self._scan_chunks is not None:
-                self._scan_step(now)
+            if self.scanning.pending:
+                self.scanning.step(now)
             return self._pump(now)
-
-    def _scan_later(self, now: Now, names: list[str]) -> None:
-        """Start a chunked scan of `names` ('' = everything) and do its first chunk; if one is
-        running, queue the names for after it and do its next chunk (events never starve it)."""
-        if not self._root_ok(now):
-            return
-        if self._scan_chunks is not None:
-            self._scan_next.update(names)
-            if len(self._scan_next) > MAX_EVENT_NAMES:
-                self._scan_next = {""}
-            self._scan_step(now)
-            return
-        self._scan_full = "" in names
-        self.state = "scanning"
-        self._scan_chunks = self.scanner.scan_chunks(int(now.wall), None if self._scan_full else names)
-        self._scan_step(now)
-
-    def _scan_step(self, now: Now) -> None:
-        assert self._scan_chunks is not None
-        try:
-            chunk = next(self._scan_chunks)
-            if not self._record_scan(chunk, now):
-                return  # the folder stopped (its root went away): the scan is dropped
-            self._drop_stray_temps(chunk.temp_files)
-        except BaseException:
-            # a disk or database failure: drop this scan (pulls must not wait for it forever)
-            # and let the timer run a full one soon, which also covers the names this one had
-            self._scan_chunks = None
-            self.state = "idle"
-            self.next_scan = min(self.next_scan, now.mono + RETRY_SCAN_AFTER)
-            raise
-        if not chunk.final:
-            return
-        self._scan_chunks = None
-        self.state = "idle"
-        if self._scan_full:
-            self.next_scan = now.mono + self.rescan_interval
-        if self._scan_next:
-            names, self._scan_next = sorted(self._scan_next), set()
-            self._scan_later(now, names)
-
-    def _keep_as_conflict(self, name: str, local: FileInfo) -> str:
-        """Rename `name` to the first free conflict-copy name of `local`; that name.
-
-        Two losing versions by one device within one second share a name: the second gets `-2`
-        (and so on) instead of failing on every retry for good.
-
-        :raises OSError: every candidate is taken (the pull is retried later) or the rename failed.
-        """
-        for attempt in range(MAX_CONFLICT_ATTEMPT + 1):
-            cname = conflict_name(local, attempt)
-            if self.fs.lstat(cname) is None:
-                self.fs.rename(name, cname)
-                return cname
-        raise FileExistsError(f"every conflict-copy name for {name!r} is taken")
-
-    def _drop_stray_temps(self, temps: list[str]) -> None:
-        """Delete temp files a scan found that no pull wants (a directory renamed during a pull
-        takes the pull's temp file along): not left until the next restart. A pull that still
-        writes into one keeps its open file and finds it gone when it commits."""
-        if not temps:
-            return
-        wanted = {self._temp_of(n) for n in (*self.need, *self.jobs, *(j.name for j in self.committer.done))}
-        for t in temps:
-            if t not in wanted:
-                try:
-                    self.fs.unlink(t)
-                except OSError as exc:
-                    log.info("cannot delete stray temp file %r: %s", t, exc)
 
     def get_timer(self) -> float:
         """When `handle_timer` wants to run next, on the monotonic clock (`Now.mono`)."""
@@ -401,21 +327,17 @@ class SyncEngine:
         with self.fs.batch():
             if self.halted is not None:
                 return self._resume(now) if now.mono >= self.next_check else []
-            if now.mono >= self.next_scan and self._scan_chunks is None:
-                self._scan_later(now, [""])
+            if now.mono >= self.next_scan and not self.scanning.pending:
+                self.scanning.later(now, [""])
             if now.mono >= self.next_cleanup:
                 more = self.versions.cleanup_step(now.wall)  # a bounded step: sync never waits for it
                 self.next_cleanup = now.mono + (CLEANUP_STEP_EVERY if more else CLEANUP_EVERY)
-            unsettled = [name for name, when in self.recheck.items() if when <= now.mono]
-            for name in unsettled:
-                del self.recheck[name]
+            unsettled = self.scanning.recheck_due(now)
             if unsettled:
-                self._scan_later(now, unsettled)
+                self.scanning.later(now, unsettled)
             for peer in self.scheduler.stalls_due(now):
                 self._stalled(peer, now)
-            due = [name for name, when in self.failed.items() if when <= now.mono]
-            for name in due:
-                del self.failed[name]
+            due = self.pulls.retry_due(now)
             if due:
                 self.exchange.reconsider(sorted(due))  # what is still needed is queued afresh
             return self._pump(now, force_flush=True)
@@ -428,21 +350,17 @@ class SyncEngine:
     def _flush(self, now: Now) -> list[Outgoing]:
         if self.halted is not None:
             return []
-        if self._scan_chunks is not None:
+        if self.scanning.pending:
             return self.exchange.announce()  # commits wait for the scan in progress (see `_pump`)
         self.flush_due = False
         done = self.committer.commit(self.index, now.wall)  # steps 1 to 5 of docs/SYNC.md, "Durability batching"
         for name in done.failed:
-            self._give_up(name, now)
+            self.pulls.give_up(name, now)
         if any(r.name == IGNORE_FILE for r in done.records):
-            # a peer's `.tofuignore` is in place: its patterns apply now (our own write's event is
-            # dropped, so no scan would load them before the timer's)
-            self.scanner.ignore = load_ignore(self.fs)
-            if self.scanner.ignore.lines != self._ignore_lines:
-                self._ignore_changed(now)
+            self.scanning.reload_ignore(now)  # a peer's `.tofuignore` is in place: its patterns apply now
         rescan = done.rescan
         if rescan:
-            self._scan(now, rescan)
+            self.scanning.scan(now, rescan)
             # what the scan did not turn into a decision is asked for again (a fresh temp file)
             if self.halted is None:
                 self.exchange.reconsider([n for n in rescan if n not in self.need])
@@ -450,46 +368,21 @@ class SyncEngine:
 
     # -- the folder root -----------------------------------------------------------------------
 
-    def _root_ok(self, now: Now) -> bool:
-        """True if we may scan and write: the root is there with its marker. Otherwise stop."""
-        if self.fs.refresh():
-            return self.halted is None  # a stopped folder resumes from `handle_timer` only
-        if self.halted is None:
-            self._halt()
-        self.next_check = now.mono + ROOT_RECHECK
-        return False
-
     def _halt(self) -> None:
-        """Stop all work: the folder root or its marker is missing (deleted, moved, unmounted)."""
-        root = self.fs.root
-        self.halted = (
-            f"{root} or its {MARKER} directory is missing (folder deleted, moved, or its disk not "
-            f"mounted?): nothing is scanned, written or deleted until it is back; to sync the "
-            f"directory as it is now, create the directory {root / MARKER}"
-        )
-        log.error("folder %r stopped: %s", self.folder_id, self.halted)
-        for name in list(self.jobs):
-            self._drop_job(name)  # temp files stay: the pulls resume when the folder is back
+        """The root guard stopped the folder (its root or marker is missing): drop all work."""
+        self.pulls.clear()  # temp files stay: the pulls resume when the folder is back
         # what the committer would record is found again by the full scan of `_resume`
         self.committer.reset()
         self.queue.clear()
         self.deletions.clear()
         self.need.clear()
-        self.failed.clear()
-        self.recheck.clear()
-        self._recheck_tries.clear()
-        self._scan_chunks = None
-        self._scan_next.clear()
-        self.state = "idle"
+        self.scanning.clear()
         self.flush_due = False
 
     def _resume(self, now: Now) -> list[Outgoing]:
         """Look for the root of a stopped folder; when it is back, scan it and sync again."""
-        if not self.fs.refresh():
-            self.next_check = now.mono + ROOT_RECHECK
+        if not self.root.back(now):
             return []
-        log.warning("folder %r: %s is back; syncing it again", self.folder_id, self.fs.root)
-        self.halted = None
         self.start(now)
         return self._pump(now, force_flush=True)
 
@@ -561,92 +454,12 @@ class SyncEngine:
             kept = self.versions.pick(name, at)
             if kept is None:
                 raise LookupError(f"no kept version of {name!r}" + (" at or before that time" if at else ""))
-            if name in self.jobs or name in self.need or self.halted is not None or self._scan_chunks is not None:
+            if name in self.jobs or name in self.need or self.halted is not None or self.scanning.pending:
                 raise LookupError(f"{name!r} is being synced right now; try again in a moment")
             self.versions.restore(kept, self.device_id, now.wall)
             self.versions.flush_notes()
-            self._scan(now, [name])
+            self.scanning.scan(now, [name])
             return kept, self.exchange.announce()
-
-    # -- scanning ------------------------------------------------------------------------------
-
-    def _scan(self, now: Now, names: list[str] | None) -> list[str]:
-        """Scan `names` (None: everything) in one go: at start, and for a few names while pulling."""
-        self.state = "scanning"
-        result = self.scanner.scan(int(now.wall), names)
-        if not self._record_scan(result, now):
-            return []
-        if names is None:
-            self.next_scan = now.mono + self.rescan_interval
-        self.state = "idle"
-        return result.temp_files
-
-    def _record_scan(self, result: ScanResult, now: Now) -> bool:
-        """Record what a scan found; False (nothing recorded) if the root went away meanwhile:
-        then what looks deleted is only not mounted."""
-        if not self._root_ok(now):
-            return False
-        for name, ino, mtime in result.refreshed:
-            self.index.set_inode(name, ino, mtime)
-            self._recheck_tries.pop(name, None)
-        result.changed = self.rules.hold_back(self._adopt_remote_versions(result.changed))
-        self.index.update_local(result.changed)
-        for f in result.changed:
-            self._recheck_tries.pop(f.name, None)
-        for name in result.unsettled:
-            self._look_again(name, now)
-        changed = [f.name for f in result.changed]
-        if changed:
-            self.exchange.reconsider(changed)
-        if self.scanner.ignore.lines != self._ignore_lines:
-            self._ignore_changed(now)
-        return True
-
-    def _adopt_remote_versions(self, changed: list[FileInfo]) -> list[FileInfo]:
-        """A file found on disk that is exactly a peer's current version of that name (same
-        content, size, mtime and exec bit) is recorded as that version, not as a new one of ours.
-
-        That is what a pull leaves when the agent is killed after putting the file in place and
-        before recording it: recorded as our own new version, it would be concurrent with the
-        peer's later changes and undo them (a deletion that races an edit loses), bringing back
-        files the peer deleted or renamed.
-        """
-        files = {f.name: f for f in changed if not f.deleted and f.type is FileType.FILE}
-        if not files:
-            return changed
-        adopted: dict[str, FileInfo] = {}
-        for peer in self.index.peers():
-            for name, r in self.index.remote_many(peer, list(files)).items():
-                f = files[name]
-                same = (r.type, r.size, r.mtime_ns, r.executable, r.block_size, r.hashes) == (
-                    f.type, f.size, f.mtime_ns, f.executable, f.block_size, f.hashes
-                )  # fmt: skip
-                if same and not r.deleted and name not in adopted:
-                    adopted[name] = f.replace(version=r.version, modified_by=r.modified_by)
-        return [adopted.get(f.name, f) for f in changed]
-
-    def _look_again(self, name: str, now: Now) -> None:
-        """Scan `name` again soon: it changed while we hashed it (backing off while it keeps changing)."""
-        tries = self._recheck_tries.get(name, 0) + 1
-        if tries == 1 and len(self._recheck_tries) >= MAX_FAILED:
-            self.next_scan = min(self.next_scan, now.mono + RECHECK_MAX)  # too many: one full scan looks at all
-            return
-        self._recheck_tries[name] = tries
-        self.recheck[name] = now.mono + min(RECHECK_MAX, RECHECK_FIRST * 2 ** min(tries - 1, 8))
-
-    def _ignore_changed(self, now: Now) -> None:
-        """`.tofuignore` changed: names it no longer ignores are scanned and pulled now, not at the
-        next timer scan or restart; names it now ignores are no longer pulled."""
-        self._ignore_lines = self.scanner.ignore.lines
-        log.info("folder %r: .tofuignore changed; rescanning", self.folder_id)
-        ignore = self.scanner.ignore
-        for name, n in list(self.need.items()):
-            if ignore.matches(name, n.target.type is FileType.DIR):
-                self._drop_job(name)
-                del self.need[name]
-        self.next_scan = min(self.next_scan, now.mono)  # a full scan, on the timer's next run
-        for peer in self.index.peers():
-            self.exchange.consider(list(self.index.differing(peer)), peer)
 
     # -- pulling -------------------------------------------------------------------------------
 
@@ -654,12 +467,12 @@ class SyncEngine:
         out: list[Outgoing] = []
         if self.halted is not None:
             return self.exchange.announce()
-        if self._scan_chunks is not None:
+        if self.scanning.pending:
             # the scan compares the disk with records it read when it began: pulls wait for it
             # (requests of started pulls still go out, their answers only fill temp files)
             return self.scheduler.issue(now) + self.exchange.announce()
         while self.queue and len(self.jobs) < self.max_jobs:
-            self._start(self.queue.popleft(), now)
+            self.pulls.start(self.queue.popleft(), now)
         requests = self.scheduler.issue(now)
         out += requests
         done = self.committer.done
@@ -675,93 +488,13 @@ class SyncEngine:
             self.deletions.apply(now.wall)
             if self.queue:
                 while self.queue and len(self.jobs) < self.max_jobs:
-                    self._start(self.queue.popleft(), now)
+                    self.pulls.start(self.queue.popleft(), now)
                 out += self.scheduler.issue(now)
         if self.committer.records or self.committer.dirty_dirs:
             out += self.flush(now)
         if self.committer.leftover_temps:
             self.committer.sweep_temps(self.need)
         return out + self.exchange.announce()
-
-    def _start(self, name: str, now: Now) -> None:
-        n = self.need.get(name)
-        if n is None or name in self.jobs:
-            return
-        local = self.index.local(name)
-        if self.rules.receive_only and not puller.unchanged(self.fs.lstat(name), local):
-            # a peer's change wins over a local one in a receive-only folder: ours is kept as a version
-            if self.rules.drop_local_change(name, now.wall):
-                local = None
-        d = decide(local, n.target)
-        if d.action is Action.NONE or d.target is None:
-            del self.need[name]
-            return
-        if d.action is Action.DELETE:
-            self.deletions.pending.add(name)  # a deletion overtook the queued pull: deletions go in their own step
-            return
-        if not puller.unchanged(self.fs.lstat(name), local):
-            # Our disk moved on since the last scan: record that first, then decide afresh (the
-            # rescan's records may make this a conflict, or nothing to do).
-            del self.need[name]
-            self._scan(now, [name])
-            if self.halted is not None:
-                return
-            if name not in self.need:
-                if puller.unchanged(self.fs.lstat(name), self.index.local(name)):
-                    self.exchange.reconsider([name])
-                else:
-                    self._give_up(name, now)  # something we do not sync (a symlink, a FIFO) is in the way
-            return
-        try:
-            if d.conflict_name is not None and local is not None:
-                cname = self._keep_as_conflict(name, local)
-                copy = local.replace(name=cname, version=Vector().bump(self.device_id, int(now.wall)),
-                                     modified_by=self.device_id)  # fmt: skip
-                self.committer.records.append(copy)
-                self.committer.dirty_dirs.update({name.rpartition("/")[0], cname.rpartition("/")[0]})
-                local = None
-            if d.action is Action.PULL and local is not None and not local.deleted and local.type is FileType.DIR:
-                # a file replaces our directory: its files' deletions first, then the directory
-                if not self._clear_dir(local, now):
-                    return
-                local = None
-            if d.action is Action.MKDIR:
-                if local is not None and not local.deleted and local.type is FileType.FILE:
-                    # a directory replaces our (unchanged) file: kept as a version
-                    if self.versions.keep(name, d.target.modified_by, now.wall, replaced=False) is None:
-                        self.fs.unlink(name)
-                st = self.fs.mkdir(name)
-                self.committer.records.append(d.target.replace(inode=st.st_ino))
-                self.committer.dirty_dirs.add(name.rpartition("/")[0])
-            elif d.action is Action.RECORD:
-                self.committer.records.append(d.target.replace(inode=local.inode if local else 0))
-            elif d.action is Action.METADATA:
-                self.committer.set_metadata(d.target)
-            elif d.action is Action.PULL:
-                if n.sources and all(p in self.peers and self.peers[p].stalled for p in n.sources):
-                    self._give_up(name, now)  # only stalled peers have it: keep the slot for others
-                    return
-                if not self._disk_has_room(d.target.size, now):
-                    self._give_up(name, now)
-                    return
-                job = puller.Job(d.target, local, set(n.sources))
-                puller.open_job(self.fs, self.index, job, self.scanner.executor, self._temps_in_use())
-                self.jobs[name] = job
-                self._maybe_done(job)
-                return
-            del self.need[name]
-        except OSError as exc:
-            log.warning("cannot sync %r (trying again in %.0f s): %s", name, self.retry_pull_after, exc)
-            self._give_up(name, now)
-
-    def _temps_in_use(self) -> set[tuple[int, int]]:
-        """(st_dev, st_ino) of every temp file a pull holds open or has finished writing."""
-        busy = {(dev, ino) for dev, ino, _ in (j.temp_id for j in self.committer.done) if ino}
-        for job in self.jobs.values():
-            if job.fd >= 0:
-                st = os.fstat(job.fd)
-                busy.add((st.st_dev, st.st_ino))
-        return busy
 
     def _stalled(self, peer: str, now: Now) -> None:
         """Write off `peer`'s open requests: its files are asked of other peers, or retried later."""
@@ -770,68 +503,7 @@ class SyncEngine:
             self.scheduler.stall_timeout,
         )  # fmt: skip
         for name in self.scheduler.stall(peer, self.peers[peer]):
-            self._give_up(name, now)  # frees the slot for files other peers can send
-
-    def _disk_has_room(self, size: int, now: Now) -> bool:
-        """True if pulling `size` more bytes (on top of what running pulls still write) leaves
-        the file system at least `min_free_fraction` free; a full disk hurts the whole machine.
-        The free space is read at most once a second; pulls started meanwhile are subtracted."""
-        if now.mono - self._space_at >= 1.0 or now.mono < self._space_at:
-            self._read_space(now)
-        if self._space < size and self.versions.evict(size - self._space):
-            self._read_space(now)  # short of room: the oldest kept versions went first (see `status`)
-        if self._space >= size:
-            self._space -= size
-            self._space_warned = False
-            return True
-        if not self._space_warned:  # one line per episode, not one per file
-            self._space_warned = True
-            log.warning(
-                "folder %r: not enough free disk space to pull %d bytes (keeping %.0f %% of the disk free); "
-                "trying again every %.0f s", self.folder_id, size, self.min_free_fraction * 100,
-                self.retry_pull_after,
-            )  # fmt: skip
-        return False
-
-    def _read_space(self, now: Now) -> None:
-        free, total = self.fs.free_space()
-        coming = sum((len(j.fetch) + len(j.outstanding)) * j.target.block_size for j in self.jobs.values())
-        self._space, self._space_at = free - coming - int(total * self.min_free_fraction), now.mono
-
-    def _give_up(self, name: str, now: Now) -> None:
-        """Stop working on `name` (its temp file stays for resuming) and try it again later."""
-        self._drop_job(name)
-        self.need.pop(name, None)
-        if len(self.failed) < MAX_FAILED:
-            self.failed[name] = now.mono + self.retry_pull_after
-
-    def _clear_dir(self, local: FileInfo, now: Now) -> bool:
-        """Remove directory `local.name` so a file can take its name: apply the pending deletions
-        under it, drop our stale temp files in it, rmdir. If it still holds files we keep (new or
-        ignored ones), rename it to a conflict copy instead, rescan both names and return False:
-        the rescan decides the name afresh."""
-        name = local.name
-        self.deletions.apply(now.wall, under=name)
-        self.fs.remove_temps(name, keep=self.committer.temps_in_use(name))
-        if self.fs.rmdir(name):
-            self.committer.dirty_dirs.add(name.rpartition("/")[0])
-            return True
-        inside = [f.name for f in self.index.local_files_under(name) if f.name != name and not f.deleted]
-        need = self.need.get(name)
-        for peer in sorted(need.sources) if need is not None else ():
-            if any(not f.deleted for f in self.index.remote_many(peer, inside).values()):
-                # the peer announces `name` as a file and files inside it: its index contradicts itself
-                log.warning("peer %s announces %r as a file and as a directory: keeping the directory", peer[:7], name)
-                self._give_up(name, now)
-                return False
-        cname = self._keep_as_conflict(name, local)
-        log.warning("a file replaces directory %r, which holds files we keep: kept it as %r", name, cname)
-        self.committer.dirty_dirs.update({name.rpartition("/")[0], cname.rpartition("/")[0]})
-        self.need.pop(name, None)
-        self._scan(now, [name, cname])
-        if name not in self.need and self.halted is None:
-            self.exchange.reconsider([name])
-        return False
+            self.pulls.give_up(name, now)  # frees the slot for files other peers can send
 
     def _serve(self, req: Request) -> Response:
         # The daemon's shell answers requests with a `BlockServer` instead, beside the engine.
@@ -845,7 +517,7 @@ class SyncEngine:
         name = job.name
         if msg.error is not BlockError.NONE:
             if self.scheduler.refused(peer, job, i):
-                self._drop_job(name)
+                self.pulls.drop(name)
                 self.need.pop(name, None)
             return
         if not puller.block_ok(job, i, msg.data):
@@ -858,24 +530,6 @@ class SyncEngine:
             # A full or failing disk: the peer did nothing wrong. The temp file stays; the retry
             # keeps only the blocks in it whose hashes match, so a hole is fetched again.
             log.warning("cannot write %r (trying again in %.0f s): %s", name, self.retry_pull_after, exc)
-            self._give_up(name, now)
+            self.pulls.give_up(name, now)
             return
-        self._maybe_done(job)
-
-    def _maybe_done(self, job: puller.Job) -> None:
-        if job.done:
-            puller.finish_job(job)
-            del self.jobs[job.name]
-            self.need.pop(job.name, None)
-            self.committer.done.append(job)
-
-    def _drop_job(self, name: str) -> None:
-        job = self.jobs.pop(name, None)
-        if job is not None:
-            puller.abort_job(job)
-            self.committer.leftover_temps.add(name)
-            self.scheduler.cancel(job)
-
-    def _temp_of(self, name: str) -> str:
-        parent = name.rpartition("/")[0]
-        return f"{parent}/{temp_name_for(name)}" if parent else temp_name_for(name)
+        self.pulls.maybe_done(job)
