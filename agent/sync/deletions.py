@@ -17,6 +17,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 
 from agent.sync import puller
+from agent.sync.clock import Now
 from agent.sync.committer import Committer
 from agent.sync.exchange import Need
 from agent.sync.fs import FolderFS
@@ -36,19 +37,20 @@ class Deletions:
     def __init__(
         self, fs: FolderFS, index: FolderIndex, committer: Committer, *,
         need: dict[str, Need], queue: deque[str], jobs: Mapping[str, puller.Job],
-        reconsider: Callable[[list[str]], None],
+        reconsider: Callable[[list[str]], None], retry_later: Callable[[str, Now], None],
     ) -> None:  # fmt: skip
         self.fs, self.index, self.committer = fs, index, committer
         self.need, self.queue, self.jobs = need, queue, jobs  # the engine's
         self._reconsider = reconsider  # decides names afresh against the peers' records
+        self._retry_later = retry_later  # a deletion that failed (a read-only directory, no version kept) waits
         self.pending: set[str] = set()  # names a peer deleted, not applied yet
         self.kept_dirs: set[str] = set()  # directories a peer deleted that still held files here
 
-    def apply(self, wall: float, under: str | None = None) -> None:
-        """Apply the pending deletions (only those inside directory `under`, if given); `wall`
+    def apply(self, now: Now, under: str | None = None) -> None:
+        """Apply the pending deletions (only those inside directory `under`, if given); `now.wall`
         stamps the versions kept."""
         for _ in range(MAX_DEPTH_PASSES):
-            deleted = self._apply_once(wall, under)
+            deleted = self._apply_once(now, under)
             # A directory's deletion that found it still full is tried again once deletions inside
             # it were applied: a large tree's records come over several messages, the directory's
             # (lowest sequence) first, so its files may only have gone in this later pass.
@@ -60,7 +62,7 @@ class Deletions:
             if under is not None:
                 return  # the caller goes on with its own name; the rest waits for the next pump
 
-    def _apply_once(self, wall: float, under: str | None) -> list[str]:
+    def _apply_once(self, now: Now, under: str | None) -> list[str]:
         """One pass of `apply`; the names it deleted from the disk."""
         deleted: list[str] = []
         names = set(self.pending) if under is None else {n for n in self.pending if n.startswith(under + "/")}
@@ -94,9 +96,10 @@ class Deletions:
                                 self.kept_dirs.add(name)
                             continue
                     else:
-                        self._delete_file(name, d.target.modified_by, wall)
+                        self._delete_file(name, d.target.modified_by, now.wall)
                 except OSError as exc:
-                    log.warning("cannot delete %r: %s", name, exc)
+                    log.warning("cannot delete %r (trying again later): %s", name, exc)
+                    self._retry_later(name, now)
                     continue
                 self.committer.dirty_dirs.add(name.rpartition("/")[0])
                 deleted.append(name)

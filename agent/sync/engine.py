@@ -152,6 +152,7 @@ class SyncEngine:
         self.deletions = Deletions(
             self.fs, index, self.committer, need=self.need, queue=self.queue, jobs=self.jobs,
             reconsider=lambda names: self.exchange.reconsider(names),
+            retry_later=lambda name, now: self.pulls.give_up(name, now),
         )  # fmt: skip
         self.root = FolderRoot(folder_id, self.fs, on_halt=self._halt)
         self.pulls = Pulls(
@@ -485,7 +486,7 @@ class SyncEngine:
                 self.flush_due = False
                 out += self.flush(now)
         if self.deletions.pending and not self.jobs and not self.queue and not self.committer.done:
-            self.deletions.apply(now.wall)
+            self.deletions.apply(now)
             if self.queue:
                 while self.queue and len(self.jobs) < self.max_jobs:
                     self.pulls.start(self.queue.popleft(), now)

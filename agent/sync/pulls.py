@@ -194,7 +194,7 @@ class Pulls:
         ignored ones), rename it to a conflict copy instead, rescan both names and return False:
         the rescan decides the name afresh."""
         name = local.name
-        self.deletions.apply(now.wall, under=name)
+        self.deletions.apply(now, under=name)
         self.fs.remove_temps(name, keep=self.committer.temps_in_use(name))
         if self.fs.rmdir(name):
             self.committer.dirty_dirs.add(name.rpartition("/")[0])
