@@ -30,14 +30,12 @@ loop), `watcher` (file-system events) and `sharing` (which folders each peer is 
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import logging
 import os
 import sqlite3
 import sys
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any, TypeVar
@@ -52,6 +50,7 @@ from agent.host.memtrim import TRIM_AFTER_BYTES, trim
 from agent.host.paths import Paths
 from agent.identity.crypto import Identity
 from agent.net.link import PeerLink
+from agent.sync import requests
 from agent.sync.clock import Now
 from agent.sync.engine import Outgoing, SyncEngine
 from agent.sync.folder_type import FolderType
@@ -70,7 +69,7 @@ from agent.sync.offers import Offers, offers_path
 from agent.sync.sender import send_loop
 from agent.sync.server import BlockServer
 from agent.sync.sharing import DeviceResolver, keep_offer, reshare, satisfied_offers, shared_with
-from agent.sync.state import InboxKind, _Folder, _Link
+from agent.sync.state import InboxKind, _Folder, _Link, folder_json
 from agent.sync.versioning import Kind, Versioning
 from agent.sync.watcher import watch
 from agent.wire.messages import WireMessage, clean_reason
@@ -538,44 +537,25 @@ class SyncService:
                 out.append((peer, Progress(f.config.id, *mine)))
         return out
 
-    # -- a person's requests: versions, restore, override, revert -------------------------------
+    # -- a person's requests (agent/sync/requests.py) --------------------------------------------
 
     async def versions(self, folder_id: str | None, name: str = "") -> list[dict[str, Any]]:
         """The kept versions of `name` (a file, or everything under a directory) in one folder
         (None: every folder), newest first."""
         folders = [self._folder(folder_id)] if folder_id is not None else list(self.folders)
-        result: list[dict[str, Any]] = []
-        for f in folders:
-
-            def listing(eng: SyncEngine, now: Now, f: _Folder = f) -> tuple[list[dict[str, Any]], list[Outgoing]]:
-                kept = eng.list_versions(name)
-                return [{"folder": f.config.id, **dataclasses.asdict(k)} for k in kept], []
-
-            result.extend(await self._engine_op(f, listing))
-        return result
+        return await requests.versions(folders, name, self._publish)
 
     async def restore(self, folder_id: str, name: str, at: float | None) -> dict[str, Any]:
         """Put a kept version back as a local change (it then syncs to the peers)."""
-
-        def op(eng: SyncEngine, now: Now) -> tuple[dict[str, Any], list[Outgoing]]:
-            kept, out = eng.restore(name, at, now)
-            return {"folder": folder_id, **dataclasses.asdict(kept)}, out
-
-        return await self._engine_op(self._folder(folder_id), op)
+        return await requests.restore(self._folder(folder_id), name, at, self._publish)
 
     async def override(self, folder_id: str) -> dict[str, Any]:
         """A send-only folder's state wins on every peer."""
-        f = self._folder(folder_id)
-        differs = f.snapshot.remote_differs
-        await self._engine_op(f, lambda eng, now: (None, eng.override(now)))
-        return {"folder": folder_id, "overridden": differs}
+        return await requests.override(self._folder(folder_id), self._publish)
 
     async def revert(self, folder_id: str) -> dict[str, Any]:
         """A receive-only folder's local changes are undone (kept as versions)."""
-        f = self._folder(folder_id)
-        changed = f.snapshot.locally_changed
-        await self._engine_op(f, lambda eng, now: (None, eng.revert(now)))
-        return {"folder": folder_id, "reverted": changed}
+        return await requests.revert(self._folder(folder_id), self._publish)
 
     def _folder(self, folder_id: str | None) -> _Folder:
         f = self.by_id.get(folder_id or "")
@@ -583,80 +563,9 @@ class SyncService:
             raise UserError(f"no folder {folder_id!r} is synced (see `tofu-agent folders`)")
         return f
 
-    async def _engine_op(self, f: _Folder, op: Callable[[SyncEngine, Now], tuple[T, list[Outgoing]]]) -> T:
-        """Run `op` on the folder's engine in a worker thread, under its lock; send what it returns.
-
-        :raises UserError: the engine refused (LookupError: no such version, wrong folder type).
-        """
-        await f.started.wait()
-
-        def run() -> tuple[T, list[tuple[_Link, SyncMessage]]]:
-            with f.lock:
-                now = _now()
-                result, out = op(f.engine, now)
-                # resolved under the lock, as `_work` does: `current` is the worker's view
-                routed = [(ls, msg) for peer, msg in out + self._publish(f, now) if (ls := f.current.get(peer))]
-                return result, routed
-
-        try:
-            result, routed = await anyio.to_thread.run_sync(run)
-        except LookupError as exc:
-            raise UserError(str(exc.args[0]) if exc.args else str(exc)) from None
-        except OSError as exc:
-            raise UserError(f"folder {f.config.id!r}: {exc}") from None
-        for ls, msg in routed:
-            ls.push(msg)
-        f.wake.set()
-        return result
-
     # -- status ----------------------------------------------------------------------------------
 
     def status(self) -> list[dict[str, Any]]:
         """The `folders` list of `status --json`, from the snapshots the workers published: on the
         event loop, so it takes no lock and runs no SQL (a worker may hold a folder for seconds)."""
-        result: list[dict[str, Any]] = []
-        for f in self.folders:
-            snap = f.snapshot  # one read: the worker swaps in a whole new object
-            state = "paused" if f.config.paused and snap.state == "idle" else snap.state
-            peers = []
-            for device_id, progress in sorted(snap.peers.items()):
-                need_files, need_bytes = progress if progress is not None else (0, 0)
-                total = max(snap.bytes, need_bytes)
-                percent = 100.0 if not total else 100.0 * (total - need_bytes) / total
-                if need_files and percent >= 100.0:
-                    percent = 99.0
-                ls = self.links.get(device_id)
-                peers.append(
-                    {
-                        "device_id": device_id,
-                        "name": ls.name if ls else "",
-                        "need_files": need_files,
-                        "need_bytes": need_bytes,
-                        "percent": round(percent, 1),
-                    }
-                )
-            result.append(
-                {
-                    "id": f.config.id,
-                    "path": str(f.config.path),
-                    "devices": "household" if f.config.devices is None else list(f.config.devices),
-                    "state": state,
-                    "error": snap.error,
-                    "failed_files": snap.failed_files,
-                    "files": snap.files,
-                    "bytes": snap.bytes,
-                    "need_files": snap.need_files,
-                    "need_bytes": snap.need_bytes,
-                    "peers": peers,
-                    "blocks_received": f.blocks_received,
-                    "bytes_received": f.bytes_received,
-                    "blocks_requested": snap.blocks_requested,
-                    "type": f.config.type,
-                    "paused": f.config.paused,
-                    "versioning": f.config.versioning,
-                    "remote_differs": snap.remote_differs,
-                    "locally_changed": snap.locally_changed,
-                    "versions_evicted": snap.versions_evicted,
-                }
-            )
-        return result
+        return [folder_json(f, self.links) for f in self.folders]

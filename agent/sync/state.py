@@ -1,8 +1,9 @@
 """What the sync shell keeps per open peer link (`_Link`) and per folder (`_Folder`).
 
 Plain records shared by the shell's modules: `service` (engine workers, inboxes, link hooks),
-`sender` (each link's send loop), `watcher` (file-system events) and `sharing` (which folders a
-peer is given). The names keep their leading underscore: they belong to the shell, not to the
+`sender` (each link's send loop), `watcher` (file-system events), `sharing` (which folders a
+peer is given) and `requests` (a person's requests); `folder_json` is a folder's `status --json`
+entry. The names keep their leading underscore: they belong to the shell, not to the
 rest of the agent.
 """
 
@@ -10,8 +11,9 @@ from __future__ import annotations
 
 import threading
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import anyio
 
@@ -85,3 +87,48 @@ class _Folder:
         self.inbox.append((kind, link, msg))
         self.inbox_bytes += size
         self.wake.set()
+
+
+def folder_json(f: _Folder, links: Mapping[str, _Link]) -> dict[str, Any]:
+    """One folder's entry in `status --json`, from its published snapshot (no lock, no SQL)."""
+    snap = f.snapshot  # one read: the worker swaps in a whole new object
+    state = "paused" if f.config.paused and snap.state == "idle" else snap.state
+    peers = []
+    for device_id, progress in sorted(snap.peers.items()):
+        need_files, need_bytes = progress if progress is not None else (0, 0)
+        total = max(snap.bytes, need_bytes)
+        percent = 100.0 if not total else 100.0 * (total - need_bytes) / total
+        if need_files and percent >= 100.0:
+            percent = 99.0
+        ls = links.get(device_id)
+        peers.append(
+            {
+                "device_id": device_id,
+                "name": ls.name if ls else "",
+                "need_files": need_files,
+                "need_bytes": need_bytes,
+                "percent": round(percent, 1),
+            }
+        )
+    return {
+        "id": f.config.id,
+        "path": str(f.config.path),
+        "devices": "household" if f.config.devices is None else list(f.config.devices),
+        "state": state,
+        "error": snap.error,
+        "failed_files": snap.failed_files,
+        "files": snap.files,
+        "bytes": snap.bytes,
+        "need_files": snap.need_files,
+        "need_bytes": snap.need_bytes,
+        "peers": peers,
+        "blocks_received": f.blocks_received,
+        "bytes_received": f.bytes_received,
+        "blocks_requested": snap.blocks_requested,
+        "type": f.config.type,
+        "paused": f.config.paused,
+        "versioning": f.config.versioning,
+        "remote_differs": snap.remote_differs,
+        "locally_changed": snap.locally_changed,
+        "versions_evicted": snap.versions_evicted,
+    }
