@@ -4,14 +4,20 @@ The page decides nothing either: every action here is the same store transition 
 (`agent/trust/policy.py` through `TrustStore`), followed by the same `trust_changed` the control
 socket sends, so the running agent acts on it at once. A decision about a key names the key the
 person saw (`fingerprint=`): if the device showed another key meanwhile, it is refused.
+
+Kept versions, restore, override and revert go to the folders' engines (`SyncService`, the same
+calls the control socket's `versions`, `restore`, `folder_override` and `folder_revert` make);
+pausing edits config.toml as `tofu-agent folder pause` does, then applies it at once.
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, cast
 
 import anyio.to_thread
 
@@ -23,6 +29,35 @@ from agent.trust import policy
 from agent.trust.model import DeviceRecord, EventKind, TrustLevel
 from agent.trust.store import TrustStore
 from agent.ui.backend import ChangeFeed, ThisDevice
+
+
+class FolderRequests(Protocol):
+    """What the page asks of the folders' engines (`agent.sync.service.SyncService` has it)."""
+
+    async def versions(self, folder_id: str | None, name: str = "") -> list[dict[str, Any]]: ...
+
+    async def restore(self, folder_id: str, name: str, at: float | None) -> dict[str, Any]: ...
+
+    async def override(self, folder_id: str) -> dict[str, Any]: ...
+
+    async def revert(self, folder_id: str) -> dict[str, Any]: ...
+
+
+def _when(wall: float) -> str:
+    return dt.datetime.fromtimestamp(wall, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _at(text: str | None) -> float | None:
+    """The `at` of a restore: the exact `kept_at` the page listed (None: the newest version)."""
+    if not text:
+        return None
+    try:
+        at = float(text)
+    except ValueError:
+        raise UserError(f"not a time: {text[:40]!r}") from None
+    if not math.isfinite(at):
+        raise UserError(f"not a time: {text[:40]!r}")
+    return at
 
 
 def _same_key(seen: str | None, actual: str | None, name: str) -> None:
@@ -45,6 +80,24 @@ class AgentBackend:
     paths: Paths | None = None
     start_pairing: Callable[[], Awaitable[str]] | None = None  # a new code; the pairing runs on
     join_pairing: Callable[[str], Awaitable[str]] | None = None  # with a code typed in
+    sync: Callable[[], FolderRequests | None] | None = None  # the folders' engines (None: no folders)
+
+    def _folders(self) -> FolderRequests:
+        """The folders' engines.
+
+        :raises UserError: this agent syncs no folders.
+        """
+        if self.sync is not None:
+            engines = self.sync()
+        else:
+            # Until the daemon passes `sync=`: `folders_changed` is its bound method, and the
+            # daemon keeps its `SyncService` (or None) as `.sync`.
+            engines = cast(
+                "FolderRequests | None", getattr(getattr(self.folders_changed, "__self__", None), "sync", None)
+            )
+        if engines is None:
+            raise UserError("this agent syncs no folders")
+        return engines
 
     async def snapshot(self) -> dict[str, Any]:
         st = await self.status()
@@ -64,6 +117,9 @@ class AgentBackend:
 
     def this_device(self) -> ThisDevice:
         return self.this()
+
+    async def versions(self, folder: str | None) -> list[dict[str, Any]]:
+        return await self._folders().versions(folder, "")
 
     def changes(self) -> AsyncIterator[int]:
         return self.feed.subscribe()
@@ -95,6 +151,10 @@ class AgentBackend:
                 return await self.join_pairing(args.get("code", ""))
             case "accept_folder":
                 return await self._accept_folder(args.get("folder"), device)
+            case "restore" | "folder_override" | "folder_revert":
+                return await self._folder_request(action, args)
+            case "folder_pause" | "folder_resume":
+                return await self._pause(args.get("folder"), action == "folder_pause")
         if device is None:
             raise UserError(f"{action} needs a device")
         record = await anyio.to_thread.run_sync(self._apply, action, device, args.get("fingerprint"))
@@ -118,6 +178,43 @@ class AgentBackend:
         self.feed.notify()
         later = " (restart tofu-agent to start it)" if any(r["id"] == folder_id for r in result["restart"]) else ""
         return f"folder {folder_id!r} is synced with {record.name} at {added.path}{later}"
+
+    async def _folder_request(self, action: str, args: dict[str, str]) -> str:
+        """Restore a kept version, or override (send-only) or revert (receive-only) a folder."""
+        folder_id = args.get("folder")
+        if not folder_id:
+            raise UserError(f"{action} needs a folder")
+        engines = self._folders()
+        if action == "restore":
+            name = args.get("path", "").strip("/")
+            if not name:
+                raise UserError("restore needs the path of a file in the folder")
+            kept = await engines.restore(folder_id, name, _at(args.get("at")))
+            self.feed.notify()
+            shown = str(kept.get("name", name))[:200]
+            return (
+                f"restored {shown} in {folder_id} as it was before {_when(float(kept['kept_at']))}; "
+                "it syncs to the peers now"
+            )
+        if action == "folder_override":
+            done = await engines.override(folder_id)
+            self.feed.notify()
+            return f"folder {folder_id!r}: this machine's state now wins on every peer ({done['overridden']} names)"
+        done = await engines.revert(folder_id)
+        self.feed.notify()
+        return f"folder {folder_id!r}: {done['reverted']} local changes undone (kept as versions)"
+
+    async def _pause(self, folder_id: str | None, paused: bool) -> str:
+        """Pause or resume a folder in config.toml (`tofu-agent folder pause|resume`), applied at once."""
+        if self.paths is None or self.folders_changed is None:
+            raise UserError("this is not available yet in this version")
+        if not folder_id:
+            raise UserError("pausing needs a folder")
+        folder = await anyio.to_thread.run_sync(folders.set_paused, self.paths, folder_id, paused)
+        result = await self.folders_changed()
+        self.feed.notify()
+        later = " (restart tofu-agent to apply it)" if any(r["id"] == folder.id for r in result["restart"]) else ""
+        return f"folder {folder.id!r} is {'paused: no data moves' if paused else 'syncing again'}{later}"
 
     def _apply(self, action: str, device: str, fingerprint: str | None) -> DeviceRecord:
         """One store transition, in a worker thread."""

@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import importlib.resources
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, urlencode
 
 import anyio
 import jinja2
@@ -75,8 +76,29 @@ CONFIRM_TEXT = {
     "pair_join": "Join the pairing that shows this code on the other machine.",
     "rotate_key": "Make a new key for this machine; peers follow the signed rotation and reconnect.",
     "accept_folder": "Accept the folder this device offers.",
+    "restore": (
+        "Put this kept version back as the file's content. It syncs to the peers as a normal change; "
+        "what it replaces is kept as a version too."
+    ),
+    "folder_override": (
+        "Override the peers: for every name that differs, this machine's file (or its absence) replaces "
+        "what every peer has. The peers' own changes to those names are undone there (each peer keeps "
+        "what it replaces as a version if its folder keeps versions)."
+    ),
+    "folder_revert": (
+        "Revert this machine's changes: every local change in this receive-only folder is undone and "
+        "the peers' content comes back. The changed files are kept as versions (see Versions) if the "
+        "folder keeps versions."
+    ),
+    "folder_pause": "Pause this folder: no data of it moves until you resume it.",
+    "folder_resume": "Resume this folder: it syncs with its peers again.",
 }
 SECRET_ARGS = ("code",)  # action arguments never echoed back into a page
+ACTION_ARGS = ("fingerprint", "code", "folder", "path", "at")  # form fields an action may take
+FOLDER_ACTIONS = frozenset({"restore", "folder_override", "folder_revert", "folder_pause", "folder_resume"})
+TYPES = {"sendreceive": "Send & receive", "sendonly": "Send only", "receiveonly": "Receive only"}
+VERSIONS_SHOWN = 500  # the newest this many kept versions are listed
+VERSIONS_WAIT = 15.0  # seconds to wait for the listing (a busy or starting folder holds it up)
 
 
 def _local_path(value: str | None, default: str = "/") -> str:
@@ -84,6 +106,35 @@ def _local_path(value: str | None, default: str = "/") -> str:
     if not value or not value.startswith("/") or value.startswith("//") or "\\" in value:
         return default
     return value if all(31 < ord(c) < 127 for c in value) else default
+
+
+def _wall(value: object) -> float | None:
+    """A unix wall time from a form field or the agent (`kept_at`), or None if it is not one."""
+    if isinstance(value, bool):
+        return None
+    try:
+        wall = float(value) if isinstance(value, str | int | float) else math.nan
+    except ValueError:
+        return None
+    return wall if math.isfinite(wall) else None
+
+
+def _folder_shown(
+    action: str, args: dict[str, str], at: float | None, snap: dict[str, Any]
+) -> tuple[dict[str, str], str | None]:
+    """What the confirmation of a folder action shows (label -> value), and a warning if any."""
+    folder: dict[str, Any] = next((f for f in snap["folders"] if f.get("id") == args.get("folder")), {})
+    shown = {"folder": args.get("folder", "")}
+    warning = None
+    if action == "restore":
+        shown |= {"file": args.get("path", ""), "kept at": fmt.utc(at)}
+    elif action == "folder_override":
+        shown["names that differ"] = str(folder.get("remote_differs", "?"))
+    elif action == "folder_revert":
+        shown["local changes"] = str(folder.get("locally_changed", "?"))
+        if folder.get("versioning") == "off":
+            warning = "This folder keeps no versions (versioning = off): the local changes are lost for good."
+    return shown, warning
 
 
 class SecurityMiddleware:
@@ -143,7 +194,9 @@ class Ui:
         self.env.filters["short"] = fmt.short
         self.env.filters["fp"] = fmt.fingerprint
         self.env.filters["shortfp"] = fmt.short_fingerprint
+        self.env.filters["utc"] = fmt.utc
         self.env.globals["LEVELS"] = LEVELS
+        self.env.globals["TYPES"] = TYPES
         static = importlib.resources.files("agent.ui") / "static"
         self.static = {p.name: p.read_bytes() for p in static.iterdir() if p.name.endswith((".css", ".js"))}
         self._qr: tuple[str, bytes] | None = None
@@ -260,6 +313,40 @@ class Ui:
             folders=snap["folders"],
             offered=snap.get("offered_folders") or [],
             names=names,
+        )
+
+    async def versions(self, request: Request) -> Response:
+        got = self.session(request)
+        if got is None:
+            return self.login_needed(request)
+        snap = await self.snapshot()
+        folder = request.query_params.get("folder") or None
+        kept: list[dict[str, Any]] | None = None
+        error: str | None = None
+        with anyio.move_on_after(VERSIONS_WAIT):
+            try:
+                kept = fmt.clean_tree(await self.backend.versions(folder))
+            except UserError as exc:
+                error = fmt.clean(str(exc))
+            except Exception:
+                log.exception("the web page could not list the kept versions")
+                error = "listing the kept versions failed inside the agent; see its log"
+        if kept is None and error is None:
+            error = "the agent did not list the kept versions in time (a folder is busy or starting); reload soon"
+        found = kept or []
+        return self.render(
+            request,
+            "versions.html",
+            got[1],
+            title="Versions",
+            kept=found[:VERSIONS_SHOWN],
+            total=len(found),
+            error=error,
+            folder=folder,
+            folders=[str(f.get("id", "")) for f in snap["folders"]],
+            names={p.get("device_id"): p for p in snap["peers"]},
+            me=self.backend.this_device().device_id,
+            back="/versions" + (f"?{urlencode({'folder': folder})}" if folder else ""),
         )
 
     async def anomalies(self, request: Request) -> Response:
@@ -388,7 +475,12 @@ class Ui:
         if ACTIONS[action] and not fmt.is_device_id(device):
             return Response("this action needs a device\n", 400, media_type="text/plain")
         back = _local_path(form.get("back"), f"/device/{device}" if device else "/")
-        args = {k: form[k] for k in ("fingerprint", "code", "folder") if form.get(k)}
+        args = {k: form[k] for k in ACTION_ARGS if form.get(k)}
+        if action in FOLDER_ACTIONS and not args.get("folder"):
+            return Response("this action needs a folder\n", 400, media_type="text/plain")
+        at = _wall(args.get("at"))
+        if action == "restore" and (not args.get("path") or at is None):
+            return Response("restore needs a file and the time its version was kept\n", 400, media_type="text/plain")
         if action == "verify" and form.get("matched") != "on":
             session.flash.append(("error", "Tick “the numbers match” only after comparing every group."))
             return RedirectResponse(back, 303)
@@ -396,6 +488,9 @@ class Ui:
             snap = await self.snapshot()
             peer = next((p for p in snap["peers"] if p.get("device_id") == device), None)
             shown = {k: v for k, v in args.items() if k not in SECRET_ARGS}
+            warning = None
+            if action in FOLDER_ACTIONS:
+                shown, warning = _folder_shown(action, args, at, snap)
             return self.render(
                 request,
                 "confirm.html",
@@ -410,8 +505,14 @@ class Ui:
                 shown=shown,
                 back=back,
                 matched=form.get("matched"),
+                warning=warning,
             )
         try:
+            if action == "restore" and at is not None:
+                # the very version the person saw: its exact name (the page shows names cleaned of
+                # invisible characters) and time; none if it is gone, not an older one
+                args["path"] = await self._kept_name(args["folder"], args["path"], at)
+                args["at"] = repr(at)
             message = await self.backend.act(action, device, **args)
             session.flash.append(("ok", fmt.clean(message)))
         except UserError as exc:
@@ -420,6 +521,23 @@ class Ui:
             log.exception("the web page's %s action failed", action)
             session.flash.append(("error", f"{action} failed inside the agent; see its log"))
         return RedirectResponse(back, 303)
+
+    async def _kept_name(self, folder: str, shown: str, at: float) -> str:
+        """The name of the version listed as `shown` (cleaned) in `folder`, kept at exactly `at`.
+
+        :raises UserError: it is no longer kept, or two names look the same on the page.
+        """
+        kept = await self.backend.versions(folder)
+        raw = {
+            str(k.get("name", ""))
+            for k in kept
+            if fmt.clean(str(k.get("name", ""))) == shown and _wall(k.get("kept_at")) == at
+        }
+        if not raw:
+            raise UserError("that version is no longer kept (removed by clean-up or for disk space); reload the page")
+        if len(raw) > 1:
+            raise UserError("several files look like this name here: restore it with `tofu-agent restore`")
+        return raw.pop()
 
     # -- live -----------------------------------------------------------------------------------
 
@@ -459,6 +577,7 @@ def create_app(
         Route("/device/{device_id}", ui.device),
         Route("/this", ui.this),
         Route("/folders", ui.folders),
+        Route("/versions", ui.versions),
         Route("/anomalies", ui.anomalies),
         Route("/log", ui.trust_log),
         Route("/qr.svg", ui.qr),

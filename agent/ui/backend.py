@@ -7,6 +7,9 @@ truth), with two optional additions the page shows when present:
 - `"pairing_window": {"open": bool, "closes_at": RFC 3339 | None}` (the pairing-window feature);
 - `"offered_folders": [{"id": str, "device_id": str, "name": str}]` (folders a peer offers).
 
+Folder entries carry `type` ("sendreceive" | "sendonly" | "receiveonly"), `paused`, `remote_differs`
+(send-only), `locally_changed` (receive-only) and `versions_evicted` when the agent keeps versions.
+
 Actions (`act`) name the key the person saw (`fingerprint=`) where it matters, so the agent can
 refuse a decision about a key that changed while the page was open.
 """
@@ -36,6 +39,11 @@ ACTIONS: Final[dict[str, bool]] = {
     "pair_join": False,  # args: code
     "rotate_key": False,
     "accept_folder": True,  # args: folder (the device is the one offering it)
+    "restore": False,  # args: folder, path, at (the exact `kept_at` of the version the person saw)
+    "folder_override": False,  # args: folder (send-only: its state wins on every peer)
+    "folder_revert": False,  # args: folder (receive-only: local changes are undone, kept as versions)
+    "folder_pause": False,  # args: folder
+    "folder_resume": False,  # args: folder
 }
 
 
@@ -61,6 +69,14 @@ class UiBackend(Protocol):
 
     def this_device(self) -> ThisDevice:
         """This machine's id, name and current fingerprint."""
+        ...
+
+    async def versions(self, folder: str | None) -> list[dict[str, Any]]:
+        """The kept versions of one folder (None: every folder), newest first, as `tofu-agent versions
+        --json` lists them: `folder, path, name, kept_at` (unix wall time), `size, by` (device id or "").
+
+        :raises agent.errors.UserError: no such folder, or this agent keeps no versions.
+        """
         ...
 
     async def act(self, action: str, device: str | None, **args: str) -> str:

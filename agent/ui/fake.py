@@ -2,7 +2,8 @@
 
 It keeps a `status --json`-shaped dict and changes it the way the agent would: `accept` makes a
 pending device `tofu`, `retrust` pins the offered key, and so on. Tests drive it with the helper
-methods (`add_device`, `connect`, `offer_key`, `raise_anomaly`, `set_progress`).
+methods (`add_device`, `connect`, `offer_key`, `raise_anomaly`, `add_folder`, `set_progress`,
+`keep_version`). Restoring a kept version marks it `restored`; it stays listed, as in the agent.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ class FakeBackend:
             "offered_folders": [],
         }
         self.log: list[dict[str, Any]] = []
+        self.kept: list[dict[str, Any]] = []  # kept versions, as `versions` lists them
         self.actions: list[tuple[str, str | None, dict[str, str]]] = []
         self.pair_code = "7-guitar-oxygen"
 
@@ -147,13 +149,25 @@ class FakeBackend:
         self._event(device_id, "anomaly", None, f"{code}: {summary}")
         self.feed.notify()
 
-    def add_folder(self, folder_id: str, path: str, peers: Sequence[tuple[str, int, int]] = ()) -> None:
+    def add_folder(
+        self,
+        folder_id: str,
+        path: str,
+        peers: Sequence[tuple[str, int, int]] = (),
+        *,
+        kind: str = "sendreceive",  # the status entry's `type`
+        paused: bool = False,
+        versioning: str = "trash",
+        remote_differs: int = 0,
+        locally_changed: int = 0,
+        versions_evicted: int = 0,
+    ) -> None:
         """Add a folder; `peers` are (device id, files needed, bytes needed)."""
         self.status["folders"].append(
             {
                 "id": folder_id,
                 "path": path,
-                "state": "idle",
+                "state": "paused" if paused else "idle",
                 "error": None,
                 "failed_files": 0,
                 "files": 120,
@@ -161,6 +175,12 @@ class FakeBackend:
                 "need_files": 0,
                 "need_bytes": 0,
                 "peers": [],
+                "type": kind,
+                "paused": paused,
+                "versioning": versioning,
+                "remote_differs": remote_differs,
+                "locally_changed": locally_changed,
+                "versions_evicted": versions_evicted,
             }
         )
         for device_id, files, size in peers:
@@ -180,7 +200,34 @@ class FakeBackend:
             "percent": min(percent, 99.0) if need_files else percent,
         }
         folder["peers"] = [e for e in folder["peers"] if e["device_id"] != device_id] + [entry]
-        folder["state"] = "syncing" if need_files else "idle"
+        folder["state"] = "syncing" if need_files else "paused" if folder.get("paused") else "idle"
+        self.feed.notify()
+
+    def folder(self, folder_id: str | None) -> dict[str, Any]:
+        """The status entry of folder `folder_id`.
+
+        :raises UserError: there is none (as the agent says it).
+        """
+        for f in self.status["folders"]:
+            if f["id"] == folder_id:
+                return f  # type: ignore[no-any-return]
+        raise UserError(f"no folder {folder_id!r} is synced (see `tofu-agent folders`)")
+
+    def keep_version(self, folder_id: str, name: str, kept_at: float, size: int = 1234, by: str = "") -> None:
+        """Note a kept version of `name` (what a peer's change, by device `by`, replaced at `kept_at`)."""
+        self.folder(folder_id)
+        stamp = dt.datetime.fromtimestamp(kept_at, dt.UTC).strftime("%Y%m%d-%H%M%S")
+        version = {
+            "folder": folder_id,
+            "path": f".tofu-versions/{name}~{stamp}",
+            "name": name,
+            "kept_at": kept_at,
+            "size": size,
+            "by": by,
+            "restored": False,
+        }
+        self.kept.append(version)
+        self.kept.sort(key=lambda k: -k["kept_at"])
         self.feed.notify()
 
     # -- UiBackend ------------------------------------------------------------------------------
@@ -194,6 +241,39 @@ class FakeBackend:
 
     def this_device(self) -> ThisDevice:
         return self.me
+
+    async def versions(self, folder: str | None) -> list[dict[str, Any]]:
+        if folder is not None:
+            self.folder(folder)
+        shown = [{k: v for k, v in kept.items() if k != "restored"} for kept in self.kept]
+        return [k for k in shown if folder is None or k["folder"] == folder]
+
+    def _folder_act(self, action: str, args: dict[str, str]) -> str:
+        """`restore`, `folder_override`, `folder_revert`, `folder_pause`, `folder_resume`."""
+        f = self.folder(args.get("folder"))
+        if action == "restore":
+            name, at = args.get("path", ""), float(args["at"]) if args.get("at") else None
+            found = [k for k in self.kept if k["folder"] == f["id"] and k["name"] == name]
+            found = [k for k in found if at is None or k["kept_at"] <= at]
+            if not found:
+                raise UserError(f"no kept version of {name!r}" + (" at or before that time" if at else ""))
+            found[0]["restored"] = True
+            return f"restored {name[:200]} in {f['id']}; it syncs to the peers now"
+        if action == "folder_override":
+            if f.get("type") != "sendonly":
+                raise UserError(f"folder {f['id']!r} is not send-only")
+            differs, f["remote_differs"] = f.get("remote_differs", 0), 0
+            return f"folder {f['id']!r}: our state now wins on every peer ({differs} names)"
+        if action == "folder_revert":
+            if f.get("type") != "receiveonly":
+                raise UserError(f"folder {f['id']!r} is not receive-only")
+            changed, f["locally_changed"] = f.get("locally_changed", 0), 0
+            return f"folder {f['id']!r}: {changed} local changes undone (kept as versions)"
+        paused = action == "folder_pause"
+        f["paused"] = paused
+        if f["state"] in ("idle", "paused"):
+            f["state"] = "paused" if paused else "idle"
+        return f"folder {f['id']!r} is {'paused: no data moves' if paused else 'syncing again'}"
 
     def changes(self) -> AsyncIterator[int]:
         return self.feed.subscribe()
@@ -212,6 +292,10 @@ class FakeBackend:
             return "pairing window " + ("open" if action == "window_open" else "closed")
         if action == "rotate_key":
             return "key rotated"
+        if action in ("restore", "folder_override", "folder_revert", "folder_pause", "folder_resume"):
+            message = self._folder_act(action, args)
+            self.feed.notify()
+            return message
         if device is None:
             raise UserError(f"{action} needs a device")
         p = self.peer(device)

@@ -15,7 +15,9 @@ safety number: 256 bits are shown, but people compare only a few cells, so a ful
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
+import math
 import re
 from typing import Any
 
@@ -71,6 +73,16 @@ def clean_tree(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [clean_tree(v) for v in value]
     return value
+
+
+def utc(wall: object) -> str:
+    """A unix wall time as `2026-12-07 10:30:05 UTC` (as `tofu-agent versions` prints it), or a dash."""
+    if not isinstance(wall, int | float) or isinstance(wall, bool) or not math.isfinite(wall):
+        return "—"
+    try:
+        return dt.datetime.fromtimestamp(wall, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    except (OverflowError, OSError, ValueError):
+        return "—"
 
 
 def fingerprint(fp: str | None) -> str:

@@ -202,6 +202,31 @@ def test_hostile_device_names_run_no_script(context: BrowserContext, served: Ser
     assert not [m for m in messages if "Content Security Policy" in m or "pwned" in m], messages
 
 
+def test_a_kept_version_with_a_hostile_name_is_restored(context: BrowserContext, served: Served) -> None:
+    b = served.backend
+    hostile = HOSTILE[1] + ".txt"
+
+    def populate() -> None:
+        laptop = b.add_device("laptop", name="Zoe's laptop", connected=True)
+        b.add_folder("photos", "/home/zoe/Pictures", [(laptop, 0, 0)])
+        b.keep_version("photos", hostile, 1_765_103_405.654321, 5000, laptop)
+        b.keep_version("photos", hostile, 1_765_000_000.123456, 4000, laptop)
+
+    served.call(populate)
+    page = context.new_page()
+    log_in(page, served, "/versions")
+    rows = page.locator("table.versions tbody tr")
+    expect(rows).to_have_count(2)
+    older = rows.filter(has_text="2025-12-06 05:46:40 UTC")
+    expect(older).to_contain_text(hostile)  # shown as text, not markup
+    expect(older).to_contain_text("Zoe's laptop")
+    older.get_by_role("button", name="Restore").click()
+    confirm(page, "restore")
+    expect(page.get_by_role("status")).to_contain_text(f"restored {hostile} in photos")
+    assert [k["kept_at"] for k in b.kept if k["restored"]] == [1_765_000_000.123456]
+    assert page.evaluate("window.__pwned") is None and page.locator("img[src=x]").count() == 0
+
+
 def test_screenshots(context: BrowserContext, served: Served, tmp_path: Path) -> None:
     b = served.backend
     out = DOCS if os.environ.get("TOFU_UI_SCREENSHOTS") == "1" else tmp_path

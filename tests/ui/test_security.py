@@ -104,7 +104,7 @@ async def test_every_response_has_the_security_headers(logged_in: tuple[httpx.As
 
 async def test_pages_have_no_inline_script_or_style(logged_in: tuple[httpx.AsyncClient, str]) -> None:
     client, _ = logged_in
-    for path in ["/", f"/device/{changed_id()}", "/this", "/folders", "/anomalies", "/log"]:
+    for path in ["/", f"/device/{changed_id()}", "/this", "/folders", "/versions", "/anomalies", "/log"]:
         page = (await client.get(path)).text
         assert re.search(r"<script(?![^>]*\bsrc=\"/static/)", page) is None, path
         assert " style=" not in page and "<style" not in page, path
@@ -118,7 +118,17 @@ async def test_get_changes_nothing(logged_in: tuple[httpx.AsyncClient, str], bac
     client, csrf = logged_in
     before = await backend.snapshot()
     query = {"csrf": csrf, "action": "revoke", "device": pending_id(), "confirmed": "yes"}
-    for path in ["/act", "/logout", "/", f"/device/{pending_id()}", "/this", "/folders", "/log", "/anomalies"]:
+    for path in [
+        "/act",
+        "/logout",
+        "/",
+        f"/device/{pending_id()}",
+        "/this",
+        "/folders",
+        "/versions",
+        "/log",
+        "/anomalies",
+    ]:
         r = await client.get(path, params=query)
         assert r.status_code in (200, 405), path
     assert (await client.get("/act")).status_code == 405
@@ -345,7 +355,17 @@ async def test_the_token_is_never_logged(
 
 
 async def test_pages_need_a_session(client: httpx.AsyncClient) -> None:
-    for path in ["/", f"/device/{pending_id()}", "/this", "/folders", "/anomalies", "/log", "/qr.svg", "/events"]:
+    for path in [
+        "/",
+        f"/device/{pending_id()}",
+        "/this",
+        "/folders",
+        "/versions",
+        "/anomalies",
+        "/log",
+        "/qr.svg",
+        "/events",
+    ]:
         r = await client.get(path)
         assert r.status_code == 401, path
         assert pending_id() not in r.text
@@ -363,11 +383,12 @@ async def test_hostile_names_are_escaped_cleaned_and_fingerprinted(auth: Auth, c
     backend.raise_anomaly(device, "advert_mismatch", name)
     backend.add_folder(name, f"/home/{name}", [(device, 3, 4096)])
     backend.status["offered_folders"] = [{"id": name, "device_id": device, "name": name}]
+    backend.keep_version(name, f"{name}/{name[:200]}.txt", 1_765_000_000.5, 10, device)  # a peer's file name
     app = create_app(backend, auth, PORT, backend.feed, clock)
     fp = fmt.short_fingerprint(backend.peer(device)["fingerprint"])
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=ORIGIN) as client:
         await log_in(client, auth, clock)
-        for path in ["/", f"/device/{device}", "/folders", "/anomalies", "/log", f"/log?device={device}"]:
+        for path in ["/", f"/device/{device}", "/folders", "/versions", "/anomalies", "/log", f"/log?device={device}"]:
             page = (await client.get(path)).text
             assert "<script>window" not in page and "<img" not in page and 'onerror="' not in page, path
             assert BIDI_AND_CONTROL.search(page) is None, path

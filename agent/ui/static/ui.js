@@ -6,6 +6,7 @@
   var busy = false;
   var again = false;
   function refresh() {
+    if (!document.querySelector("[data-live]")) return; // nothing live here (Versions, a confirmation)
     if (busy) { again = true; return; }
     busy = true;
     fetch(window.location.href, { credentials: "same-origin", headers: { "X-Live": "1" } })
