@@ -239,6 +239,7 @@ class Agent:
             paths=self.paths,
             start_pairing=self.start_pairing,
             join_pairing=self.join_pairing,
+            sync=lambda: self.sync,
         )
         self.ui = await ui_tasks.start(tg, backend, self.config, self._folder_status)
 

@@ -17,7 +17,7 @@ import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol, cast
+from typing import Any, Protocol
 
 import anyio.to_thread
 
@@ -87,14 +87,7 @@ class AgentBackend:
 
         :raises UserError: this agent syncs no folders.
         """
-        if self.sync is not None:
-            engines = self.sync()
-        else:
-            # Until the daemon passes `sync=`: `folders_changed` is its bound method, and the
-            # daemon keeps its `SyncService` (or None) as `.sync`.
-            engines = cast(
-                "FolderRequests | None", getattr(getattr(self.folders_changed, "__self__", None), "sync", None)
-            )
+        engines = self.sync() if self.sync is not None else None
         if engines is None:
             raise UserError("this agent syncs no folders")
         return engines

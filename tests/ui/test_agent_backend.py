@@ -63,7 +63,7 @@ class Daemon:
         return {}
 
 
-def make(daemon: Daemon, with_sync: bool = True) -> AgentBackend:
+def make(daemon: Daemon) -> AgentBackend:
     return AgentBackend(
         store=cast(TrustStore, None),
         feed=ChangeFeed(),
@@ -74,14 +74,13 @@ def make(daemon: Daemon, with_sync: bool = True) -> AgentBackend:
         rotate_key=daemon.rotate_key,
         folders_changed=daemon.folders_changed,
         paths=daemon.paths,
-        sync=(lambda: daemon.sync) if with_sync else None,
+        sync=lambda: daemon.sync,
     )
 
 
-@pytest.mark.parametrize("with_sync", [True, False])  # False: found through the daemon's `folders_changed`
-async def test_versions_restore_override_revert_reach_the_engines(tmp_path: Path, with_sync: bool) -> None:
+async def test_versions_restore_override_revert_reach_the_engines(tmp_path: Path) -> None:
     engines = Engines()
-    backend = make(Daemon(tmp_path, engines), with_sync)
+    backend = make(Daemon(tmp_path, engines))
     assert await backend.versions("docs") == [KEPT | {"by": ""}]
     before = backend.feed.version
     message = await backend.act("restore", None, folder="docs", path="a.txt", at=repr(KEPT["kept_at"]))
