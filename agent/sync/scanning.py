@@ -28,6 +28,7 @@ from agent.sync.index import FolderIndex
 from agent.sync.model import FileInfo, FileType
 from agent.sync.root import FolderRoot
 from agent.sync.scanner import Scanner, ScanResult, load_ignore
+from agent.sync.vectors import Ordering
 
 log = logging.getLogger(__name__)
 MAX_EVENT_NAMES = 256  # more changed names than this at once (after our own writes): one full scan
@@ -174,24 +175,35 @@ class Scanning:
 
     def _adopt_remote_versions(self, changed: list[FileInfo]) -> list[FileInfo]:
         """A file found on disk that is exactly a peer's current version of that name (same
-        content, size, mtime and exec bit) is recorded as that version, not as a new one of ours.
+        content, size, mtime and exec bit) is recorded as that version, not as a new one of ours;
+        so is a directory that appeared here and that a peer has as a directory, unless our own
+        record of it (a deletion) is newer than the peer's.
 
-        That is what a pull leaves when the agent is killed after putting the file in place and
-        before recording it: recorded as our own new version, it would be concurrent with the
-        peer's later changes and undo them (a deletion that races an edit loses), bringing back
-        files the peer deleted or renamed.
+        That is what a pull leaves when the agent is killed after putting the file (or making the
+        directory) in place and before recording it: recorded as our own new version, it would be
+        concurrent with the peer's later changes and undo them (a deletion that races an edit
+        loses), bringing back files and directories the peer deleted or renamed.
         """
-        files = {f.name: f for f in changed if not f.deleted and f.type is FileType.FILE}
+        files = {f.name: f for f in changed if not f.deleted and f.type in (FileType.FILE, FileType.DIR)}
         if not files:
             return changed
+        ours = self.index.local_many(n for n, f in files.items() if f.type is FileType.DIR)
         adopted: dict[str, FileInfo] = {}
         for peer in self.index.peers():
             for name, r in self.index.remote_many(peer, list(files)).items():
                 f = files[name]
-                same = (r.type, r.size, r.mtime_ns, r.executable, r.block_size, r.hashes) == (
-                    f.type, f.size, f.mtime_ns, f.executable, f.block_size, f.hashes
-                )  # fmt: skip
-                if same and not r.deleted and name not in adopted:
+                if r.deleted or name in adopted:
+                    continue
+                if f.type is FileType.DIR:
+                    mine = ours.get(name)
+                    same = r.type is FileType.DIR and (
+                        mine is None or (mine.deleted and r.version.compare(mine.version) is not Ordering.LESSER)
+                    )
+                else:
+                    same = (r.type, r.size, r.mtime_ns, r.executable, r.block_size, r.hashes) == (
+                        f.type, f.size, f.mtime_ns, f.executable, f.block_size, f.hashes
+                    )  # fmt: skip
+                if same:
                     adopted[name] = f.replace(version=r.version, modified_by=r.modified_by)
         return [adopted.get(f.name, f) for f in changed]
 
