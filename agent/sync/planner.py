@@ -5,7 +5,8 @@ Concurrent: both devices changed the file without seeing each other, and every d
 the same outcome from the same two records:
   - same content (type, bytes, exec bit, deletion): adopt the merged vector, no copy;
   - a deletion against an edit: the edit wins;
-  - otherwise the newer mtime wins, ties broken by the larger `modified_by` device id.
+  - otherwise the newer mtime wins, ties broken by the larger `modified_by` device id, then by
+    the content itself (type, exec bit, size, hashes), so that exactly one of two records wins.
 Only the device that holds the loser on disk acts: it renames its file to the conflict name
 (`NAME.sync-conflict-YYYYMMDD-HHMMSS-DEVICE.EXT`, time = loser's mtime in UTC, DEVICE = first 7
 characters of the loser's device id), which then syncs as a new file, and takes the winner under
@@ -48,12 +49,22 @@ class Decision:
 
 
 def wins(a: FileInfo, b: FileInfo) -> bool:
-    """True if `a` beats concurrent `b` by the deterministic conflict rule."""
+    """True if `a` beats concurrent `b` by the deterministic conflict rule (a total order: of two
+    records that differ, exactly one wins, whichever device compares them)."""
     if a.deleted != b.deleted:
         return not a.deleted  # an edit beats a deletion
     if a.mtime_ns != b.mtime_ns:
         return a.mtime_ns > b.mtime_ns
-    return a.modified_by > b.modified_by
+    if a.modified_by != b.modified_by:
+        return a.modified_by > b.modified_by
+    # One device's two versions with one mtime, each merged elsewhere (a chmod keeps the mtime):
+    # any fixed order of what differs will do, as long as every device picks the same winner.
+    # Without it both sides kept their own and the folders never agreed (soak, seed 7).
+    return _content_key(a) > _content_key(b)
+
+
+def _content_key(f: FileInfo) -> tuple[int, bool, int, bytes]:
+    return (f.type.value, f.executable, f.size, f.hashes)
 
 
 MAX_CONFLICT_ATTEMPT = 9  # conflict copies of one name, device and second before we give the name up
