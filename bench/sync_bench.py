@@ -1,13 +1,16 @@
 """Folder sync benchmark: tofu-agent against Syncthing and an rsync daemon, plus this machine's limits.
 
-    .venv/bin/python bench/sync_bench.py            # 1 GiB file, 10,000 x 4 KiB files, one-byte change, two-way
+    .venv/bin/python bench/sync_bench.py --runs 3   # the full run: every case, 3 runs, the goals of issue 17 at the end
     .venv/bin/python bench/sync_bench.py --quick    # small sizes, a minute at most (the test suite runs it)
+    .venv/bin/python bench/sync_bench.py --case scale --scale-files 2000 --runs 2   # the scale case, shrunk
     .venv/bin/python bench/sync_bench.py --case twoway --no-rsync   # 500 MiB a side the other lacks, vs Syncthing
 
 Needs `syncthing` and `rsync` (Debian: `apt-get install -y syncthing rsync`); a missing tool's
 columns are skipped with a note. All traffic stays on loopback: our agents and rsync use
 127.0.0.1, and the two Syncthing instances run in a private network namespace (`unshare -n`,
-only `lo` up) with discovery, relays and NAT off, driven through their REST API.
+only `lo` up) with discovery, relays and NAT off, driven through their REST API. With `--runs N`
+the tools take turns run by run (limits, ours, Syncthing, rsync, rsync --fsync, then again), and
+every figure printed is the median of the N runs, each run's own figure listed beside it.
 """
 
 from __future__ import annotations
@@ -16,15 +19,18 @@ import argparse
 import hashlib
 import json
 import os
+import random
 import secrets
 import shutil
 import socket
 import ssl
+import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 import urllib.request
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Sequence
@@ -32,22 +38,45 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # `python bench/sync_bench.py` as well as `python -m bench.sync_bench`
+
+from agent.app import control  # noqa: E402
+from agent.errors import TofuError  # noqa: E402
+from agent.host.paths import resolve_paths  # noqa: E402
+from bench.idle_rss import without_mdns  # noqa: E402
 
 MiB = 1024 * 1024
-CASES = frozenset({"big", "small", "change", "twoway"})
+CASES = frozenset({"big", "small", "change", "twoway", "scale", "idle"})
 ONE_WAY = frozenset({"big", "small", "change"})  # the cases one pair of running agents syncs in turn
-Results = dict[str, dict[str, float]]  # tool -> case -> seconds
+# The scale case's file sizes: p(size) ~ size^-SCALE_ALPHA on [1 KiB, 4 MiB], drawn with a fixed seed.
+# A log-uniform spread (alpha 1) would average 504 KB a file, ~50 GB for 100,000 files; alpha 1.75
+# averages ~21.5 KB, so 100,000 files come to ~2 GiB (median ~2.5 KiB, ~350 files over 1 MiB).
+SCALE_MIN, SCALE_MAX, SCALE_ALPHA, SCALE_SEED = 1024, 4 * MiB, 1.75, 17
+SCALE_PER_DIR = 100  # 100,000 files in 1,000 directories
+STATUS_EVERY = 1.0  # seconds between `tofu-agent status --json` samples while the scale case syncs
+RSS_EVERY = 0.2  # seconds between VmRSS samples
+WATCH_GRACE = 3.0  # longest our watcher takes to report an event (its debounce is 1.6 s)
+Figures = dict[str, float]  # one tool in one run: seconds per case, and named extras (MB, ms)
+Run = dict[str, Figures]  # tool name (and "limits") -> its figures in one run
+TOOLS = ("tofu-agent", "syncthing", "rsync", "rsync --fsync")
 
 
 # -- data ----------------------------------------------------------------------------------------
 
 
 def make_data(
-    work: Path, big: int, files: int, dirs: int, cases: frozenset[str] = ONE_WAY, twoway: tuple[int, int] = (0, 0)
+    work: Path,
+    big: int,
+    files: int,
+    dirs: int,
+    cases: frozenset[str] = ONE_WAY,
+    twoway: tuple[int, int] = (0, 0),
+    scale: tuple[int, int] = (0, 1),
 ) -> Path:
     """The master data set, only what `cases` need: big.bin (random), small/DIR/FILE (4 KiB each,
-    random), and for the two-way case twoway/a/ta/ and twoway/b/tb/ (`twoway` = (files, bytes
-    each) per side, random), the data each side starts with and the other lacks."""
+    random), for the two-way case twoway/a/ta/ and twoway/b/tb/ (`twoway` = (files, bytes each)
+    per side, random), the data each side starts with and the other lacks, and for the scale case
+    scale/DIR/FILE (`scale` = (files, directories), sizes from `scale_sizes`, random content)."""
     master = work / "master"
     master.mkdir(parents=True)
     if cases & {"big", "change"}:
@@ -65,8 +94,63 @@ def make_data(
             d.mkdir(parents=True)
             for i in range(n):
                 _random_file(d / f"f{i:03d}.bin", size)
+    if "scale" in cases:
+        make_scale(master / "scale", *scale)
     os.sync()
     return master
+
+
+def scale_sizes(n: int, seed: int = SCALE_SEED) -> list[int]:
+    """`n` file sizes drawn from p(size) ~ size^-SCALE_ALPHA on [SCALE_MIN, SCALE_MAX] (inverse CDF)."""
+    rng = random.Random(seed)
+    e = 1.0 - SCALE_ALPHA
+    lo, hi = SCALE_MIN**e, SCALE_MAX**e
+    return [min(SCALE_MAX, max(SCALE_MIN, round((lo + rng.random() * (hi - lo)) ** (1 / e)))) for _ in range(n)]
+
+
+def make_scale(dest: Path, files: int, dirs: int) -> None:
+    """`files` random files spread over `dirs` directories of `dest`, sized by `scale_sizes`."""
+    for i, size in enumerate(scale_sizes(files)):
+        d = dest / f"d{i % dirs:04d}"
+        if i < dirs:
+            d.mkdir(parents=True)
+        (d / f"f{i:06d}.bin").write_bytes(os.urandom(size))
+
+
+def scale_files(master: Path) -> dict[str, int]:
+    """{name relative to the synced folder (scale/DIR/FILE): size} of the scale data in `master`."""
+    out: dict[str, int] = {}
+    for dirpath, _, names in os.walk(master / "scale"):
+        rel = Path(dirpath).relative_to(master).as_posix()
+        for n in names:
+            out[f"{rel}/{n}"] = os.stat(os.path.join(dirpath, n)).st_size
+    return dict(sorted(out.items()))
+
+
+def edit_target(files: dict[str, int]) -> str:
+    """The scale file the one-file edit rewrites: the one closest to 1 MiB (the same in every run)."""
+    return min(files, key=lambda n: (abs(files[n] - MiB), n))
+
+
+def rewrite(path: Path) -> bytes:
+    """Overwrite `path` in place with new random bytes of the same size (one file edited); the new content."""
+    new = os.urandom(path.stat().st_size)
+    with path.open("r+b") as fh:
+        fh.write(new)
+    return new
+
+
+def content_is(path: Path, data: bytes) -> bool:
+    try:
+        return path.read_bytes() == data
+    except FileNotFoundError:
+        return False
+
+
+def check_scale(master: Path, folder: Path, files: dict[str, int], tool: str) -> None:
+    """`folder` holds every scale file byte for byte (sha256); AssertionError naming `tool` if not."""
+    for name in files:
+        assert same_file(master / name, folder / name), f"{tool}: {folder / name} differs"
 
 
 def _random_file(path: Path, size: int) -> None:
@@ -220,7 +304,7 @@ def sha256_speed(total: int) -> float:
 
 
 def disk_write_speed(work: Path, total: int) -> float:
-    """MB/s writing `total` bytes and fsyncing them."""
+    """MB/s writing `total` bytes to a new file and fsyncing it: the clock stops after the fsync."""
     data = os.urandom(8 * MiB)
     path = work / "disk-probe.bin"
     t0 = time.perf_counter()
@@ -234,6 +318,52 @@ def disk_write_speed(work: Path, total: int) -> float:
     elapsed = time.perf_counter() - t0
     path.unlink()
     return total / elapsed / 1e6
+
+
+LIMITS = {"tls": "loopback TLS", "sha256": "SHA-256", "disk": "disk write+fsync"}
+
+
+def measure_limits(work: Path, size: int) -> Figures:
+    """This machine's limits in MB/s (keys of LIMITS), each measured on `size` bytes."""
+    return {"tls": tls_throughput(size), "sha256": sha256_speed(size), "disk": disk_write_speed(work, size)}
+
+
+class PeakRss:
+    """The peak memory (MB) of groups of processes over a span: start() resets each one's VmHWM
+    (`echo 5 > /proc/PID/clear_refs`) and samples VmRSS every RSS_EVERY seconds; stop() returns
+    per group the sum of its VmHWM, or the highest VmRSS sum sampled where the reset was refused."""
+
+    def __init__(self, groups: dict[str, list[int]]) -> None:
+        self.groups = groups
+        self.sampled = dict.fromkeys(groups, 0.0)
+        self.reset = True
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def start(self) -> PeakRss:
+        for pid in (p for pids in self.groups.values() for p in pids):
+            try:
+                Path(f"/proc/{pid}/clear_refs").write_text("5")
+            except OSError:
+                self.reset = False
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            for name, pids in self.groups.items():
+                try:
+                    self.sampled[name] = max(self.sampled[name], sum(rss_mb(p, "VmRSS") for p in pids))
+                except OSError:
+                    pass  # a process ended
+            self._stop.wait(RSS_EVERY)
+
+    def stop(self) -> dict[str, float]:
+        self._stop.set()
+        self._thread.join()
+        if not self.reset:
+            return dict(self.sampled)
+        return {n: max(self.sampled[n], sum(rss_mb(p, "VmHWM") for p in pids)) for n, pids in self.groups.items()}
 
 
 # -- tofu-agent ----------------------------------------------------------------------------------
@@ -298,6 +428,24 @@ class Agent:
         st = self._cli("status", "--json")
         return st if isinstance(st, dict) and st.get("running", True) else None
 
+    def fast_status(self) -> dict[str, Any] | None:
+        """`status` over the control socket, in-process (no CLI start-up per poll); None if no answer."""
+        try:
+            st = control.request(resolve_paths(self.home).control_socket, "status")
+        except TofuError:
+            return None
+        return st if isinstance(st, dict) else None
+
+    def folder(self) -> dict[str, Any]:
+        """The status of the agent's one folder, in-process; {} if it does not answer."""
+        st = self.fast_status()
+        return dict(st["folders"][0]) if st and st.get("folders") else {}
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
     def device_id(self) -> str:
         ident = self._cli("id", "--json")
         assert isinstance(ident, dict), f"`tofu-agent id` failed for {self.name}"
@@ -344,9 +492,8 @@ def bench_tofu(
         b.start(fb, peers=[a])
         idb = b.device_id()
         poll(lambda: a.connected_to(idb), 30, "alpha to connect to beta", 0.1)
-        time.sleep(3.0)  # let start-up work finish before calling it idle
+        time.sleep(3.0)  # let start-up work finish before timing anything
         assert a.proc is not None and b.proc is not None
-        mem["idle_rss"] = max(rss_mb(a.proc.pid, "VmRSS"), rss_mb(b.proc.pid, "VmRSS"))
         if cases & {"big", "change"}:
             copy_data(master, stage, "big.bin")
             t0 = time.perf_counter()
@@ -427,10 +574,147 @@ def bench_tofu_twoway(master: Path, work: Path, timeout: float) -> tuple[float, 
     return elapsed, started, peak
 
 
+class StatusProbe:
+    """Times `tofu-agent --home H status --json` as a fresh process (as a person runs it, as
+    bench/status_time.py does) every `every` seconds in a thread, the agents taking turns, from
+    start() until stop(); samples in ms."""
+
+    def __init__(self, agents: Sequence[Agent], every: float = STATUS_EVERY) -> None:
+        script = Path(sys.executable).with_name("tofu-agent")
+        self.tofu = [str(script)] if script.exists() else [sys.executable, "-m", "agent"]
+        self.agents, self.every = agents, every
+        self.samples: list[float] = []
+        self.failed = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> StatusProbe:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        turn = 0
+        while not self._stop.is_set():
+            agent = self.agents[turn % len(self.agents)]
+            turn += 1
+            t0 = time.perf_counter()
+            r = subprocess.run([*self.tofu, "--home", str(agent.home), "status", "--json"],
+                               capture_output=True, timeout=60, check=False, cwd=ROOT)  # fmt: skip
+            if r.returncode == 0:
+                self.samples.append((time.perf_counter() - t0) * 1000)
+            else:
+                self.failed += 1
+            self._stop.wait(self.every)
+
+    def stop(self) -> list[float]:
+        """Stop sampling (a sample under way, started while syncing, is waited for); the samples."""
+        self._stop.set()
+        self._thread.join()
+        return self.samples
+
+
+def until_holds(b: Agent, folder: Path, files: dict[str, int], t0: float, timeout: float) -> float:
+    """Seconds from `t0` until `b`'s status shows all `files` synced (idle, nothing needed) and
+    `folder` holds each at full size (checked after the clock stops, so the walk is not timed)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        st = b.folder()
+        if st.get("files", 0) >= len(files) and not st.get("need_files") and st.get("state") == "idle":
+            elapsed = time.perf_counter() - t0
+            if holds(folder, files):
+                return elapsed
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {b.name} to hold {len(files)} files:\n{b.log()[-3000:]}")
+        time.sleep(0.05)
+
+
+def tofu_rescan(a: Agent, folder: Path, timeout: float) -> tuple[float, float] | None:
+    """A full rescan that finds no change: touch the folder's root (our watcher turns an event on
+    the root into a full rescan of the folder) and time until `a`'s status is idle again; the
+    seconds, and the part of them status showed `scanning`. None if the scan ended between two
+    polls (a tiny folder), so its start was never seen."""
+    t0 = time.perf_counter()
+    os.utime(folder)
+    seen = None
+    while time.perf_counter() - t0 < WATCH_GRACE:
+        if a.folder().get("state", "idle") != "idle":
+            seen = time.perf_counter()
+            break
+        time.sleep(0.005)
+    if seen is None:
+        return None
+    poll(lambda: a.folder().get("state") == "idle", timeout, f"{a.name} to finish the rescan", 0.02)
+    end = time.perf_counter()
+    return end - t0, end - seen
+
+
+def bench_tofu_scale(master: Path, work: Path, timeout: float) -> Figures:
+    """The scale case on a fresh pair of agents: the first sync of the scale data (renamed into
+    alpha's folder at once), with both agents' peak RSS and `status --json` latency sampled meanwhile;
+    a full rescan of alpha that finds no change; then one file rewritten in place on alpha until beta
+    holds it. Seconds, MB and ms."""
+    homes = [work / "sc-a", work / "sc-b"]
+    for h in homes:
+        h.mkdir()
+    fa, fb = homes[0] / "f", homes[1] / "f"
+    stage = work / "sc-stage"
+    files = scale_files(master)
+    a, b = Agent(homes[0], "alpha"), Agent(homes[1], "beta")
+    out: Figures = {}
+    try:
+        a.start(fa, peers=[b])
+        b.start(fb, peers=[a])
+        idb = b.device_id()
+        poll(lambda: a.connected_to(idb), 30, "alpha to connect to beta", 0.1)
+        poll(lambda: a.folder().get("state") == b.folder().get("state") == "idle", 30, "both idle", 0.1)
+        copy_data(master, stage, "scale")
+        rss = PeakRss({"a": [a.pid], "b": [b.pid]}).start()
+        t0 = time.perf_counter()
+        os.rename(stage / "scale", fa / "scale")
+        probe = StatusProbe([a, b]).start()
+        try:
+            out["scale_first"] = until_holds(b, fb, files, t0, timeout)
+        finally:
+            latencies = probe.stop()
+            peaks = rss.stop()
+        out["scale_peak_a"], out["scale_peak_b"] = peaks["a"], peaks["b"]
+        if latencies:
+            out["status_max_ms"], out["status_median_ms"] = max(latencies), statistics.median(latencies)
+        out["status_samples"], out["status_failed"] = len(latencies), probe.failed
+        check_scale(master, fb, files, "tofu-agent")
+        poll(lambda: a.folder().get("state") == b.folder().get("state") == "idle", 60, "both idle", 0.1)
+        time.sleep(1.0)  # nothing left to flush or announce
+        rescan = tofu_rescan(a, fa, timeout)
+        if rescan is not None:
+            out["scale_rescan"], out["scale_rescan_scanning"] = rescan
+        name = edit_target(files)
+        new = rewrite(fa / name)
+        t0 = time.perf_counter()
+        poll(lambda: content_is(fb / name, new), timeout, "the one-file edit", 0.01)
+        out["scale_edit"] = time.perf_counter() - t0
+    finally:
+        a.stop()
+        b.stop()
+        for h in homes:
+            shutil.rmtree(h, ignore_errors=True)
+        shutil.rmtree(stage, ignore_errors=True)
+    return out
+
+
 # -- rsync ---------------------------------------------------------------------------------------
 
 
-def bench_rsync(master: Path, work: Path, timeout: float, cases: frozenset[str] = CASES) -> dict[str, float]:
+def rsync_has_fsync() -> bool:
+    """This rsync knows `--fsync` (rsync 3.2.4 and later)."""
+    out = subprocess.run(["rsync", "--help"], capture_output=True, text=True, check=False).stdout
+    return "--fsync" in out
+
+
+def bench_rsync(
+    master: Path, work: Path, timeout: float, cases: frozenset[str] = CASES, flags: Sequence[str] = ()
+) -> dict[str, float]:
+    """Seconds per one-way case of `rsync -a FLAGS` pushing to an rsync daemon on 127.0.0.1 (the
+    daemon is the receiver: `--fsync` is passed on to it)."""
     src, dst = work / "rs-src", work / "rs-dst"
     dst.mkdir()
     port = free_port()
@@ -446,7 +730,8 @@ def bench_rsync(master: Path, work: Path, timeout: float, cases: frozenset[str] 
 
         def push() -> float:
             t0 = time.perf_counter()
-            subprocess.run(["rsync", "-a", f"{src}/", f"rsync://127.0.0.1:{port}/m/"], check=True, timeout=timeout)
+            subprocess.run(["rsync", "-a", *flags, f"{src}/", f"rsync://127.0.0.1:{port}/m/"], check=True,
+                           timeout=timeout)  # fmt: skip
             return time.perf_counter() - t0
 
         if cases & {"big", "change"}:
@@ -552,8 +837,42 @@ def _set(parent: ET.Element, tag: str, text: str) -> None:
     el.text = text
 
 
+def st_share(a: Syncthing, b: Syncthing, folder: str, path_a: Path, path_b: Path) -> None:
+    """Share `folder` between the two instances (send-receive, no watcher, rescans hourly)."""
+    for me, path in ((a, path_a), (b, path_b)):
+        me.rest("PUT", f"/rest/config/folders/{folder}", {
+            "id": folder, "path": str(path), "type": "sendreceive", "fsWatcherEnabled": False,
+            "rescanIntervalS": 3600, "devices": [{"deviceID": a.device_id}, {"deviceID": b.device_id}],
+        })  # fmt: skip
+
+
+def st_state(x: Syncthing, folder: str) -> str:
+    """The folder's state on `x` ('' while the folder is not running yet)."""
+    try:
+        return str(x.rest("GET", f"/rest/db/status?folder={folder}")["state"])
+    except OSError:
+        return ""
+
+
+def st_sync(a: Syncthing, b: Syncthing, folder: str, timeout: float) -> float:
+    """Seconds from asking `a` to scan `folder` (the call returns when the scan is done) until `b`
+    is idle with nothing needed, as many files as `a` and a newer sequence."""
+    seq = b.rest("GET", f"/rest/db/status?folder={folder}")["sequence"]
+    t0 = time.perf_counter()
+    a.rest("POST", f"/rest/db/scan?folder={folder}")
+    want = a.rest("GET", f"/rest/db/status?folder={folder}")
+
+    def done() -> bool:
+        s = b.rest("GET", f"/rest/db/status?folder={folder}")
+        ok = s["state"] == "idle" and s["needFiles"] == 0 and s["localFiles"] == want["localFiles"]
+        return bool(ok and s["sequence"] > seq)
+
+    poll(done, timeout, "syncthing to sync", 0.1)
+    return time.perf_counter() - t0
+
+
 def syncthing_inside(
-    master: Path, work: Path, nfiles: int, timeout: float, cases: frozenset[str] = CASES
+    master: Path, work: Path, nfiles: int, timeout: float, cases: frozenset[str] = CASES, settle: float = 2.0
 ) -> dict[str, float]:
     """The Syncthing runs; call only inside a private network namespace."""
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
@@ -564,54 +883,78 @@ def syncthing_inside(
     b = Syncthing(work / "st-b", free_port(), free_port())
     res: dict[str, float] = {}
     try:
-        for me, other, path in ((a, b, fa), (b, a, fb)):
+        for me, other in ((a, b), (b, a)):
             me.rest("PUT", f"/rest/config/devices/{other.device_id}",
                     {"deviceID": other.device_id, "addresses": [other.listen], "name": "peer"})  # fmt: skip
-            me.rest("PUT", "/rest/config/folders/bench", {
-                "id": "bench", "path": str(path), "type": "sendreceive", "fsWatcherEnabled": False,
-                "rescanIntervalS": 3600, "devices": [{"deviceID": a.device_id}, {"deviceID": b.device_id}],
-            })  # fmt: skip
+        st_share(a, b, "bench", fa, fb)
 
         def ready() -> bool:
             conns = a.rest("GET", "/rest/system/connections")["connections"]
             if not conns.get(b.device_id, {}).get("connected"):
                 return False
-            return all(x.rest("GET", "/rest/db/status?folder=bench")["state"] == "idle" for x in (a, b))
+            return all(st_state(x, "bench") == "idle" for x in (a, b))
 
         poll(ready, 120, "syncthing to connect", 0.2)
-        time.sleep(2.0)
-        res["idle_rss"] = max(sum(rss_mb(p, "VmRSS") for p in x.pids()) for x in (a, b))
+        time.sleep(settle)
+        res["idle_rss_a"], res["idle_rss_b"] = (sum(rss_mb(p, "VmRSS") for p in x.pids()) for x in (a, b))
 
-        def timed(prepare: Callable[[], None], changed: bool) -> float:
+        def timed(prepare: Callable[[], None]) -> float:
             prepare()
-            seq = b.rest("GET", "/rest/db/status?folder=bench")["sequence"]
-            t0 = time.perf_counter()
-            a.rest("POST", "/rest/db/scan?folder=bench")
-            want = a.rest("GET", "/rest/db/status?folder=bench")
-
-            def done() -> bool:
-                s = b.rest("GET", "/rest/db/status?folder=bench")
-                ok = s["state"] == "idle" and s["needFiles"] == 0 and s["localFiles"] == want["localFiles"]
-                return bool(ok and (s["sequence"] > seq if changed else True))
-
-            poll(done, timeout, "syncthing to sync", 0.1)
-            return time.perf_counter() - t0
+            return st_sync(a, b, "bench", timeout)
 
         if cases & {"big", "change"}:
-            res["big"] = timed(lambda: copy_data(master, fa, "big.bin"), True)
+            res["big"] = timed(lambda: copy_data(master, fa, "big.bin"))
             assert same_file(fa / "big.bin", fb / "big.bin"), "syncthing: big file differs"
         if "small" in cases:
-            res["small"] = timed(lambda: copy_data(master, fa, "small"), True)
+            res["small"] = timed(lambda: copy_data(master, fa, "small"))
             assert count_files(fb / "small") == nfiles
         if "change" in cases:
-            res["change"] = timed(lambda: flip_middle_byte(fa / "big.bin"), True)
+            res["change"] = timed(lambda: flip_middle_byte(fa / "big.bin"))
             assert same_file(fa / "big.bin", fb / "big.bin"), "syncthing: changed file differs"
         if "twoway" in cases:
             res["twoway"] = syncthing_twoway(a, b, master, work, timeout)
+        if "scale" in cases:
+            res |= syncthing_scale(a, b, master, work, timeout * 3)
     finally:
         a.stop()
         b.stop()
     return res
+
+
+def syncthing_scale(a: Syncthing, b: Syncthing, master: Path, work: Path, timeout: float) -> dict[str, float]:
+    """The scale case on the running, connected instances, in a new folder shared while empty: the
+    first sync (from the scan request), with each instance's peak RSS (its VmHWM reset first); a
+    full rescan of A that finds no change (from the request until A is idle); one file rewritten
+    in place on A, from a scan request for that file alone (what Syncthing's watcher would send
+    after its delay) until B holds it."""
+    fa, fb = work / "st-sa", work / "st-sb"
+    for f in (fa, fb):
+        (f / ".stfolder").mkdir(parents=True)
+    st_share(a, b, "scale", fa, fb)
+    poll(lambda: st_state(a, "scale") == st_state(b, "scale") == "idle", 120, "the scale folder to start", 0.2)
+    files = scale_files(master)
+    copy_data(master, fa, "scale")
+    out: dict[str, float] = {}
+    rss = PeakRss({"a": a.pids(), "b": b.pids()}).start()
+    try:
+        out["scale_first"] = st_sync(a, b, "scale", timeout)
+    finally:
+        peaks = rss.stop()
+    out["scale_peak_a"], out["scale_peak_b"] = peaks["a"], peaks["b"]
+    assert holds(fb, files), "syncthing: the scale files are not all there"
+    check_scale(master, fb, files, "syncthing")
+    time.sleep(1.0)
+    t0 = time.perf_counter()
+    a.rest("POST", "/rest/db/scan?folder=scale")
+    poll(lambda: st_state(a, "scale") == "idle", timeout, "syncthing to rescan", 0.02)
+    out["scale_rescan"] = time.perf_counter() - t0
+    name = edit_target(files)
+    new = rewrite(fa / name)
+    t0 = time.perf_counter()
+    a.rest("POST", f"/rest/db/scan?folder=scale&sub={urllib.parse.quote(name)}")
+    poll(lambda: content_is(fb / name, new), timeout, "syncthing to sync the edit", 0.01)
+    out["scale_edit"] = time.perf_counter() - t0
+    return out
 
 
 def syncthing_twoway(a: Syncthing, b: Syncthing, master: Path, work: Path, timeout: float) -> float:
@@ -643,13 +986,14 @@ def syncthing_twoway(a: Syncthing, b: Syncthing, master: Path, work: Path, timeo
 
 
 def bench_syncthing(
-    master: Path, work: Path, nfiles: int, timeout: float, cases: frozenset[str] = CASES
+    master: Path, work: Path, nfiles: int, timeout: float, cases: frozenset[str] = CASES, settle: float = 2.0
 ) -> dict[str, float]:
     """Run the Syncthing part in a fresh network namespace that holds only loopback."""
+    job = {"master": str(master), "work": str(work), "nfiles": nfiles, "timeout": timeout,
+           "cases": sorted(cases), "settle": settle}  # fmt: skip
     out = subprocess.run(
-        ["unshare", "-n", "--", sys.executable, __file__, "--syncthing-inside", str(master), str(work), str(nfiles),
-         str(timeout), ",".join(sorted(cases))],
-        capture_output=True, text=True, timeout=timeout * 4 + 300, check=False,
+        ["unshare", "-n", "--", sys.executable, __file__, "--syncthing-inside", json.dumps(job)],
+        capture_output=True, text=True, timeout=timeout * 12 + 300, check=False,
     )  # fmt: skip
     if out.returncode != 0:
         raise RuntimeError(f"syncthing run failed:\n{out.stderr[-3000:]}")
@@ -657,124 +1001,372 @@ def bench_syncthing(
     return result
 
 
+# -- the runs ------------------------------------------------------------------------------------
+
+SLUGS = {"tofu-agent": "ta", "syncthing": "st", "rsync": "rs", "rsync --fsync": "rf"}  # run directory names
+
+
+def run_tofu(master: Path, work: Path, nfiles: int, timeout: float, cases: frozenset[str], settle: float) -> Figures:
+    """Every case for our agents, each part on its own pair of agents."""
+    out: Figures = {}
+    if "idle" in cases:
+        rss = without_mdns(settle)  # bench/idle_rss.py: two agents paired on loopback, empty folders
+        out["idle_rss_a"], out["idle_rss_b"], out["idle_rss"] = rss[0], rss[1], sum(rss)
+    if cases & ONE_WAY:
+        res, mem = bench_tofu(master, work, nfiles, timeout, cases)
+        out |= res | mem
+    if "twoway" in cases:
+        out["twoway"], out["twoway_startup"], out["twoway_peak_rss"] = bench_tofu_twoway(master, work, timeout)
+    if "scale" in cases:
+        out |= bench_tofu_scale(master, work, timeout * 3)
+    return out
+
+
+def one_run(
+    number: int, tools: Sequence[str], master: Path, work: Path, nfiles: int, timeout: float, cases: frozenset[str],
+    settle: float, limit_size: int,
+) -> Run:  # fmt: skip
+    """One run: the machine's limits, then each tool in turn, each in a directory deleted after it."""
+    run: Run = {}
+    print(f"run {number}: machine limits", file=sys.stderr, flush=True)
+    run["limits"] = measure_limits(work, limit_size)
+    for tool in tools:
+        print(f"run {number}: {tool}", file=sys.stderr, flush=True)
+        d = work / f"r{number}-{SLUGS[tool]}"
+        d.mkdir()
+        try:
+            if tool == "tofu-agent":
+                run[tool] = run_tofu(master, d, nfiles, timeout, cases, settle)
+            elif tool == "syncthing":
+                st = bench_syncthing(master, d, nfiles, timeout, cases, settle)
+                st["idle_rss"] = st["idle_rss_a"] + st["idle_rss_b"]
+                run[tool] = st
+            else:
+                run[tool] = bench_rsync(master, d, timeout, cases, ["--fsync"] if tool == "rsync --fsync" else [])
+        finally:
+            shutil.rmtree(d, ignore_errors=True)
+    return run
+
+
 # -- report --------------------------------------------------------------------------------------
 
 
-def report(results: Results, sizes: dict[str, int], limits: dict[str, float], mem: dict[str, float],
-           notes: list[str]) -> None:  # fmt: skip
+def series(runs: Sequence[Run], tool: str, key: str) -> list[float]:
+    """The figure `key` of `tool` in each run that has it."""
+    return [r[tool][key] for r in runs if key in r.get(tool, {})]
+
+
+def med(runs: Sequence[Run], tool: str, key: str) -> float | None:
+    """The median over the runs of the figure `key` of `tool`; None if no run has it."""
+    v = series(runs, tool, key)
+    return statistics.median(v) if v else None
+
+
+def each(runs: Sequence[Run], tool: str, key: str, fmt: str = "{:.2f}") -> str:
+    """' (run 1 / run 2 / ...)', each run's own figure, when there is more than one."""
+    v = series(runs, tool, key)
+    return f" ({' / '.join(fmt.format(x) for x in v)})" if len(v) > 1 else ""
+
+
+def floor_of(runs: Sequence[Run]) -> tuple[str, float]:
+    """The slowest of the machine's limits (median MB/s over the runs): its key and MB/s."""
+    lim = {k: statistics.median(series(runs, "limits", k)) for k in LIMITS}
+    key = min(lim, key=lambda k: lim[k])
+    return key, lim[key]
+
+
+def report(
+    runs: Sequence[Run], sizes: dict[str, int], notes: list[str], nfiles: int, settle: float, edit: str = ""
+) -> None:
+    ours, sy = "tofu-agent", "syncthing"
+    tools = [t for t in TOOLS if any(t in r for r in runs)]
     print()
-    print(
-        f"machine limits: loopback TLS {limits['tls']:.0f} MB/s, SHA-256 {limits['sha256']:.0f} MB/s, "
-        f"disk write+fsync {limits['disk']:.0f} MB/s"
-    )
+    if len(runs) > 1:
+        print(f"{len(runs)} runs, the tools taking turns in each ({', '.join(tools)}): every figure is the median "
+              "of the runs, each run's own figure in brackets (run 1 / run 2 / ...)")  # fmt: skip
+    print("machine limits: " + ", ".join(
+        f"{label} {statistics.median(series(runs, 'limits', k)):.0f} MB/s{each(runs, 'limits', k, '{:.0f}')}"
+        for k, label in LIMITS.items()))  # fmt: skip
+    fkey, floor = floor_of(runs)
+    if med(runs, ours, "big"):
+        print(f"floor for the big file: the slowest limit, {LIMITS[fkey]}, {floor:.0f} MB/s = "
+              f"{sizes['big'] / floor / 1e6:.2f} s for {sizes['big'] // MiB} MiB")  # fmt: skip
     cases = [("big", "1 big file"), ("small", "small files"), ("change", "one-byte change"),
              ("twoway", "two-way")]  # fmt: skip
-    tools = list(results)
-    print(f"{'case':<18}" + "".join(f"{t:>22}" for t in tools) + "".join(f"{'ours/' + t:>16}" for t in tools[1:]))
-    for case, label in cases:
-        if not any(case in r for r in results.values()):
-            continue
+    others = tools[1:]
+    widths = [max(16, len("ours/" + t) + 2) for t in others]
+    shown = [(c, label) for c, label in cases if any(series(runs, t, c) for t in tools)]
+    if shown:
+        print(f"{'case':<18}" + "".join(f"{t:>22}" for t in tools)
+              + "".join(f"{'ours/' + t:>{w}}" for t, w in zip(others, widths, strict=True)))  # fmt: skip
+    for case, label in shown:
         cells = []
         for t in tools:
-            sec = results[t].get(case)
+            sec = med(runs, t, case)
             cells.append(f"{sec:8.2f} s {sizes[case] / sec / 1e6:7.1f} MB/s" if sec else f"{'-':>22}")
-        ours = results["tofu-agent"].get(case)
-        ratios = [
-            f"{ours / results[t][case]:16.2f}" if ours and results[t].get(case) else f"{'-':>16}" for t in tools[1:]
-        ]
+        mine = med(runs, ours, case)
+        ratios = []
+        for t, w in zip(others, widths, strict=True):
+            theirs = med(runs, t, case)
+            ratios.append(f"{mine / theirs:{w}.2f}" if mine and theirs else f"{'-':>{w}}")
         print(f"{label:<18}" + "".join(f"{c:>22}" for c in cells) + "".join(ratios))
-    ours_big = results["tofu-agent"].get("big")
+    if len(runs) > 1 and shown:
+        print("each run, seconds:")
+        for case, label in shown:
+            parts = [f"{t} {' / '.join(f'{x:.2f}' for x in series(runs, t, case))}" for t in tools
+                     if series(runs, t, case)]  # fmt: skip
+            print(f"  {label:<16}  " + "; ".join(parts))
+    ours_big = med(runs, ours, "big")
     if ours_big:
         mbps = sizes["big"] / ours_big / 1e6
-        limit = min(limits["tls"], limits["sha256"], limits["disk"])
+        lim = {k: statistics.median(series(runs, "limits", k)) for k in LIMITS}
         print(
-            f"our big-file throughput {mbps:.0f} MB/s = {mbps / limit:.0%} of the slowest limit ({limit:.0f} MB/s); "
-            f"TLS {mbps / limits['tls']:.0%}, SHA-256 {mbps / limits['sha256']:.0%}, disk {mbps / limits['disk']:.0%}"
+            f"our big-file throughput {mbps:.0f} MB/s = {mbps / floor:.0%} of the slowest limit ({floor:.0f} MB/s, "
+            f"{LIMITS[fkey]}); TLS {mbps / lim['tls']:.0%}, SHA-256 {mbps / lim['sha256']:.0%}, "
+            f"disk {mbps / lim['disk']:.0%}"
         )
     memory = []
-    if "idle_rss" in mem:
-        memory.append(f"idle {mem['idle_rss']:.1f} MB RSS")
-    if "peak_rss" in mem:
-        memory.append(f"peak during the big file {mem['peak_rss']:.1f} MB (VmHWM)")
-    if "twoway_peak_rss" in mem:
-        memory.append(f"peak during the two-way case {mem['twoway_peak_rss']:.1f} MB (VmHWM)")
-    if "change_bytes_received" in mem:
-        memory.append(f"the one-byte change moved {mem['change_bytes_received']:.0f} bytes")
+    if (x := med(runs, ours, "peak_rss")) is not None:
+        memory.append(f"peak during the big file {x:.1f} MB{each(runs, ours, 'peak_rss', '{:.1f}')} (VmHWM)")
+    if (x := med(runs, ours, "twoway_peak_rss")) is not None:
+        memory.append(f"peak during the two-way case {x:.1f} MB{each(runs, ours, 'twoway_peak_rss', '{:.1f}')} (VmHWM)")
+    if (x := med(runs, ours, "change_bytes_received")) is not None:
+        memory.append(f"the one-byte change moved {x:.0f} bytes")
     if memory:
         print("tofu-agent memory: " + "; ".join(memory))
-    ours_tw, st_tw = results["tofu-agent"].get("twoway"), results.get("syncthing", {}).get("twoway")
+    ours_tw, st_tw = med(runs, ours, "twoway"), med(runs, sy, "twoway")
     if ours_tw:
         versus = f", Syncthing {st_tw:.2f} s, ours/Syncthing {ours_tw / st_tw:.2f}" if st_tw else ""
         print(
             f"two-way ({sizes['twoway'] // 2 // MiB} MiB a side the other lacks): tofu-agent {ours_tw:.2f} s "
-            f"from spawning both agents ({mem.get('twoway_startup', 0):.2f} s of it until both answered `status`)"
-            f"{versus}; Syncthing's is timed from sharing the folder between its running, connected instances"
+            f"from spawning both agents ({med(runs, ours, 'twoway_startup') or 0:.2f} s of it until both answered "
+            f"`status`){versus}; Syncthing's is timed from sharing the folder between its running, connected instances"
         )
-    if "syncthing_idle_rss" in mem:
-        print(f"syncthing idle: {mem['syncthing_idle_rss']:.1f} MB RSS per instance (monitor + main process)")
+    if any(series(runs, t, "scale_first") for t in (ours, sy)):
+        report_scale(runs, sizes["scale"], edit)
+    if any(series(runs, t, "idle_rss") for t in (ours, sy)):
+        parts = []
+        if (x := med(runs, ours, "idle_rss")) is not None:
+            parts.append(
+                f"tofu-agent {x:.1f} MB{each(runs, ours, 'idle_rss', '{:.1f}')} = alpha "
+                f"{med(runs, ours, 'idle_rss_a') or 0:.1f} + beta {med(runs, ours, 'idle_rss_b') or 0:.1f} "
+                f"(bench/idle_rss.py: two agents paired on loopback, empty folders, {settle:.0f} s idle)"
+            )
+        if (x := med(runs, sy, "idle_rss")) is not None:
+            parts.append(
+                f"Syncthing {x:.1f} MB{each(runs, sy, 'idle_rss', '{:.1f}')} = A {med(runs, sy, 'idle_rss_a') or 0:.1f}"
+                f" + B {med(runs, sy, 'idle_rss_b') or 0:.1f} (two connected instances, every process of each, "
+                f"an empty folder, {settle:.0f} s idle)"
+            )
+        print("idle RSS (VmRSS): " + "; ".join(parts))
     for n in notes:
         print("note:", n)
+    print()
+    print("goals (issue 17)" + (f", medians of {len(runs)} runs" if len(runs) > 1 else "") + ":")
+    for goal, figure, met in goals(runs, sizes, nfiles):
+        print(f"  {goal:<46} {figure}: {'met' if met else 'missed' if met is not None else 'not measured'}")
+
+
+def report_scale(runs: Sequence[Run], total: int, edit: str) -> None:
+    """The scale case's lines; `edit` names the file the one-file edit rewrites."""
+    ours, sy = "tofu-agent", "syncthing"
+    print("scale case:")
+    for key, label in (("scale_first", "first sync"), ("scale_rescan", "no-change rescan"),
+                       ("scale_edit", "one-file edit")):  # fmt: skip
+        parts = []
+        for t in (ours, sy):
+            if (v := med(runs, t, key)) is not None:
+                rate = f", {total / v / 1e6:.1f} MB/s" if key == "scale_first" else ""
+                parts.append(f"{t} {v:.2f} s{rate}{each(runs, t, key)}")
+        mine, theirs = med(runs, ours, key), med(runs, sy, key)
+        if mine and theirs:
+            parts.append(f"ours/Syncthing {mine / theirs:.2f}")
+        print(f"  {label:<18}{'; '.join(parts) if parts else '-'}")
+    peaks = []
+    for t, sides in ((ours, ("alpha", "beta")), (sy, ("A", "B"))):
+        a, b = med(runs, t, "scale_peak_a"), med(runs, t, "scale_peak_b")
+        if a is not None and b is not None:
+            peaks.append(f"{t} {sides[0]} {a:.1f}{each(runs, t, 'scale_peak_a', '{:.1f}')} / {sides[1]} {b:.1f}"
+                         f"{each(runs, t, 'scale_peak_b', '{:.1f}')} MB")  # fmt: skip
+    if peaks:
+        print(f"  {'peak RSS':<18}during the first sync, each side (VmHWM, reset when the sync starts): "
+              + "; ".join(peaks))  # fmt: skip
+    if (mx := med(runs, ours, "status_max_ms")) is not None:
+        md = med(runs, ours, "status_median_ms") or 0.0
+        n = sum(series(runs, ours, "status_samples"))
+        failed = sum(series(runs, ours, "status_failed"))
+        print(
+            f"  {'status --json':<18}while our first sync runs: max {mx:.0f} ms"
+            f"{each(runs, ours, 'status_max_ms', '{:.0f}')},"
+            f" median {md:.0f} ms{each(runs, ours, 'status_median_ms', '{:.0f}')}; {n:.0f} sample{'s' * (n != 1)}"
+            + (f", {failed:.0f} failed" if failed else "")
+            + f" (a fresh `tofu-agent status --json` process every {STATUS_EVERY:.0f} s, alpha and beta in turn)"
+        )
+    scanning = med(runs, ours, "scale_rescan_scanning")
+    shown = f" ({scanning:.2f} s of it shown as scanning)" if scanning is not None else ""
+    for line in (
+        "timed: first sync, ours from renaming the data into alpha's folder, Syncthing's from the scan request,",
+        "  until the other side holds every file (both byte-checked after);",
+        "no-change rescan, ours from touching alpha's folder root (the agent has no rescan command; its watcher",
+        f"  turns an event on the root into a full rescan of the folder) until alpha's `status` is idle again{shown},",
+        "  Syncthing's from POST /rest/db/scan?folder=scale on A until A is idle;",
+        f"one-file edit, the file closest to 1 MiB ({edit}) rewritten in place on alpha / A, ours from the",
+        "  write (our watcher sees it), Syncthing's from a scan request for that file alone (what its watcher",
+        "  would send), until the other side holds it",
+    ):
+        print("  " + line)
+    missed = len(series(runs, ours, "scale_first")) - len(series(runs, ours, "scale_rescan"))
+    if missed:
+        print(f"  our rescan ended between two status polls in {missed} run(s), so its start was not seen: no figure")
+
+
+def goals(runs: Sequence[Run], sizes: dict[str, int], nfiles: int) -> list[tuple[str, str, bool | None]]:
+    """(goal, figure, met: None if not measured) for each goal of issue 17, from the medians."""
+    ours, sy = "tofu-agent", "syncthing"
+    out: list[tuple[str, str, bool | None]] = []
+
+    def missing(*needs: tuple[str, str]) -> str | None:
+        gone = [f"{t} {k}" for t, k in needs if med(runs, t, k) is None]
+        return "no " + ", ".join(gone) + " figure" if gone else None
+
+    def ratio(goal: str, key: str, limit: float) -> None:
+        if why := missing((ours, key), (sy, key)):
+            out.append((goal, why, None))
+            return
+        mine, theirs = med(runs, ours, key) or 0.0, med(runs, sy, key) or 1.0
+        out.append((goal, f"{mine / theirs:.2f} ({mine:.2f} s / {theirs:.2f} s)", mine / theirs <= limit))
+
+    def at_most(goal: str, key: str, tool: str, unit: str = "s", fmt: str = "{:.2f}") -> None:
+        if why := missing((ours, key), (tool, key)):
+            out.append((goal, why, None))
+            return
+        mine, theirs = med(runs, ours, key) or 0.0, med(runs, tool, key) or 0.0
+        out.append((goal, f"{fmt.format(mine)} {unit} vs {fmt.format(theirs)} {unit}", mine <= theirs))
+
+    ratio("big file: ours/Syncthing <= 0.8", "big", 0.8)
+    ratio(f"{nfiles:,} files: ours/Syncthing <= 0.35", "small", 0.35)
+    ratio("one-byte change: ours/Syncthing <= 0.33", "change", 0.33)
+    goal = "big file: ours >= 85 % of the slowest limit"
+    if (sec := med(runs, ours, "big")) is None:
+        out.append((goal, "no tofu-agent big figure", None))
+    else:
+        fkey, floor = floor_of(runs)
+        mbps = sizes["big"] / sec / 1e6
+        out.append((goal, f"{mbps:.0f} MB/s = {mbps / floor:.0%} of {floor:.0f} MB/s ({LIMITS[fkey]})",
+                    mbps >= 0.85 * floor))  # fmt: skip
+    at_most(f"{nfiles:,} files: ours <= rsync --fsync", "small", "rsync --fsync")
+    goal = f"{nfiles:,} files: ours <= 2.5 x plain rsync"
+    if why := missing((ours, "small"), ("rsync", "small")):
+        out.append((goal, why, None))
+    else:
+        mine, theirs = med(runs, ours, "small") or 0.0, med(runs, "rsync", "small") or 1.0
+        out.append((goal, f"{mine:.2f} s = {mine / theirs:.2f} x rsync's {theirs:.2f} s", mine <= 2.5 * theirs))
+    ratio("scale: first sync <= 0.5 x Syncthing", "scale_first", 0.5)
+    at_most("scale: no-change rescan <= Syncthing's", "scale_rescan", sy)
+    goal = "scale: peak RSS <= 200 MB each side"
+    if why := missing((ours, "scale_peak_a"), (ours, "scale_peak_b")):
+        out.append((goal, why, None))
+    else:
+        a, b = med(runs, ours, "scale_peak_a") or 0.0, med(runs, ours, "scale_peak_b") or 0.0
+        out.append((goal, f"alpha {a:.1f} MB, beta {b:.1f} MB", max(a, b) <= 200))
+    goal = "scale: status --json < 300 ms while syncing"
+    if why := missing((ours, "status_max_ms")):
+        out.append((goal, why, None))
+    else:
+        mx, md = med(runs, ours, "status_max_ms") or 0.0, med(runs, ours, "status_median_ms") or 0.0
+        out.append((goal, f"max {mx:.0f} ms (median {md:.0f} ms)", mx < 300))
+    goal = "scale: one-file edit < 1 s"
+    if (sec := med(runs, ours, "scale_edit")) is None:
+        out.append((goal, "no tofu-agent scale_edit figure", None))
+    else:
+        out.append((goal, f"{sec:.2f} s", sec < 1.0))
+    at_most("idle RSS: our two agents <= Syncthing's two", "idle_rss", sy, "MB", "{:.1f}")
+    return out
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true",
-                   help="small sizes (32 MiB, 300 files, 16 MiB a side two-way), for the test suite")  # fmt: skip
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="small sizes (32 MiB, 300 files, 16 MiB a side two-way, 500 scale files): what the test suite runs",
+    )
+    p.add_argument(
+        "--runs", type=int, default=1, help="runs, the tools taking turns in each; figures are medians (default 1)"
+    )
+    p.add_argument(
+        "--scale-files",
+        type=int,
+        metavar="N",
+        help=f"files in the scale case, {SCALE_PER_DIR} a directory (default 100,000; with --quick 500)",
+    )
     p.add_argument("--workdir", default="/tmp", help="where data and homes go (one file system)")
     p.add_argument("--no-syncthing", action="store_true")
     p.add_argument("--no-rsync", action="store_true")
     p.add_argument("--case", action="append", choices=sorted(CASES),
                    help="run only this case (repeatable; default: all)")  # fmt: skip
-    p.add_argument("--syncthing-inside", nargs=5, metavar=("MASTER", "WORK", "NFILES", "TIMEOUT", "CASES"),
-                   help=argparse.SUPPRESS)  # fmt: skip
+    p.add_argument("--syncthing-inside", metavar="JOB", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.syncthing_inside:
-        master, work, n, to, which = args.syncthing_inside
-        print(json.dumps(syncthing_inside(Path(master), Path(work), int(n), float(to), frozenset(which.split(",")))))
+        job = json.loads(args.syncthing_inside)
+        res = syncthing_inside(Path(job["master"]), Path(job["work"]), int(job["nfiles"]), float(job["timeout"]),
+                               frozenset(job["cases"]), float(job["settle"]))  # fmt: skip
+        print(json.dumps(res))
         return 0
+    if args.runs < 1 or (args.scale_files is not None and args.scale_files < 1):
+        p.error("--runs and --scale-files need a positive number")
     big, nfiles, ndirs = (32 * MiB, 300, 10) if args.quick else (1024 * MiB, 10_000, 100)
     twoway = (8, 2 * MiB) if args.quick else (50, 10 * MiB)  # files a side, bytes each
+    nscale = args.scale_files or (500 if args.quick else 100_000)
+    sdirs = max(1, nscale // SCALE_PER_DIR)
     timeout = 120.0 if args.quick else 600.0
+    settle = 2.0 if args.quick else 5.0  # seconds idle before the idle RSS is read
     cases = frozenset(args.case) if args.case else CASES
-    work = Path(tempfile.mkdtemp(prefix="tb-", dir=args.workdir))
     notes: list[str] = []
-    try:
-        master = make_data(work, big, nfiles, ndirs, cases, twoway)
-        limits = {
-            "tls": tls_throughput(min(big, 512 * MiB)),
-            "sha256": sha256_speed(min(big, 512 * MiB)),
-            "disk": disk_write_speed(work, min(big, 512 * MiB)),
-        }
-        results: Results = {}
-        ours: dict[str, float] = {}
-        mem: dict[str, float] = {}
+    tools = ["tofu-agent"]
+    if args.no_syncthing or shutil.which("syncthing") is None or shutil.which("unshare") is None:
+        notes.append("Syncthing skipped (not installed or --no-syncthing): apt-get install -y syncthing")
+    else:
+        tools.append("syncthing")
+    if args.no_rsync or shutil.which("rsync") is None:
+        notes.append("rsync skipped (not installed or --no-rsync): apt-get install -y rsync")
+    else:
         if cases & ONE_WAY:
-            ours, mem = bench_tofu(master, work, nfiles, timeout, cases)
+            tools.append("rsync")
+            if rsync_has_fsync():
+                tools.append("rsync --fsync")
+            else:
+                notes.append("this rsync has no --fsync (`rsync --help`; rsync 3.2.4 and later have it): "
+                             "no `rsync --fsync` figures")  # fmt: skip
         if "twoway" in cases:
-            ours["twoway"], mem["twoway_startup"], mem["twoway_peak_rss"] = bench_tofu_twoway(master, work, timeout)
-        results["tofu-agent"] = ours
-        if args.no_syncthing or shutil.which("syncthing") is None or shutil.which("unshare") is None:
-            notes.append("Syncthing skipped (not installed or --no-syncthing): apt-get install -y syncthing")
-        else:
-            st = bench_syncthing(master, work, nfiles, timeout, cases)
-            mem["syncthing_idle_rss"] = st.pop("idle_rss")
-            results["syncthing"] = st
-        if args.no_rsync or shutil.which("rsync") is None:
-            notes.append("rsync skipped (not installed or --no-rsync): apt-get install -y rsync")
-        else:
-            if cases & ONE_WAY:
-                results["rsync"] = bench_rsync(master, work, timeout, cases)
-            if "twoway" in cases:
-                notes.append("rsync pushes one way: no two-way figure for it")
-        sizes = {"big": big, "small": nfiles * 4096, "change": big, "twoway": 2 * twoway[0] * twoway[1]}
+            notes.append("rsync pushes one way: no two-way figure for it")
+        if "scale" in cases:
+            notes.append("rsync does not run the scale case")
+    work = Path(tempfile.mkdtemp(prefix="tb-", dir=args.workdir))
+    try:
+        master = make_data(work, big, nfiles, ndirs, cases, twoway, (nscale, sdirs))
+        scale_total = sum(scale_files(master).values()) if "scale" in cases else 0
+        runs = [one_run(i + 1, tools, master, work, nfiles, timeout, cases, settle, min(big, 512 * MiB))
+                for i in range(args.runs)]  # fmt: skip
+        sizes = {"big": big, "small": nfiles * 4096, "change": big, "twoway": 2 * twoway[0] * twoway[1],
+                 "scale": scale_total}  # fmt: skip
         data = {
             "big": f"{big // MiB} MiB random file",
             "small": f"{nfiles} x 4 KiB files in {ndirs} directories",
             "change": "one byte changed in the middle of the big file",
             "twoway": f"two-way: {twoway[0]} x {twoway[1] // MiB} MiB random files on each side that the other lacks",
+            "scale": f"scale: {nscale:,} random files in {sdirs:,} directories, {scale_total / MiB:,.1f} MiB, sizes "
+            f"{SCALE_MIN // 1024} KiB to {SCALE_MAX // MiB} MiB drawn from p(size) ~ size^-{SCALE_ALPHA} "
+            f"(seed {SCALE_SEED})",
+            "idle": "idle: two paired agents / two Syncthing instances with empty folders",
         }
         print("data: " + "; ".join(v for k, v in data.items() if k in cases))
-        report(results, sizes, limits, mem, notes)
+        edit = ""
+        if "scale" in cases:
+            files = scale_files(master)
+            name = edit_target(files)
+            edit = f"{name}, {files[name] / MiB:.2f} MiB"
+        report(runs, sizes, notes, nfiles, settle, edit)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0
