@@ -4,6 +4,6 @@ from __future__ import annotations
 
 import sys
 
-from agent.cli.main import main
+from agent.cli.entry import main
 
 sys.exit(main())

@@ -142,6 +142,11 @@ def offline_status(paths: Paths) -> dict[str, Any]:
     return result
 
 
+def dumps(st: dict[str, Any]) -> str:
+    """`status --json` text."""
+    return json.dumps(st, indent=2, sort_keys=True)
+
+
 def show(paths: Paths, as_json: bool, watch: bool = False) -> int:
     """Print the agent's status; 0 if it runs, 3 if not. `watch` redraws every second."""
     while True:
@@ -154,7 +159,7 @@ def show(paths: Paths, as_json: bool, watch: bool = False) -> int:
             if not watch:
                 raise
             st, code = offline_status(paths), EXIT_NOT_RUNNING
-        text = json.dumps(st, indent=2, sort_keys=True) if as_json else render(st)
+        text = dumps(st) if as_json else render(st)
         if not watch:
             print(text)
             return code
