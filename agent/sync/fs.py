@@ -22,7 +22,7 @@ import hashlib
 import os
 import stat
 import time
-from collections.abc import Collection, Iterator
+from collections.abc import Container, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -228,7 +228,7 @@ class FolderFS:
             raise OSError(errno.EINVAL, f"{what} is not a regular file")
         return fd
 
-    def open_temp(self, name: str, busy: Collection[tuple[int, int]] = ()) -> tuple[int, bool]:
+    def open_temp(self, name: str, busy: Container[tuple[int, int]] = ()) -> tuple[int, bool]:
         """(fd, existed) of the temp file for `name`, creating parent directories as needed.
 
         A temp file whose inode (st_dev, st_ino) is in `busy` belongs to another pull still

@@ -18,7 +18,7 @@ import os
 import stat
 import threading
 from collections import deque
-from collections.abc import Collection
+from collections.abc import Container
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
@@ -73,7 +73,7 @@ def open_job(
     index: FolderIndex,
     job: Job,
     executor: Executor | None = None,
-    busy: Collection[tuple[int, int]] = (),
+    busy: Container[tuple[int, int]] = (),
 ) -> None:
     """Open the temp file, keep blocks it already holds, copy local blocks (on `executor` if
     given); fill `job.fetch`. A temp file with an inode in `busy` (another pull's) is not resumed."""
