@@ -3,7 +3,10 @@
 Starts one agent on loopback (static peers only, no mDNS) whose trust store holds 50 devices, then
 times `tofu-agent --home H status --json` as a fresh process, the way a person runs it. To show
 where the time goes it also times a bare interpreter, the CLI's imports alone, and the control
-socket round trip alone (in-process, no start-up). Run from the repository root:
+socket round trip alone (in-process, no start-up). It also times, run for run in turn, the
+same command through the full CLI (`agent.cli.main`, the entry point before 5e15169) and through
+today's entry point (`agent.cli.entry`: a plain `status` asks the agent before loading the rest),
+the A/B for that change. Run from the repository root:
 
     .venv/bin/python -m bench.status_time --runs 15
 """
@@ -74,9 +77,20 @@ def main() -> int:
         total = report("tofu-agent status --json (fresh process)", timed(lambda: run_quiet(status_argv), args.runs))
         report("  bare interpreter (python -c pass)", timed(lambda: run_quiet([sys.executable, "-c", "pass"]), 9))
         report(
-            "  interpreter + `import agent.cli` + parser",
-            timed(lambda: run_quiet([sys.executable, "-c", "import agent.cli as c; c.build_parser()"]), 9),
+            "  interpreter + `import agent.cli.main` + parser",
+            timed(lambda: run_quiet([sys.executable, "-c", "import agent.cli.main as c; c.build_parser()"]), 9),
         )
+        args_ = ["--home", str(home), "status", "--json"]
+        full = [sys.executable, "-c", "import sys; from agent.cli.main import main; sys.exit(main())", *args_]
+        entry = [sys.executable, "-c", "import sys; from agent.cli.entry import main; sys.exit(main())", *args_]
+        a: list[float] = []
+        b: list[float] = []
+        for _ in range(args.runs):  # in turn, so that load on the machine hits both alike
+            a += timed(lambda: run_quiet(full), 1)
+            b += timed(lambda: run_quiet(entry), 1)
+        old = report("  A: through the full CLI (agent.cli.main)", a)
+        new = report("  B: through the entry point (agent.cli.entry)", b)
+        print(f"  B/A {new / old:.2f}")
         sock = resolve_paths(home).control_socket
         report("  control socket round trip (in-process)", timed(lambda: control.request(sock, "status"), args.runs))
         verdict = "met" if total < GOAL else "MISSED"
