@@ -158,6 +158,12 @@ class Machine:
         self.home.mkdir()
         self.folder = self.home / "F"
         self.folder.mkdir()
+        # Kept versions are on (so the soak drives them), but bounded: with the default (trash,
+        # 30 days) five agents churning gigabytes a minute on one disk keep tens of GB in 20 minutes.
+        (self.home / "config").mkdir()
+        (self.home / "config" / "config.toml").write_text(
+            f'[[folder]]\nid = "default"\npath = "{self.folder}"\nversioning = "simple"\nkeep = 1\n'
+        )
         self.lan = lan
         self.port = NETNS_PORT if lan is not None else free_port()
         self.log_path = self.home / "agent.log"
@@ -194,7 +200,7 @@ class Machine:
 
     def argv(self, peers: list[Machine]) -> list[str]:
         args = [sys.executable, "-m", "agent", "--home", str(self.home), "run", "--name", self.name]
-        args += ["--port", str(self.port), "--folder", str(self.folder), "--trust-policy", "auto"]
+        args += ["--port", str(self.port), "--trust-policy", "auto"]  # the folder: config.toml
         if self.lan is not None:
             return [*args, "--bind", "0.0.0.0"]
         args += ["--bind", "127.0.0.1", "--no-mdns"]
