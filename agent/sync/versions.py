@@ -22,12 +22,13 @@ from dataclasses import dataclass
 from agent.sync.fs import FolderFS
 from agent.sync.index import FolderIndex
 from agent.sync.names import parent_names, split_name
-from agent.sync.versioning import VERSIONS_DIR, Versioning, expired, parse_version_path, version_path
+from agent.sync.versioning import VERSIONS_DIR, Kind, Versioning, expired, parse_version_path, version_path
 
 log = logging.getLogger(__name__)
 MAX_ATTEMPTS = 100  # versions of one name kept within one second
 CLEANUP_DIRS_PER_STEP = 16  # directories of `.tofu-versions` one clean-up step looks at
 EVICT_BATCH = 256
+MAX_RECENT = 100_000  # names whose versions `simple` tracks as they are kept
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +50,9 @@ class Versions:
         self.notes: list[tuple[str, str, str, float, int]] = []  # waiting for the committer's flush
         self._unsynced: set[str] = set()  # directories that got links not yet durable
         self._walk: deque[str] = deque()  # directories the current clean-up pass still visits
+        # `simple`: the versions of each name kept since the start, oldest first, so that the
+        # newest `keep` hold at once (older ones, from before a restart, go with the clean-up pass)
+        self._recent: dict[str, deque[str]] = {}
         self.evicted = 0  # versions removed to keep the disk's free reserve (shown by `status`)
 
     def keep(self, name: str, by: str, wall: float, *, replaced: bool) -> str | None:
@@ -73,8 +77,28 @@ class Versions:
                 continue
             self._unsynced.add(split_name(path)[0])
             self.notes.append((path, name, by, wall, size))
+            if self.policy.kind is Kind.SIMPLE:
+                self._keep_newest(name, path)
             return path
         raise FileExistsError(f"every version name of {name!r} for this second is taken")
+
+    def _keep_newest(self, name: str, path: str) -> None:
+        """`simple`: drop this run's versions of `name` beyond the newest `keep`, at once."""
+        recent = self._recent.setdefault(name, deque())
+        recent.append(path)
+        gone = [recent.popleft() for _ in range(max(0, len(recent) - max(self.policy.keep, 1)))]
+        if not recent:
+            del self._recent[name]
+        if len(self._recent) > MAX_RECENT:
+            self._recent.clear()  # a bound on memory: the clean-up pass still applies the rule
+        if gone:
+            for p in gone:
+                try:
+                    self.fs.unlink(p)
+                except OSError as exc:
+                    log.info("cannot remove kept version %r: %s", p, exc)
+            self.notes = [n for n in self.notes if n[0] not in gone]
+            self.index.forget_versions(gone)
 
     def make_durable(self) -> None:
         """fsync the directories new links went into (and the directories above them): a
