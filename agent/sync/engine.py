@@ -63,7 +63,7 @@ from agent.sync.messages import (
     SyncMessage,
 )  # fmt: skip
 from agent.sync.model import FileInfo
-from agent.sync.names import IGNORE_FILE
+from agent.sync.names import IGNORE_FILE, is_valid_name
 from agent.sync.pulls import MIN_FREE_FRACTION, RETRY_PULL_AFTER, Pulls
 from agent.sync.root import ROOT_RECHECK, FolderRoot
 from agent.sync.scanner import Scanner
@@ -441,7 +441,12 @@ class SyncEngine:
     # -- kept versions -------------------------------------------------------------------------
 
     def list_versions(self, name: str = "") -> list[Kept]:
-        """The kept versions of file `name`, or of everything under directory `name`, newest first."""
+        """The kept versions of file `name`, or of everything under directory `name`, newest first.
+
+        :raises LookupError: `name` is not a name in a folder (absolute, `..`, a reserved name).
+        """
+        if name:
+            _check_name(name)
         with self.fs.batch():
             return self.versions.listing(name)
 
@@ -449,8 +454,9 @@ class SyncEngine:
         """Put back the version of `name` kept at or before wall time `at` (None: the newest) as a
         local change, keeping what it replaces as a version too; (the version, messages to send).
 
-        :raises LookupError: no such version, or `name` is being synced right now.
+        :raises LookupError: not a name in a folder, no such version, or `name` is being synced now.
         """
+        _check_name(name)
         with self.fs.batch():
             kept = self.versions.pick(name, at)
             if kept is None:
@@ -534,3 +540,9 @@ class SyncEngine:
             self.pulls.give_up(name, now)
             return
         self.pulls.maybe_done(job)
+
+
+def _check_name(name: str) -> None:
+    """A person's path (CLI, web page) must name something inside the folder, as a peer's must."""
+    if not is_valid_name(name):
+        raise LookupError(f"{name[:200]!r} is not a path inside the folder")

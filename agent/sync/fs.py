@@ -332,26 +332,28 @@ class FolderFS:
         finally:
             os.close(dfd)
 
-    def rename(self, old: str, new: str) -> None:
-        """Rename file `old` to `new` (same folder), refusing to replace an existing `new`."""
+    @contextmanager
+    def _two_dirs(self, old: str, new: str) -> Iterator[tuple[int, str, int, str]]:
+        """(fd of `old`'s directory, its base name, fd of `new`'s directory (made), its base name)."""
         op, ob = split_name(old)
         np_, nb = split_name(new)
         sfd = self.open_dir(op)
         try:
             dfd = self.open_dir(np_, create=True)
             try:
-                try:
-                    os.stat(nb, dir_fd=dfd, follow_symlinks=False)
-                except FileNotFoundError:
-                    pass
-                else:
-                    raise FileExistsError(errno.EEXIST, f"{new} exists")
-                os.rename(ob, nb, src_dir_fd=sfd, dst_dir_fd=dfd)
-                self._drop_dirs(old)  # in case it was a directory
+                yield sfd, ob, dfd, nb
             finally:
                 os.close(dfd)
         finally:
             os.close(sfd)
+
+    def rename(self, old: str, new: str) -> None:
+        """Rename file `old` to `new` (same folder), refusing to replace an existing `new`."""
+        with self._two_dirs(old, new) as (sfd, ob, dfd, nb):
+            if self.lstat_at(dfd, nb) is not None:
+                raise FileExistsError(errno.EEXIST, f"{new} exists")
+            os.rename(ob, nb, src_dir_fd=sfd, dst_dir_fd=dfd)
+            self._drop_dirs(old)  # in case it was a directory
 
     def link(self, old: str, new: str) -> None:
         """Give file `old` a second name `new` (same folder; parents made), without following
@@ -359,22 +361,13 @@ class FolderFS:
 
         :raises FileExistsError: `new` exists.
         """
-        op, ob = split_name(old)
-        np_, nb = split_name(new)
-        sfd = self.open_dir(op)
-        try:
-            dfd = self.open_dir(np_, create=True)
+        with self._two_dirs(old, new) as (sfd, ob, dfd, nb):
             try:
-                try:
-                    os.link(ob, nb, src_dir_fd=sfd, dst_dir_fd=dfd, follow_symlinks=False)
-                except OSError as exc:
-                    if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
-                        raise
-                    _copy_at(sfd, ob, dfd, nb)
-            finally:
-                os.close(dfd)
-        finally:
-            os.close(sfd)
+                os.link(ob, nb, src_dir_fd=sfd, dst_dir_fd=dfd, follow_symlinks=False)
+            except OSError as exc:
+                if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+                    raise
+                _copy_at(sfd, ob, dfd, nb)
 
     def rmdir(self, name: str) -> bool:
         """Remove empty directory `name`; False if it is not empty."""
@@ -463,14 +456,22 @@ def _copy_at(sfd: int, src: str, dfd: int, dst: str) -> None:
             raise OSError(errno.EINVAL, f"{src} is not a regular file")
         fd_out = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, st.st_mode & 0o777, dir_fd=dfd)
         try:
-            left = st.st_size
-            while left > 0:
-                n = os.copy_file_range(fd_in, fd_out, min(left, 1 << 30))
-                if n == 0:
-                    break
-                left -= n
+            copy_fd(fd_in, fd_out)
             os.fsync(fd_out)
         finally:
             os.close(fd_out)
     finally:
         os.close(fd_in)
+
+
+def copy_fd(fd_in: int, fd_out: int) -> None:
+    """Copy `fd_in` from its current position to its end into `fd_out`, in the kernel.
+
+    :raises OSError: also when the source shrinks while it is copied.
+    """
+    left = os.fstat(fd_in).st_size
+    while left > 0:
+        n = os.copy_file_range(fd_in, fd_out, min(left, 1 << 30))
+        if n == 0:
+            raise OSError(errno.EIO, "the file shrank while it was copied")
+        left -= n

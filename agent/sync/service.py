@@ -543,19 +543,19 @@ class SyncService:
         """The kept versions of `name` (a file, or everything under a directory) in one folder
         (None: every folder), newest first."""
         folders = [self._folder(folder_id)] if folder_id is not None else list(self.folders)
-        return await requests.versions(folders, name, self._publish)
+        return await requests.versions(folders, name, self._publish, _now)
 
     async def restore(self, folder_id: str, name: str, at: float | None) -> dict[str, Any]:
         """Put a kept version back as a local change (it then syncs to the peers)."""
-        return await requests.restore(self._folder(folder_id), name, at, self._publish)
+        return await requests.restore(self._folder(folder_id), name, at, self._publish, _now)
 
     async def override(self, folder_id: str) -> dict[str, Any]:
         """A send-only folder's state wins on every peer."""
-        return await requests.override(self._folder(folder_id), self._publish)
+        return await requests.override(self._folder(folder_id), self._publish, _now)
 
     async def revert(self, folder_id: str) -> dict[str, Any]:
         """A receive-only folder's local changes are undone (kept as versions)."""
-        return await requests.revert(self._folder(folder_id), self._publish)
+        return await requests.revert(self._folder(folder_id), self._publish, _now)
 
     def _folder(self, folder_id: str | None) -> _Folder:
         f = self.by_id.get(folder_id or "")

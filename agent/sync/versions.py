@@ -19,7 +19,7 @@ import stat
 from collections import deque
 from dataclasses import dataclass
 
-from agent.sync.fs import FolderFS
+from agent.sync.fs import FolderFS, copy_fd
 from agent.sync.index import FolderIndex
 from agent.sync.names import parent_names, split_name
 from agent.sync.versioning import VERSIONS_DIR, Kind, Versioning, expired, parse_version_path, version_path
@@ -103,7 +103,7 @@ class Versions:
     def make_durable(self) -> None:
         """fsync the directories new links went into (and the directories above them): a
         replaced file's rename must never be on disk before its version is."""
-        dirs = {d for u in self._unsynced for d in (*parent_names(u + "/x"),)}
+        dirs = {d for u in self._unsynced for d in (*parent_names(u), u)}
         self._unsynced.clear()
         for d in sorted(dirs, key=lambda d: -d.count("/")):
             self.fs.fsync_dir(d)
@@ -179,12 +179,7 @@ class Versions:
             fd, _ = self.fs.open_temp(kept.name)
             try:
                 os.ftruncate(fd, 0)
-                left = os.fstat(src).st_size
-                while left > 0:
-                    n = os.copy_file_range(src, fd, min(left, 1 << 30))
-                    if n == 0:
-                        raise OSError(f"{kept.path} shrank while it was copied")
-                    left -= n
+                copy_fd(src, fd)
                 os.fchmod(fd, os.fstat(src).st_mode & 0o777)
                 os.fsync(fd)
             finally:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
+
 from agent.sync.versioning import VERSIONS_DIR
 from testkit.engines import A_ID, B_ID, Net, write
 
@@ -40,3 +42,18 @@ def test_a_symlinked_versions_directory_is_never_written_through(tmp_path: Path)
     assert not (net.root(A_ID) / "x.txt").exists()
     kept = {k.name: (net.root(A_ID) / k.path).read_bytes() for k in net.engines[A_ID].list_versions()}
     assert kept == {"x.txt": b"x", "y.txt": b"y"}
+
+
+def test_a_path_given_to_versions_or_restore_stays_inside_the_folder(tmp_path: Path) -> None:
+    (tmp_path / "n").mkdir()
+    net = Net(tmp_path / "n", [A_ID, B_ID])
+    net.connect(A_ID, B_ID)
+    outside = tmp_path / "n" / "outside~20260101-000000"  # looks like a kept version, one level up
+    write(outside, b"not the folder's")
+    a = net.engines[A_ID]
+    for bad in ("../outside", "../../etc/passwd", "/etc/passwd", f"{VERSIONS_DIR}/x", "a/../../x"):
+        with pytest.raises(LookupError):
+            a.list_versions(bad)
+        with pytest.raises(LookupError):
+            a.restore(bad, None, net.now)
+    assert not (net.root(A_ID).parent / "outside").exists()
