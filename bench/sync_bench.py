@@ -38,6 +38,8 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+agent_root = ROOT  # where `python -m agent` runs from: this tree, or --ab's during the B tool's turn
+ab_root = ROOT
 sys.path.insert(0, str(ROOT))  # `python bench/sync_bench.py` as well as `python -m bench.sync_bench`
 
 from agent.app import control  # noqa: E402
@@ -58,7 +60,8 @@ RSS_EVERY = 0.2  # seconds between VmRSS samples
 WATCH_GRACE = 3.0  # longest our watcher takes to report an event (its debounce is 1.6 s)
 Figures = dict[str, float]  # one tool in one run: seconds per case, and named extras (MB, ms)
 Run = dict[str, Figures]  # tool name (and "limits") -> its figures in one run
-TOOLS = ("tofu-agent", "syncthing", "rsync", "rsync --fsync")
+TOOLS = ("tofu-agent", "tofu-agent B", "syncthing", "rsync", "rsync --fsync")
+AB = "tofu-agent B"  # the code of --ab DIR (a `git worktree` of the previous commit), for an A/B in one run
 
 
 # -- data ----------------------------------------------------------------------------------------
@@ -194,6 +197,32 @@ def check_twoway(master: Path, folders: Sequence[Path], tool: str) -> None:
         for name in files:
             for folder in folders:
                 assert same_file(master / "twoway" / side / name, folder / name), f"{tool}: {folder / name} differs"
+
+
+RETIRE_DELETE_SIZE = 256 * 1024
+
+
+def retire(path: Path) -> None:
+    """Free most of the space under `path` now but keep its many small files until the bench ends.
+
+    This machine's /tmp is ext4 without a journal, where the kernel skips an inode deleted within
+    the last 60 s (300 s while its inode table block is dirty) on every later file creation
+    (`recently_deleted` in fs/ext4/ialloc.c): creating 10,000 files costs 0.2 s of system time
+    normally and up to 3.7 s after 20,000 deletions, which would be charged to whichever tool runs
+    next. So only the few large files (at least RETIRE_DELETE_SIZE: most of the bytes) are deleted
+    here; the rest is moved aside, and goes with the work directory at the end.
+    """
+    if not path.exists():
+        return
+    for parent, _, names in os.walk(path):
+        for n in names:
+            p = Path(parent, n)
+            try:
+                if not p.is_symlink() and p.stat().st_size >= RETIRE_DELETE_SIZE:
+                    p.unlink()
+            except OSError:
+                pass
+    path.rename(path.with_name(f".retired-{path.name}-{secrets.token_hex(4)}"))
 
 
 def copy_data(master: Path, dest: Path, what: str) -> None:
@@ -402,7 +431,7 @@ class Agent:
         for p in peers:
             argv += ["--peer", f"127.0.0.1:{p.port}"]
         with self.log_path.open("a") as log:
-            self.proc = subprocess.Popen(argv, stdout=log, stderr=log, cwd=ROOT)
+            self.proc = subprocess.Popen(argv, stdout=log, stderr=log, cwd=agent_root)
         return self
 
     def wait_started(self, timeout: float = 20.0) -> Agent:
@@ -420,7 +449,7 @@ class Agent:
 
     def _cli(self, *args: str) -> Any:
         r = subprocess.run([sys.executable, "-m", "agent", "--home", str(self.home), *args],
-                           capture_output=True, text=True, timeout=30, check=False, cwd=ROOT)  # fmt: skip
+                           capture_output=True, text=True, timeout=30, check=False, cwd=agent_root)  # fmt: skip
         return json.loads(r.stdout) if r.returncode == 0 else None
 
     def status(self) -> dict[str, Any] | None:
@@ -570,7 +599,7 @@ def bench_tofu_twoway(master: Path, work: Path, timeout: float) -> tuple[float, 
         a.stop()
         b.stop()
         for h in homes:
-            shutil.rmtree(h, ignore_errors=True)  # the space for Syncthing's copies
+            retire(h)  # the space for Syncthing's copies
     return elapsed, started, peak
 
 
@@ -599,7 +628,7 @@ class StatusProbe:
             turn += 1
             t0 = time.perf_counter()
             r = subprocess.run([*self.tofu, "--home", str(agent.home), "status", "--json"],
-                               capture_output=True, timeout=60, check=False, cwd=ROOT)  # fmt: skip
+                               capture_output=True, timeout=60, check=False, cwd=agent_root)  # fmt: skip
             if r.returncode == 0:
                 self.samples.append((time.perf_counter() - t0) * 1000)
             else:
@@ -696,8 +725,8 @@ def bench_tofu_scale(master: Path, work: Path, timeout: float) -> Figures:
         a.stop()
         b.stop()
         for h in homes:
-            shutil.rmtree(h, ignore_errors=True)
-        shutil.rmtree(stage, ignore_errors=True)
+            retire(h)
+        retire(stage)
     return out
 
 
@@ -1003,7 +1032,7 @@ def bench_syncthing(
 
 # -- the runs ------------------------------------------------------------------------------------
 
-SLUGS = {"tofu-agent": "ta", "syncthing": "st", "rsync": "rs", "rsync --fsync": "rf"}  # run directory names
+SLUGS = {"tofu-agent": "ta", AB: "tb", "syncthing": "st", "rsync": "rs", "rsync --fsync": "rf"}  # run directory names
 
 
 def run_tofu(master: Path, work: Path, nfiles: int, timeout: float, cases: frozenset[str], settle: float) -> Figures:
@@ -1022,6 +1051,16 @@ def run_tofu(master: Path, work: Path, nfiles: int, timeout: float, cases: froze
     return out
 
 
+def run_tofu_b(master: Path, work: Path, nfiles: int, timeout: float, cases: frozenset[str], settle: float) -> Figures:
+    """`run_tofu` with the agents running the code in `ab_root` (`python -m agent` from there)."""
+    global agent_root
+    agent_root = ab_root
+    try:
+        return run_tofu(master, work, nfiles, timeout, cases - {"idle"}, settle)
+    finally:
+        agent_root = ROOT
+
+
 def one_run(
     number: int, tools: Sequence[str], master: Path, work: Path, nfiles: int, timeout: float, cases: frozenset[str],
     settle: float, limit_size: int,
@@ -1037,6 +1076,8 @@ def one_run(
         try:
             if tool == "tofu-agent":
                 run[tool] = run_tofu(master, d, nfiles, timeout, cases, settle)
+            elif tool == AB:
+                run[tool] = run_tofu_b(master, d, nfiles, timeout, cases, settle)
             elif tool == "syncthing":
                 st = bench_syncthing(master, d, nfiles, timeout, cases, settle)
                 st["idle_rss"] = st["idle_rss_a"] + st["idle_rss_b"]
@@ -1044,7 +1085,7 @@ def one_run(
             else:
                 run[tool] = bench_rsync(master, d, timeout, cases, ["--fsync"] if tool == "rsync --fsync" else [])
         finally:
-            shutil.rmtree(d, ignore_errors=True)
+            retire(d)
     return run
 
 
@@ -1301,6 +1342,8 @@ def main() -> int:
         help=f"files in the scale case, {SCALE_PER_DIR} a directory (default 100,000; with --quick 500)",
     )
     p.add_argument("--workdir", default="/tmp", help="where data and homes go (one file system)")
+    p.add_argument("--ab", metavar="DIR", help="also run the agent code in DIR (e.g. a `git worktree` of the "
+                   "previous commit) as 'tofu-agent B', taking turns with this tree's (an A/B in one invocation)")  # fmt: skip
     p.add_argument("--no-syncthing", action="store_true")
     p.add_argument("--no-rsync", action="store_true")
     p.add_argument("--case", action="append", choices=sorted(CASES),
@@ -1324,6 +1367,12 @@ def main() -> int:
     cases = frozenset(args.case) if args.case else CASES
     notes: list[str] = []
     tools = ["tofu-agent"]
+    if args.ab:
+        global ab_root
+        ab_root = Path(args.ab).resolve()
+        if not (ab_root / "agent" / "__main__.py").is_file():
+            p.error(f"--ab {args.ab}: no agent package there")
+        tools.append(AB)
     if args.no_syncthing or shutil.which("syncthing") is None or shutil.which("unshare") is None:
         notes.append("Syncthing skipped (not installed or --no-syncthing): apt-get install -y syncthing")
     else:
