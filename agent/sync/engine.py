@@ -124,7 +124,7 @@ class SyncEngine:
     def __init__(
         self, folder_id: str, root: Path, index: FolderIndex, device_id: str, *,
         executor: Executor | None = None,
-        max_inflight_bytes: int = 32 * 1024 * 1024, max_jobs: int = 128, batch_files: int = 1000,
+        max_inflight_bytes: int = 32 * 1024 * 1024, max_jobs: int = 512, batch_files: int = 1000,
         rescan_interval: float = 3600.0, request_id_base: int = 0, max_remote_records: int = MAX_REMOTE_RECORDS,
         max_remote_bytes: int = MAX_REMOTE_BYTES, request_id_mask: int = REQUEST_ID_MASK,
         max_files_per_message: int = MAX_FILES_PER_MESSAGE, index_window: int = INDEX_WINDOW,

@@ -237,26 +237,28 @@ class FolderFS:
         """
         parent, _ = split_name(name)
         dfd = self.open_dir(parent, create=True)
+        tmp = temp_name_for(name)
+        flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
         try:
-            tmp = temp_name_for(name)
-            flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+            # Created first: a new temp file is the common case, and O_EXCL makes it a fresh
+            # regular file without a failed lookup or an fstat before it.
+            return os.open(tmp, flags | os.O_CREAT | os.O_EXCL, 0o644, dir_fd=dfd), False
+        except FileExistsError:
             try:
-                fd = os.open(tmp, flags, dir_fd=dfd)
-                existed = True
-                st = os.fstat(fd)
-                if (st.st_dev, st.st_ino) in busy:
-                    os.close(fd)
-                    os.unlink(tmp, dir_fd=dfd)  # the other pull keeps its inode; its commit will see it moved
-                    raise FileNotFoundError(tmp)
-            except FileNotFoundError:
-                fd = os.open(tmp, flags | os.O_CREAT | os.O_EXCL, 0o644, dir_fd=dfd)
-                existed = False
+                fd = os.open(tmp, flags, dir_fd=dfd)  # (a symlink fails here: O_NOFOLLOW)
+            except FileNotFoundError:  # deleted since: a new one after all
+                return os.open(tmp, flags | os.O_CREAT | os.O_EXCL, 0o644, dir_fd=dfd), False
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                os.close(fd)
+                raise OSError(errno.EINVAL, f"temp file for {name} is not a regular file") from None
+            if (st.st_dev, st.st_ino) not in busy:
+                return fd, True
+            os.close(fd)
+            os.unlink(tmp, dir_fd=dfd)  # the other pull keeps its inode; its commit will see it moved
+            return os.open(tmp, flags | os.O_CREAT | os.O_EXCL, 0o644, dir_fd=dfd), False
         finally:
             os.close(dfd)
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            os.close(fd)
-            raise OSError(errno.EINVAL, f"temp file for {name} is not a regular file")
-        return fd, existed
 
     def open_temp_direct(self, name: str, fd: int) -> int:
         """A second, write-only O_DIRECT fd of the temp file of `name` already open as `fd`; -1 if unsupported.

@@ -482,10 +482,11 @@ def test_files_only_a_stalled_peer_has_do_not_hold_every_pull_slot(tmp_path: Pat
     hello_from(victim, M_ID, net.now)
     size = 2 * 128 * 1024
     claims = tuple(
-        finfo(f"m{k:03}", None, M_ID, k + 1, size=size, hashes=secrets.token_bytes(32 * 2)) for k in range(128)
+        finfo(f"m{k:03}", None, M_ID, k + 1, size=size, hashes=secrets.token_bytes(32 * 2))
+        for k in range(victim.max_jobs)
     )
     asked = requests_to(victim.on_peer_message(M_ID, wire(IndexUpdate("default", claims)), net.now), M_ID)
-    assert asked and len(victim.jobs) == 128, "every slot waits on the peer that never answers"
+    assert asked and len(victim.jobs) == victim.max_jobs, "every slot waits on the peer that never answers"
     write(net.root(A_ID) / "honest.txt", b"from the honest peer")
     net.change(A_ID)
     net.settle()
