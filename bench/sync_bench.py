@@ -271,6 +271,13 @@ def rss_mb(pid: int, key: str) -> float:
     return 0.0
 
 
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds a process has used so far (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
 # -- machine limits ------------------------------------------------------------------------------
 
 
@@ -535,11 +542,16 @@ def bench_tofu(
             assert same_file(fa / "big.bin", fb / "big.bin"), "tofu-agent: big file differs"
         if "small" in cases:
             copy_data(master, stage, "small")
+            cpu0 = cpu_seconds(a.proc.pid), cpu_seconds(b.proc.pid)
             t0 = time.perf_counter()
             os.rename(stage / "small", fa / "small")
             poll(lambda: count_files(fb / "small") == nfiles if (fb / "small").exists() else False, timeout,
                  "the small files", 0.1)  # fmt: skip
             res["small"] = time.perf_counter() - t0
+            # CPU time is steadier than wall time on this disk: the figure for A/B of CPU work
+            for side, proc, before in (("a", a.proc, cpu0[0]), ("b", b.proc, cpu0[1])):
+                after = cpu_seconds(proc.pid)
+                mem[f"small_user_{side}"], mem[f"small_sys_{side}"] = after[0] - before[0], after[1] - before[1]
         poll(b.folder_idle, 30, "beta idle", 0.1)
         if "change" not in cases:
             return res, mem
@@ -1175,6 +1187,12 @@ def report(
         memory.append(f"the one-byte change moved {x:.0f} bytes")
     if memory:
         print("tofu-agent memory: " + "; ".join(memory))
+    for t in (ours, AB):
+        if med(runs, t, "small_user_b") is not None:
+            cpu = [f"{side} user {med(runs, t, f'small_user_{k}') or 0:.2f}{each(runs, t, f'small_user_{k}', '{:.2f}')}"
+                   f" + system {med(runs, t, f'small_sys_{k}') or 0:.2f}{each(runs, t, f'small_sys_{k}', '{:.2f}')} s"
+                   for side, k in (("sender", "a"), ("receiver", "b"))]  # fmt: skip
+            print(f"{t} CPU during the small files: " + "; ".join(cpu))
     ours_tw, st_tw = med(runs, ours, "twoway"), med(runs, sy, "twoway")
     if ours_tw:
         versus = f", Syncthing {st_tw:.2f} s, ours/Syncthing {ours_tw / st_tw:.2f}" if st_tw else ""
@@ -1342,8 +1360,8 @@ def main() -> int:
         help=f"files in the scale case, {SCALE_PER_DIR} a directory (default 100,000; with --quick 500)",
     )
     p.add_argument("--workdir", default="/tmp", help="where data and homes go (one file system)")
-    p.add_argument("--ab", metavar="DIR", help="also run the agent code in DIR (e.g. a `git worktree` of the "
-                   "previous commit) as 'tofu-agent B', taking turns with this tree's (an A/B in one invocation)")  # fmt: skip
+    p.add_argument("--ab", metavar="DIR", help="also run the agent code in DIR (e.g. a `git worktree` "
+                   "of the previous commit) as 'tofu-agent B', taking turns with this tree's code")  # fmt: skip
     p.add_argument("--no-syncthing", action="store_true")
     p.add_argument("--no-rsync", action="store_true")
     p.add_argument("--case", action="append", choices=sorted(CASES),
