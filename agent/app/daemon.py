@@ -45,6 +45,7 @@ from agent.app.window_control import WindowControl
 from agent.config import Config, resolve_devices
 from agent.errors import ErrorCode, RemoteProtocolError, TofuError, UserError
 from agent.host import sdnotify
+from agent.host.memtrim import settle_gc
 from agent.host.paths import Paths
 from agent.identity import keys as identity
 from agent.identity.keys import Identity, format_fingerprint
@@ -588,6 +589,7 @@ def run(paths: Paths, config: Config) -> int:
     store = TrustStore(paths.trust_db, config.trust_policy)
     try:
         agent = Agent(paths, config, ident, store)
+        settle_gc()
         anyio.run(serve_until_stopped, agent, backend="asyncio")
     except* ssl.SSLError as group:
         raise TofuError(f"cannot set up TLS: {group.exceptions[0]}") from group
