@@ -1135,7 +1135,8 @@ def report(
     tools = [t for t in TOOLS if any(t in r for r in runs)]
     print()
     if len(runs) > 1:
-        print(f"{len(runs)} runs, the tools taking turns in each ({', '.join(tools)}): every figure is the median "
+        print(f"{len(runs)} runs, the tools taking turns in each ({', '.join(tools)}; each run starts with the "
+              "next one): every figure is the median "
               "of the runs, each run's own figure in brackets (run 1 / run 2 / ...)")  # fmt: skip
     print("machine limits: " + ", ".join(
         f"{label} {statistics.median(series(runs, 'limits', k)):.0f} MB/s{each(runs, 'limits', k, '{:.0f}')}"
@@ -1413,8 +1414,10 @@ def main() -> int:
     try:
         master = make_data(work, big, nfiles, ndirs, cases, twoway, (nscale, sdirs))
         scale_total = sum(scale_files(master).values()) if "scale" in cases else 0
-        runs = [one_run(i + 1, tools, master, work, nfiles, timeout, cases, settle, min(big, 512 * MiB))
-                for i in range(args.runs)]  # fmt: skip
+        # each run starts with the next tool: the first turn after the data is made (or after another
+        # bench on this disk) pays for whatever the file system still does, and each tool pays it once
+        runs = [one_run(i + 1, tools[i % len(tools):] + tools[:i % len(tools)], master, work, nfiles, timeout,
+                        cases, settle, min(big, 512 * MiB)) for i in range(args.runs)]  # fmt: skip
         sizes = {"big": big, "small": nfiles * 4096, "change": big, "twoway": 2 * twoway[0] * twoway[1],
                  "scale": scale_total}  # fmt: skip
         data = {
