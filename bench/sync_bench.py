@@ -225,6 +225,38 @@ def retire(path: Path) -> None:
     path.rename(path.with_name(f".retired-{path.name}-{secrets.token_hex(4)}"))
 
 
+SETTLE_PROBE_FILES = 2000
+SETTLE_US_PER_FILE = 60.0  # creating an empty file takes ~15-20 us here when nothing was deleted lately
+SETTLE_WAIT = 15.0
+SETTLE_MAX = 420.0
+
+
+def wait_for_settled_fs(work: Path) -> float:
+    """Wait until creating files costs what it normally does; the seconds waited.
+
+    The deletions of a run just before this one (another bench, a test suite) slow every file
+    creation for up to five minutes (see `retire`), which would be charged to the first tool.
+    A probe creates SETTLE_PROBE_FILES empty files; the probes are kept (retired), not deleted.
+    """
+    waited, start = 0.0, time.monotonic()
+    n = 0
+    while True:
+        probe = work / f"settle-probe-{n}"
+        probe.mkdir()
+        t0 = time.perf_counter()
+        for i in range(SETTLE_PROBE_FILES):
+            os.close(os.open(probe / f"p{i}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+        us = (time.perf_counter() - t0) / SETTLE_PROBE_FILES * 1e6
+        retire(probe)
+        waited = time.monotonic() - start
+        if us <= SETTLE_US_PER_FILE or waited >= SETTLE_MAX:
+            return waited
+        print(f"the file system is still slow to create files ({us:.0f} us each; something deleted many "
+              f"lately): waiting", file=sys.stderr, flush=True)  # fmt: skip
+        time.sleep(SETTLE_WAIT)
+        n += 1
+
+
 def copy_data(master: Path, dest: Path, what: str) -> None:
     """Copy `what` (big.bin or small) of the master set to `dest/what`."""
     dest.mkdir(parents=True, exist_ok=True)
@@ -1413,6 +1445,8 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="tb-", dir=args.workdir))
     try:
         master = make_data(work, big, nfiles, ndirs, cases, twoway, (nscale, sdirs))
+        if (settled := wait_for_settled_fs(work)) >= 1:
+            notes.append(f"waited {settled:.0f} s for file creation to be fast again before the first run")
         scale_total = sum(scale_files(master).values()) if "scale" in cases else 0
         # each run starts with the next tool: the first turn after the data is made (or after another
         # bench on this disk) pays for whatever the file system still does, and each tool pays it once
