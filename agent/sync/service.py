@@ -321,8 +321,8 @@ class SyncService:
                 await self._to_inbox(f, ls, message, len(message.data) + 64)
             case Request():
                 # Past MAX_PENDING_SERVES queued answers this link stops reading. A peer of ours
-                # never gets there (its engine keeps at most max_inflight_bytes / 128 KiB + max_jobs
-                # requests open, a few hundred), so only one that asks without reading is held up;
+                # rarely gets there (its engine keeps at most max_inflight_bytes / 128 KiB + max_jobs
+                # requests open, under 800 a folder), so mostly one that asks without reading is held up;
                 # our own queued messages never count here, so two busy peers cannot wait on
                 # each other.
                 while ls.serves >= MAX_PENDING_SERVES and not ls.closed:
