@@ -436,13 +436,44 @@ def test_small_floor_bench_runs(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == [], "it cleans up after itself"
 
 
+def _load_sync_bench() -> Any:
+    spec = importlib.util.spec_from_file_location("sync_bench", ROOT / "bench" / "sync_bench.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_retire_frees_the_bytes_and_keeps_the_many_small_files_aside(tmp_path: Path) -> None:
+    """A tool's tree after its turn: large files deleted at once, small ones moved aside (deleting
+    many files slows every file creation for minutes on a journal-less ext4), nothing left under
+    its name."""
+    sync_bench = _load_sync_bench()
+    tree_ = tmp_path / "r1-ta"
+    (tree_ / "d").mkdir(parents=True)
+    (tree_ / "d" / "big.bin").write_bytes(b"x" * sync_bench.RETIRE_DELETE_SIZE)
+    (tree_ / "d" / "small.txt").write_bytes(b"s")
+    sync_bench.retire(tree_)
+    assert not tree_.exists()
+    [aside] = [p for p in tmp_path.iterdir()]
+    assert aside.name.startswith(".retired-r1-ta-")
+    assert sorted(p.name for p in aside.rglob("*") if p.is_file()) == ["small.txt"]
+    sync_bench.retire(tmp_path / "missing")  # nothing there: nothing to do
+
+
+def test_bench_waits_for_a_settled_file_system_only_as_long_as_allowed(tmp_path: Path) -> None:
+    """The probe before the first run: on a settled file system it does not wait; with no time
+    allowed it returns after one probe whatever it saw; its probe files are kept aside."""
+    sync_bench = _load_sync_bench()
+    assert sync_bench.wait_for_settled_fs(tmp_path, 0.0) < 1.0
+    kept = [p for p in tmp_path.iterdir()]
+    assert kept and all(p.name.startswith(".retired-settle-probe-") for p in kept)
+
+
 def test_bench_syncthing_config(tmp_path: Path) -> None:
     """The bench's Syncthing configuration: loopback GUI with our key, one listen address, nothing
     that reaches beyond the namespace (no syncthing binary needed)."""
-    spec = importlib.util.spec_from_file_location("sync_bench", ROOT / "bench" / "sync_bench.py")
-    assert spec is not None and spec.loader is not None
-    sync_bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sync_bench)
+    sync_bench = _load_sync_bench()
     cfg = tmp_path / "config.xml"
     cfg.write_text(
         "<configuration><gui><address>0.0.0.0:8384</address><apikey>old</apikey></gui><options>"
