@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import os
 import random
@@ -238,9 +239,8 @@ def wait_for_settled_fs(work: Path, max_wait: float = SETTLE_MAX) -> float:
     creation for up to five minutes (see `retire`), which would be charged to the first tool.
     A probe creates SETTLE_PROBE_FILES empty files; the probes are kept (retired), not deleted.
     """
-    waited, start = 0.0, time.monotonic()
-    n = 0
-    while True:
+    start = time.monotonic()
+    for n in itertools.count():
         probe = work / f"settle-probe-{n}"
         probe.mkdir()
         t0 = time.perf_counter()
@@ -254,7 +254,7 @@ def wait_for_settled_fs(work: Path, max_wait: float = SETTLE_MAX) -> float:
         print(f"the file system is still slow to create files ({us:.0f} us each; something deleted many "
               f"lately): waiting", file=sys.stderr, flush=True)  # fmt: skip
         time.sleep(SETTLE_WAIT)
-        n += 1
+    raise AssertionError("unreachable")
 
 
 def copy_data(master: Path, dest: Path, what: str) -> None:

@@ -239,15 +239,19 @@ class FolderFS:
         dfd = self.open_dir(parent, create=True)
         tmp = temp_name_for(name)
         flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+
+        def create() -> tuple[int, bool]:
+            return os.open(tmp, flags | os.O_CREAT | os.O_EXCL, 0o644, dir_fd=dfd), False
+
         try:
             # Created first: a new temp file is the common case, and O_EXCL makes it a fresh
             # regular file without a failed lookup or an fstat before it.
-            return os.open(tmp, flags | os.O_CREAT | os.O_EXCL, 0o644, dir_fd=dfd), False
+            return create()
         except FileExistsError:
             try:
                 fd = os.open(tmp, flags, dir_fd=dfd)  # (a symlink fails here: O_NOFOLLOW)
             except FileNotFoundError:  # deleted since: a new one after all
-                return os.open(tmp, flags | os.O_CREAT | os.O_EXCL, 0o644, dir_fd=dfd), False
+                return create()
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 os.close(fd)
@@ -256,7 +260,7 @@ class FolderFS:
                 return fd, True
             os.close(fd)
             os.unlink(tmp, dir_fd=dfd)  # the other pull keeps its inode; its commit will see it moved
-            return os.open(tmp, flags | os.O_CREAT | os.O_EXCL, 0o644, dir_fd=dfd), False
+            return create()
         finally:
             os.close(dfd)
 
@@ -467,7 +471,7 @@ def _copy_at(sfd: int, src: str, dfd: int, dst: str) -> None:
 
 
 def copy_fd(fd_in: int, fd_out: int) -> None:
-    """Copy `fd_in` from its current position to its end into `fd_out`, in the kernel.
+    """Copy all of `fd_in` (freshly opened: at position 0) into `fd_out` at its position, in the kernel.
 
     :raises OSError: also when the source shrinks while it is copied.
     """

@@ -158,8 +158,10 @@ class Machine:
         self.home.mkdir()
         self.folder = self.home / "F"
         self.folder.mkdir()
-        # Kept versions are on (so the soak drives them), but bounded: with the default (trash,
-        # 30 days) five agents churning gigabytes a minute on one disk keep tens of GB in 20 minutes.
+        # Kept versions are on (so the soak drives them), one a name: with the default (trash,
+        # 30 days) five agents churning gigabytes a minute on one disk keep tens of GB in 20
+        # minutes. One a name still grows with the names a run makes: a long run needs small
+        # files (--max-mb; docs/RELIABILITY.md).
         (self.home / "config").mkdir()
         (self.home / "config" / "config.toml").write_text(
             f'[[folder]]\nid = "default"\npath = "{self.folder}"\nversioning = "simple"\nkeep = 1\n'
